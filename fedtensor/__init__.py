@@ -1,0 +1,65 @@
+"""fedtensor: tensors that live on other workers, computed on as if they were local.
+
+Async API (the primary one)::
+
+    import torch, fedtensor as ft
+
+    async with ft.VirtualWorker("bob") as bob:
+        x = ft.send(torch.tensor([1, 2, 3]), bob)   # a PointerTensor, at once
+        y = (x + 1).sum()                          # pipelined: no round trip
+        print(await y.get())                       # tensor(9)
+
+The blocking twin for scripts and notebooks is :mod:`fedtensor.sync`; user tests get
+ready workers from the pytest plugin :mod:`fedtensor.testing`.
+"""
+
+from ._exceptions import (
+    FedTensorError,
+    ForbiddenOperation,
+    LocationError,
+    ObjectNotFound,
+    PointerReleased,
+    ProtocolError,
+    RemoteError,
+    TimeoutError,
+    TransportNotFound,
+    WorkerUnavailable,
+)
+from ._ops import allowed_operations
+from ._pointer import MultiPointerTensor, PointerTensor
+from ._registry import register_transport
+from ._workers import (
+    LocalWorker,
+    RemoteWorker,
+    VirtualWorker,
+    WorkerHandle,
+    connect,
+    local_worker,
+    send,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FedTensorError",
+    "ForbiddenOperation",
+    "LocalWorker",
+    "LocationError",
+    "MultiPointerTensor",
+    "ObjectNotFound",
+    "PointerReleased",
+    "PointerTensor",
+    "ProtocolError",
+    "RemoteError",
+    "RemoteWorker",
+    "TimeoutError",
+    "TransportNotFound",
+    "VirtualWorker",
+    "WorkerHandle",
+    "WorkerUnavailable",
+    "allowed_operations",
+    "connect",
+    "local_worker",
+    "register_transport",
+    "send",
+]

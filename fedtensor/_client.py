@@ -1,0 +1,239 @@
+"""The client engine: one per worker handle.
+
+Theory of operation
+-------------------
+Every pointer operation becomes a command appended to the client's *outbox*;
+nothing waits. The outbox is flushed to the connection as one batch at the
+next turn of the event loop (``call_soon``), so a burst of pipelined
+operations travels as one batch, and a transport can put it in one frame.
+Awaiting a pointer appends a ``Fetch`` and flushes at once; the reply resolves
+a future registered under the fetch's request number.
+
+The client names result ids itself (a counter from a random start), which is
+what lets dependent commands be sent before their inputs exist.
+
+Remote garbage collection: a pointer's ``__del__`` calls :meth:`Client.release`.
+Releases are appended to the outbox *after* every command that used the id, so
+they can never overtake them; consecutive releases coalesce into one
+``Release`` message.
+
+Threads: the engine lives on one event loop. ``submit`` and ``release`` may be
+called from any thread (the blocking facade runs user code on its own thread,
+and ``__del__`` runs wherever the last reference dies): off the loop's thread
+they hop onto it with ``call_soon_threadsafe``, which keeps their order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import itertools
+import random
+import threading
+from collections.abc import Coroutine, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ._exceptions import (
+    FedTensorError,
+    ForbiddenOperation,
+    ObjectNotFound,
+    RemoteError,
+    TimeoutError,
+    WorkerUnavailable,
+)
+from ._messages import Command, Failure, Fetch, Message, Release, Reply, Store
+from ._registry import transport_for
+from ._worker import snapshot
+from .abc import Connection
+
+if TYPE_CHECKING:
+    import torch
+
+    from ._pointer import PointerBase
+    from ._workers import WorkerHandle
+
+__all__ = ["Client", "error_from_failure"]
+
+_ERRORS_BY_KIND: dict[str, type[RemoteError]] = {
+    "forbidden": ForbiddenOperation,
+    "not_found": ObjectNotFound,
+}
+
+
+def error_from_failure(failure: Failure, worker: str) -> RemoteError:
+    """The exception a client raises for a ``Failure`` reply."""
+    return _ERRORS_BY_KIND.get(failure.kind, RemoteError)(
+        failure.error_type, failure.message, worker
+    )
+
+
+class _Releases(list[int]):
+    """Ids to release, coalesced in the outbox; becomes one ``Release`` at flush."""
+
+
+class Client:
+    """Ids, the outbox and pending fetches of one connection to one worker."""
+
+    def __init__(
+        self, worker: WorkerHandle, *, timeout: float, pointer_class: type[PointerBase]
+    ) -> None:
+        self.worker = worker
+        self.timeout = timeout
+        self.pointer_class = pointer_class
+        self.loop = asyncio.get_running_loop()
+        self._thread = threading.get_ident()
+        self._connection: Connection | None = None
+        self._outbox: list[Command | _Releases] = []
+        self._flush_scheduled = False
+        # Ids start at a random point so that ids say nothing about other sessions.
+        self._ids = itertools.count(random.getrandbits(40))
+        self._requests = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._unavailable: str | None = "not connected yet"
+
+    # -- life cycle ------------------------------------------------------------------------------
+
+    async def connect(self, url: str, **options: Any) -> None:
+        self._connection = await transport_for(url).connect(
+            url, self, timeout=self.timeout, **options
+        )
+        self._unavailable = None
+
+    async def aclose(self) -> None:
+        """Send what is queued, close the connection, fail pending fetches."""
+        if self._connection is None or self._unavailable is not None:
+            return
+        self._flush()
+        connection, self._connection = self._connection, None
+        self._fail_pending(f"the connection to worker {self.worker.id!r} was closed")
+        await connection.aclose()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._fail_pending(f"lost the connection to worker {self.worker.id!r}: {exc}")
+
+    def _fail_pending(self, reason: str) -> None:
+        self._unavailable = reason
+        self._outbox.clear()
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(WorkerUnavailable(reason))
+
+    @property
+    def available(self) -> bool:
+        return self._unavailable is None
+
+    # -- commands --------------------------------------------------------------------------------
+
+    def new_id(self) -> int:
+        return next(self._ids)
+
+    def submit(self, command: Command) -> None:
+        """Queue a command; it reaches the worker at the next flush. Any thread."""
+        if threading.get_ident() != self._thread:
+            self.loop.call_soon_threadsafe(self.submit, command)
+            return
+        if self._unavailable is not None:
+            return  # a fetch will report why; commands to a gone worker are moot
+        self._outbox.append(command)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def release(self, id_: int) -> None:
+        """Free the remote object ``id_`` once the commands queued before it ran."""
+        if threading.get_ident() != self._thread:
+            try:
+                self.loop.call_soon_threadsafe(self.release, id_)
+            except RuntimeError:  # the loop is closed: the worker is gone with it
+                pass
+            return
+        if self._unavailable is not None:
+            return
+        outbox = self._outbox
+        if outbox and type(outbox[-1]) is _Releases:
+            outbox[-1].append(id_)
+            return
+        outbox.append(_Releases((id_,)))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        outbox = self._outbox
+        if not outbox or self._connection is None:
+            return
+        self._outbox = []
+        batch: list[Command] = [
+            Release(tuple(item)) if type(item) is _Releases else item  # type: ignore[misc]
+            for item in outbox
+        ]
+        self._connection.send(batch)
+
+    def store(self, tensor: torch.Tensor) -> PointerBase:
+        """Send a copy of ``tensor``; returns its pointer at once."""
+        id_ = self.new_id()
+        self.submit(Store(id_, snapshot(tensor)))
+        return self.pointer_class(self, id_, tuple(tensor.shape), tensor.dtype)
+
+    # -- replies ---------------------------------------------------------------------------------
+
+    async def fetch(self, id_: int, *, free: bool, timeout: float | None = None) -> Any:
+        """The value of remote object ``id_`` (``free`` also deletes it there)."""
+        if self._unavailable is not None:
+            raise WorkerUnavailable(self._unavailable)
+        request = next(self._requests)
+        future: asyncio.Future[Any] = self.loop.create_future()
+        self._pending[request] = future
+        self._outbox.append(Fetch(request, id_, free))
+        self._flush()
+        limit = self.timeout if timeout is None else timeout
+        timer = self.loop.call_later(limit, _expire, future, self.worker.id, limit)
+        try:
+            return await future
+        finally:
+            timer.cancel()
+            self._pending.pop(request, None)
+
+    def replies_received(self, batch: Sequence[Message]) -> None:
+        pending = self._pending
+        for reply in batch:
+            future = pending.pop(reply.request, None)  # type: ignore[union-attr]
+            if future is None or future.done():
+                continue  # timed out or cancelled meanwhile
+            if type(reply) is Reply:
+                future.set_result(reply.value)
+            elif type(reply) is Failure:
+                future.set_exception(error_from_failure(reply, self.worker.id))
+
+    # -- in-process and cross-thread helpers -----------------------------------------------------
+
+    def drain(self) -> None:
+        """Flush, and make an in-process worker run everything sent so far."""
+        self._flush()
+        if self._connection is not None and self._connection.in_process:
+            self._connection.drain()
+
+    def run_threadsafe(self, coro: Coroutine[Any, Any, Any], timeout: float | None) -> Any:
+        """Run ``coro`` on the client's loop from another thread and wait for it."""
+        if threading.get_ident() == self._thread:
+            coro.close()
+            raise FedTensorError(
+                "a blocking fedtensor.sync call was made on the runtime's own event loop; "
+                "use the async API there"
+            )
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        limit = self.timeout if timeout is None else timeout
+        try:
+            return future.result(limit + 1.0)  # the coroutine enforces `limit` itself
+        except TimeoutError:
+            raise
+        except builtins.TimeoutError as exc:
+            future.cancel()
+            raise TimeoutError(f"no answer from worker {self.worker.id!r} in {limit} s") from exc
+
+
+def _expire(future: asyncio.Future[Any], worker: str, limit: float) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError(f"no answer from worker {worker!r} in {limit} s"))

@@ -1,0 +1,429 @@
+"""Pointers: local handles to tensors that live on workers.
+
+A pointer is a future. Operating on it (``x + y``, ``torch.add(x, y)``,
+``x.sum()``, ``F.relu(x)``) sends a command and returns a new pointer at once;
+awaiting it brings back a copy of the value; ``get()`` brings it back and frees
+it on the worker. When the last reference to a pointer goes, the remote object
+is released.
+
+:class:`PointerTensor` and :class:`MultiPointerTensor` are the async API;
+:class:`SyncPointerTensor` and :class:`SyncMultiPointerTensor` are their
+blocking twins for :mod:`fedtensor.sync`. All share one dispatch path,
+:func:`remote_call`, which turns the arguments into wire values, checks that
+all pointers live on one worker (or spreads a multi-pointer operation over its
+workers), and queues one ``Call``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable, Generator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ._exceptions import FedTensorError, ForbiddenOperation, LocationError, PointerReleased
+from ._messages import Call, Ref
+from ._ops import ATTRIBUTES, FUNCTION_NAMES, OPERATIONS
+from ._worker import snapshot
+
+if TYPE_CHECKING:
+    from ._client import Client
+    from ._workers import WorkerHandle
+
+__all__ = [
+    "MultiPointerTensor",
+    "PointerBase",
+    "PointerTensor",
+    "SyncMultiPointerTensor",
+    "SyncPointerTensor",
+    "remote_call",
+]
+
+_local_ids = itertools.count(1)
+
+
+class PointerBase:
+    """What every pointer to one remote object has; see :class:`PointerTensor`."""
+
+    __slots__ = ("__weakref__", "_client", "_dtype", "_error", "_shape", "id", "id_at_location", "location")
+
+    def __init__(
+        self,
+        client: Client | None,
+        id_at_location: int,
+        shape: tuple[int, ...] | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        location: WorkerHandle | None = None,
+        error: FedTensorError | None = None,
+    ) -> None:
+        self._client = client
+        self.id_at_location = id_at_location
+        self.id = next(_local_ids)
+        self.location: WorkerHandle = client.worker if client is not None else location  # type: ignore[assignment]
+        self._shape = shape
+        self._dtype = dtype
+        self._error = error
+
+    @classmethod
+    def failed(cls, location: WorkerHandle, error: FedTensorError) -> PointerBase:
+        """A pointer whose value is ``error``: awaiting it raises a copy of it."""
+        return cls(None, 0, location=location, error=error)
+
+    # -- what is known locally -------------------------------------------------------------------
+
+    @property
+    def owner(self) -> Any:
+        from ._workers import local_worker
+
+        return local_worker()
+
+    @property
+    def shape(self) -> torch.Size | None:
+        """The shape, where known without asking the worker (else ``None``)."""
+        return None if self._shape is None else torch.Size(self._shape)
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The dtype, where known without asking the worker (else ``None``)."""
+        return self._dtype
+
+    def __repr__(self) -> str:
+        where = getattr(self.location, "id", "?")
+        state = ""
+        if self._error is not None:
+            state = " failed"
+        elif self._client is None:
+            state = " released"
+        return f"<{type(self).__name__} me:{self.id} -> {where}:{self.id_at_location}{state}>"
+
+    # -- remote values ---------------------------------------------------------------------------
+
+    async def _fetch(self, *, free: bool, timeout: float | None) -> Any:
+        if self._error is not None:
+            raise type(self._error)(*self._error.args)
+        client = self._client
+        if client is None:
+            raise PointerReleased(f"{self!r} was already consumed by get()")
+        if free:
+            # From here on the remote object belongs to this fetch, not to the pointer.
+            self._client = None
+        value = await client.fetch(self.id_at_location, free=free, timeout=timeout)
+        if isinstance(value, torch.Tensor):
+            self._shape = tuple(value.shape)
+            self._dtype = value.dtype
+        return value
+
+    def __del__(self) -> None:
+        client = self._client
+        if client is not None:
+            self._client = None
+            client.release(self.id_at_location)
+
+    # -- no implicit round trips -----------------------------------------------------------------
+
+    def __bool__(self) -> bool:
+        raise TypeError(
+            "the truth value of a remote tensor needs a round trip: await it (or get()) first"
+        )
+
+    __hash__ = object.__hash__
+
+    def __iter__(self) -> Any:
+        raise TypeError("a remote tensor is not iterable locally: await it (or get()) first")
+
+    # -- operations ------------------------------------------------------------------------------
+
+    @classmethod
+    def __torch_function__(
+        cls,
+        func: Any,
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        name = FUNCTION_NAMES.get(func)
+        if name is None:
+            qualname = getattr(func, "__qualname__", repr(func))
+            raise ForbiddenOperation(
+                "ForbiddenOperation", f"{qualname} is not an allowed remote operation", "?"
+            )
+        return remote_call(name, tuple(args), kwargs or {})
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ATTRIBUTES:
+            return remote_call(f"Tensor.{name}", (self,), {})
+        op = f"Tensor.{name}"
+        if op not in OPERATIONS:
+            raise AttributeError(
+                f"{type(self).__name__} has no attribute {name!r} "
+                "(and it is not an allowed remote tensor operation)"
+            )
+
+        def method(*args: Any, **kwargs: Any) -> Any:
+            return remote_call(op, (self, *args), kwargs)
+
+        method.__name__ = name
+        return method
+
+
+def _operator(name: str) -> Callable[..., Any]:
+    op = f"Tensor.{name}"
+
+    def method(self: Any, *args: Any) -> Any:
+        return remote_call(op, (self, *args), {})
+
+    method.__name__ = name
+    return method
+
+
+class _Operators:
+    """Operator dunders (``__add__``, ``__getitem__``, ...) forwarding to the worker."""
+
+    __slots__ = ()
+
+
+for _name in sorted(OPERATIONS):
+    if _name.startswith("Tensor.__"):
+        _dunder = _name.removeprefix("Tensor.")
+        setattr(_Operators, _dunder, _operator(_dunder))
+
+
+class PointerTensor(PointerBase, _Operators):
+    """A pointer to a tensor on a worker (async API).
+
+    ``await ptr`` gives a copy of the remote value; ``await ptr.get()`` gives it
+    and frees it on the worker. ``location`` is the worker, ``id_at_location``
+    the object's id there, ``id`` this pointer's local id and ``owner`` the local
+    worker. ``shape``/``dtype`` are known locally where no round trip is needed.
+    """
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._fetch(free=False, timeout=None).__await__()
+
+    async def get(self, *, timeout: float | None = None) -> Any:
+        """Bring the value back and free it on the worker."""
+        return await self._fetch(free=True, timeout=timeout)
+
+    async def value(self, *, timeout: float | None = None) -> Any:
+        """A copy of the remote value (what ``await ptr`` gives), with a timeout."""
+        return await self._fetch(free=False, timeout=timeout)
+
+
+class SyncPointerTensor(PointerBase, _Operators):
+    """A pointer to a tensor on a worker (blocking API of :mod:`fedtensor.sync`)."""
+
+    __slots__ = ()
+
+    def _blocking(self, free: bool, timeout: float | None) -> Any:
+        client = self._client
+        if client is None:
+            if self._error is not None:
+                raise type(self._error)(*self._error.args)
+            raise PointerReleased(f"{self!r} was already consumed by get()")
+        return client.run_threadsafe(self._fetch(free=free, timeout=timeout), timeout)
+
+    def get(self, *, timeout: float | None = None) -> Any:
+        """Bring the value back and free it on the worker (blocks)."""
+        return self._blocking(True, timeout)
+
+    def value(self, *, timeout: float | None = None) -> Any:
+        """A copy of the remote value (blocks)."""
+        return self._blocking(False, timeout)
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        # Lets a notebook cell with its own running loop `await` a blocking pointer.
+        client = self._client
+        if client is None:
+            return self._fetch(free=False, timeout=None).__await__()
+        future = asyncio.run_coroutine_threadsafe(
+            self._fetch(free=False, timeout=None), client.loop
+        )
+        return asyncio.wrap_future(future).__await__()
+
+
+class MultiPointerBase:
+    """Pointers to copies of one tensor on several workers."""
+
+    __slots__ = ("children",)
+
+    def __init__(self, children: Sequence[PointerBase]) -> None:
+        self.children: tuple[PointerBase, ...] = tuple(children)
+
+    @property
+    def location(self) -> list[WorkerHandle]:
+        return [child.location for child in self.children]
+
+    def __repr__(self) -> str:
+        lines = [f"<{type(self).__name__}"]
+        lines += [f"    {child!r}" for child in self.children]
+        return "\n".join(lines) + ">"
+
+    def __bool__(self) -> bool:
+        raise TypeError("the truth value of remote tensors needs a round trip")
+
+    __hash__ = object.__hash__
+
+    @classmethod
+    def __torch_function__(
+        cls,
+        func: Any,
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        return PointerBase.__torch_function__.__func__(cls, func, types, args, kwargs)  # type: ignore[attr-defined]
+
+    __getattr__ = PointerBase.__getattr__
+
+
+class MultiPointerTensor(MultiPointerBase, _Operators):
+    """Pointers to one tensor sent to several workers (async API)."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, list[Any]]:
+        return self._gather(free=False, timeout=None).__await__()
+
+    async def _gather(self, *, free: bool, timeout: float | None) -> list[Any]:
+        return list(
+            await asyncio.gather(
+                *(child._fetch(free=free, timeout=timeout) for child in self.children)
+            )
+        )
+
+    async def get(self, *, sum_results: bool = False, timeout: float | None = None) -> Any:
+        """The values from every worker (freed there); ``sum_results`` adds them up."""
+        values = await self._gather(free=True, timeout=timeout)
+        return _sum(values) if sum_results else values
+
+
+class SyncMultiPointerTensor(MultiPointerBase, _Operators):
+    """Pointers to one tensor sent to several workers (blocking API)."""
+
+    __slots__ = ()
+
+    def get(self, *, sum_results: bool = False, timeout: float | None = None) -> Any:
+        """The values from every worker (freed there); ``sum_results`` adds them up."""
+        values = [child.get(timeout=timeout) for child in self.children]  # type: ignore[attr-defined]
+        return _sum(values) if sum_results else values
+
+
+def _sum(values: list[Any]) -> Any:
+    total = values[0]
+    for value in values[1:]:
+        total = total + value
+    return total
+
+
+# -- dispatch -------------------------------------------------------------------------------------
+
+
+class _Spread(Exception):
+    """Raised inside argument conversion when a multi-pointer is met."""
+
+
+class _Target:
+    """The one worker an operation runs on, found while converting its arguments."""
+
+    __slots__ = ("client", "error", "location", "pointer_class")
+
+    def __init__(self) -> None:
+        self.client: Client | None = None
+        self.location: WorkerHandle | None = None
+        self.error: FedTensorError | None = None
+        self.pointer_class: type[PointerBase] | None = None
+
+
+def _wire(value: Any, target: _Target) -> Any:
+    kind = type(value)
+    if kind is PointerTensor or kind is SyncPointerTensor or isinstance(value, PointerBase):
+        if target.pointer_class is None:
+            target.pointer_class = kind
+        if value._error is not None:
+            target.error = target.error or value._error
+            target.location = target.location or value.location
+            return None
+        client = value._client
+        if client is None:
+            target.error = target.error or PointerReleased(
+                f"{value!r} was already consumed by get()"
+            )
+            target.location = target.location or value.location
+            return None
+        if target.client is None:
+            target.client = client
+            target.location = value.location
+        elif client is not target.client:
+            target.error = target.error or LocationError(
+                f"an operation mixes tensors on worker {target.client.worker.id!r} "
+                f"and worker {client.worker.id!r}; move them to one worker first"
+            )
+            return None
+        return Ref(value.id_at_location)
+    if isinstance(value, MultiPointerBase):
+        raise _Spread
+    if kind is list:
+        return [_wire(item, target) for item in value]
+    if kind is tuple or kind is torch.Size:
+        return tuple(_wire(item, target) for item in value)
+    if kind is dict:
+        return {key: _wire(item, target) for key, item in value.items()}
+    if isinstance(value, torch.Tensor):
+        return snapshot(value)  # the worker must not see later local changes
+    return value
+
+
+def remote_call(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Queue ``op(*args, **kwargs)`` on the worker the pointers in it live on."""
+    target = _Target()
+    try:
+        wire_args = tuple([_wire(arg, target) for arg in args])
+        wire_kwargs = {key: _wire(value, target) for key, value in kwargs.items()}
+    except _Spread:
+        return _spread_call(op, args, kwargs)
+    pointer_class = target.pointer_class
+    if pointer_class is None:
+        raise TypeError(f"{op} was dispatched without a pointer among its arguments")
+    if target.error is not None:
+        assert target.location is not None
+        return pointer_class.failed(target.location, target.error)
+    client = target.client
+    assert client is not None
+    id_ = client.new_id()
+    client.submit(Call(id_, op, wire_args, wire_kwargs))
+    return client.pointer_class(client, id_)
+
+
+def _spread_call(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Run a multi-pointer operation once per worker, pairing children by worker."""
+    multis = [arg for arg in (*args, *kwargs.values()) if isinstance(arg, MultiPointerBase)]
+    first = multis[0]
+    locations = [id(child.location) for child in first.children]
+    by_location: list[dict[int, PointerBase]] = []
+    for multi in multis:
+        children = {id(child.location): child for child in multi.children}
+        if set(children) != set(locations):
+            raise LocationError("multi-pointers in one operation must span the same workers")
+        by_location.append(children)
+
+    def pick(value: Any, where: int) -> Any:
+        if isinstance(value, MultiPointerBase):
+            return by_location[multis.index(value)][where]
+        return value
+
+    results = [
+        remote_call(
+            op,
+            tuple(pick(arg, where) for arg in args),
+            {key: pick(value, where) for key, value in kwargs.items()},
+        )
+        for where in locations
+    ]
+    multi_class = SyncMultiPointerTensor if isinstance(first, SyncMultiPointerTensor) else MultiPointerTensor
+    return multi_class(results)
+

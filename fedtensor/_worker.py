@@ -1,0 +1,322 @@
+"""The worker actor: a mailbox, an object store per client, and the command loop.
+
+Theory of operation
+-------------------
+A :class:`WorkerActor` owns its objects. Transports (in-memory, websocket) do
+not touch the store: for every client that connects they open a
+:class:`Session`, hand it batches of decoded commands with
+:meth:`Session.submit`, and receive the replies through the ``deliver``
+callback they passed in. Each session is a namespace: ids name objects of that
+session only, so one client can neither read nor guess another's objects.
+
+All batches go through one FIFO mailbox and are executed one at a time by
+:meth:`WorkerActor.serve`, so the commands of one client run in the order they
+were sent and a pipelined chain is correct without waiting. Executing a batch
+(:meth:`WorkerActor.execute`) is plain synchronous code with no I/O: it is what
+the unit tests drive directly.
+
+A command that fails stores a :class:`Failed` marker under its result id; any
+later command reading that id fails with the same marker, and a fetch of it is
+answered with a :class:`~fedtensor._messages.Failure`. The worker itself never
+stops on a bad command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import anyio
+import anyio.abc
+import torch
+
+from ._exceptions import WorkerUnavailable
+from ._messages import Call, Failure, Fetch, Message, Ref, Release, Reply, Store
+from ._ops import OPERATIONS
+
+__all__ = ["Failed", "Session", "WorkerActor", "in_process_workers", "snapshot"]
+
+# Workers running in this process, by id: what ``memory://ID`` URLs name.
+_in_process: dict[str, WorkerActor] = {}
+
+
+def in_process_workers() -> dict[str, WorkerActor]:
+    """The registry of in-process workers by id (the in-memory transport reads it)."""
+    return _in_process
+
+
+class Failed:
+    """The stored outcome of a command that failed (or read a failed object)."""
+
+    __slots__ = ("error_type", "kind", "message")
+
+    def __init__(self, kind: str, error_type: str, message: str) -> None:
+        self.kind = kind
+        self.error_type = error_type
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"<Failed {self.error_type}: {self.message}>"
+
+
+class _Unresolved(Exception):
+    """Raised while resolving arguments that name a failed or unknown object."""
+
+    def __init__(self, failed: Failed) -> None:
+        self.failed = failed
+
+
+def snapshot(value: Any) -> Any:
+    """A copy of ``value`` that shares no tensor memory with it.
+
+    Tensors come back as leaves that keep ``requires_grad`` and a copy of
+    ``grad``: an autograd graph does not cross a worker boundary.
+    """
+    if isinstance(value, torch.Tensor):
+        copy = value.detach().clone()
+        if value.requires_grad:
+            copy.requires_grad_(True)
+        if value.grad is not None:
+            copy.grad = value.grad.detach().clone()
+        return copy
+    if type(value) is list:
+        return [snapshot(item) for item in value]
+    if type(value) is tuple:
+        return tuple(snapshot(item) for item in value)
+    if type(value) is dict:
+        return {key: snapshot(item) for key, item in value.items()}
+    return value
+
+
+def _handover(value: Any) -> Any:
+    """``value`` ready to leave a worker that forgets it, copying only if it must.
+
+    A freed tensor can be handed over as it is, unless its memory is still shared
+    with something else on the worker (it is a view, or other objects view it).
+    A non-leaf is detached so no autograd graph leaves the worker.
+    """
+    if isinstance(value, torch.Tensor):
+        shared = value._base is not None or torch._C._storage_Use_Count(
+            value.untyped_storage()._cdata
+        ) > 1
+        if shared:
+            return snapshot(value)
+        if not value.is_leaf:
+            out = value.detach()
+            out.requires_grad_(True)
+            return out
+        return value
+    return snapshot(value)
+
+
+class Session:
+    """One client's connection to a worker: its namespace and its reply path.
+
+    ``aliases_values`` is true for transports that pass Python objects by
+    reference (the in-memory transport without encoding): the worker then
+    copies what it replies with, so the client never shares memory with the
+    worker's store.
+    """
+
+    __slots__ = ("_actor", "aliases_values", "closed", "deliver", "lost", "objects")
+
+    def __init__(
+        self,
+        actor: WorkerActor,
+        deliver: Callable[[list[Message]], None],
+        lost: Callable[[BaseException], None],
+        aliases_values: bool,
+    ) -> None:
+        self._actor = actor
+        self.deliver = deliver
+        self.lost = lost
+        self.aliases_values = aliases_values
+        self.objects: dict[int, Any] = {}
+        self.closed = False
+
+    def submit(self, batch: Sequence[Message]) -> None:
+        """Queue a batch of commands for the worker (never blocks)."""
+        if self.closed:
+            return
+        self._actor._mailbox.put_nowait((self, batch))
+
+    def close(self) -> None:
+        """End the session: its objects are freed once queued batches ran."""
+        if not self.closed:
+            self.closed = True
+            self._actor._mailbox.put_nowait((self, None))
+
+
+class WorkerActor:
+    """The server side of a worker: store, mailbox and command loop."""
+
+    def __init__(self, id: str) -> None:
+        self.id = id
+        self.closed = False
+        self._sessions: set[Session] = set()
+        self._mailbox: asyncio.Queue[tuple[Session, Sequence[Message] | None]] = asyncio.Queue()
+
+    # -- sessions ---------------------------------------------------------------------------------
+
+    def open_session(
+        self,
+        deliver: Callable[[list[Message]], None],
+        lost: Callable[[BaseException], None],
+        *,
+        aliases_values: bool,
+    ) -> Session:
+        """A new client namespace; ``deliver`` gets its replies, ``lost`` the worker's end."""
+        if self.closed:
+            raise WorkerUnavailable(f"worker {self.id!r} is closed")
+        session = Session(self, deliver, lost, aliases_values)
+        self._sessions.add(session)
+        return session
+
+    def close(self) -> None:
+        """Stop serving: free every object and tell every session's client."""
+        if self.closed:
+            return
+        self.closed = True
+        error = WorkerUnavailable(f"worker {self.id!r} closed")
+        sessions, self._sessions = self._sessions, set()
+        for session in sessions:
+            session.objects.clear()
+            if not session.closed:
+                session.closed = True
+                session.lost(error)
+
+    def iter_objects(self) -> Iterator[tuple[int, Any]]:
+        """Every stored object of every session, as ``(id, object)``."""
+        for session in self._sessions:
+            yield from session.objects.items()
+
+    def object_count(self) -> int:
+        return sum(len(session.objects) for session in self._sessions)
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run batches from the mailbox, one at a time, until cancelled."""
+        task_status.started()
+        mailbox = self._mailbox
+        while True:
+            session, batch = await mailbox.get()
+            self._run(session, batch)
+
+    def drain(self) -> None:
+        """Run every batch already in the mailbox, now, in order.
+
+        Lets an in-process caller observe the store as of everything it sent,
+        without awaiting. Only call it from the actor's own event loop thread.
+        """
+        mailbox = self._mailbox
+        while not mailbox.empty():
+            session, batch = mailbox.get_nowait()
+            self._run(session, batch)
+
+    def _run(self, session: Session, batch: Sequence[Message] | None) -> None:
+        if batch is None:
+            session.objects.clear()
+            self._sessions.discard(session)
+            return
+        replies = self.execute(session, batch)
+        if replies and not session.closed:
+            session.deliver(replies)
+
+    # -- commands ---------------------------------------------------------------------------------
+
+    def execute(self, session: Session, batch: Sequence[Message]) -> list[Message]:
+        """Run a batch of commands for ``session``; return the replies it produced."""
+        objects = session.objects
+        replies: list[Message] = []
+        for message in batch:
+            kind = type(message)
+            if kind is Call:
+                objects[message.id] = self._call(objects, message)  # type: ignore[union-attr]
+            elif kind is Release:
+                for id_ in message.ids:  # type: ignore[union-attr]
+                    objects.pop(id_, None)
+            elif kind is Store:
+                objects[message.id] = message.value  # type: ignore[union-attr]
+            elif kind is Fetch:
+                replies.append(self._fetch(session, message))  # type: ignore[arg-type]
+            else:
+                # Replies sent to a worker are a client bug; they cannot be answered,
+                # so they are dropped rather than stopping the worker.
+                continue
+        return replies
+
+    def _call(self, objects: dict[int, Any], message: Call) -> Any:
+        func = OPERATIONS.get(message.op)
+        if func is None:
+            return Failed(
+                "forbidden", "ForbiddenOperation", f"operation {message.op!r} is not allowed"
+            )
+        try:
+            args = _resolve_args(objects, message.args)
+            kwargs = _resolve_kwargs(objects, message.kwargs) if message.kwargs else {}
+        except _Unresolved as exc:
+            return exc.failed
+        try:
+            return func(*args, **kwargs)
+        except Exception as exc:  # the op's own error is the client's to see
+            return Failed("remote", type(exc).__name__, str(exc))
+
+    def _fetch(self, session: Session, message: Fetch) -> Message:
+        objects = session.objects
+        value = objects.pop(message.id, _MISSING) if message.free else objects.get(message.id, _MISSING)
+        if value is _MISSING:
+            return Failure(message.request, "not_found", "ObjectNotFound", _not_found(message.id))
+        if type(value) is Failed:
+            return Failure(message.request, value.kind, value.error_type, value.message)
+        if session.aliases_values:
+            value = _handover(value) if message.free else snapshot(value)
+        return Reply(message.request, value)
+
+
+_MISSING: Any = object()
+
+
+def _not_found(id_: int) -> str:
+    return f"no object with id {id_} (never stored, already freed, or another client's)"
+
+
+def _lookup(objects: Mapping[int, Any], id_: int) -> Any:
+    value = objects.get(id_, _MISSING)
+    if value is _MISSING:
+        raise _Unresolved(Failed("not_found", "ObjectNotFound", _not_found(id_)))
+    if type(value) is Failed:
+        raise _Unresolved(value)
+    return value
+
+
+def _resolve(objects: Mapping[int, Any], value: Any) -> Any:
+    kind = type(value)
+    if kind is Ref:
+        return _lookup(objects, value.id)
+    if kind is list:
+        return [_resolve(objects, item) for item in value]
+    if kind is tuple:
+        return tuple(_resolve(objects, item) for item in value)
+    if kind is dict:
+        return {key: _resolve(objects, item) for key, item in value.items()}
+    return value
+
+
+def _resolve_args(objects: Mapping[int, Any], args: tuple[Any, ...]) -> tuple[Any, ...]:
+    # The common case, a few refs and scalars, without building generators.
+    out = []
+    for arg in args:
+        kind = type(arg)
+        if kind is Ref:
+            out.append(_lookup(objects, arg.id))
+        elif kind is list or kind is tuple or kind is dict:
+            out.append(_resolve(objects, arg))
+        else:
+            out.append(arg)
+    return tuple(out)
+
+
+def _resolve_kwargs(objects: Mapping[int, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {key: _resolve(objects, value) for key, value in kwargs.items()}

@@ -1,0 +1,269 @@
+"""Worker handles: what user code holds to reach a worker.
+
+- :class:`VirtualWorker` runs a worker actor in this process and is its handle.
+- :func:`connect` reaches a worker by URL (``memory://ID`` today) as a new client
+  with its own namespace.
+- :func:`local_worker` is the program itself, the ``owner`` of every pointer.
+- :func:`send` sends a tensor to one worker (a pointer) or to several at once
+  (a multi-pointer); every send is queued at once, so they run concurrently.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Generator, Iterator, Mapping
+from types import TracebackType
+from typing import Any
+
+import anyio
+import anyio.abc
+import torch
+
+from ._client import Client
+from ._exceptions import FedTensorError
+from ._pointer import (
+    MultiPointerTensor,
+    PointerBase,
+    PointerTensor,
+    SyncMultiPointerTensor,
+    SyncPointerTensor,
+)
+from ._worker import WorkerActor, in_process_workers
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "LocalWorker",
+    "RemoteWorker",
+    "VirtualWorker",
+    "WorkerHandle",
+    "connect",
+    "local_worker",
+    "send",
+]
+
+#: Seconds any wait on a worker lasts before ``ft.TimeoutError``, unless told otherwise.
+DEFAULT_TIMEOUT = 60.0
+
+
+class WorkerHandle:
+    """A client's handle to one worker: pointers to it are made through it."""
+
+    def __init__(self, id: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.id = id
+        self.timeout = timeout
+        self._client: Client | None = None
+        # Set by fedtensor.sync: pointers to this worker then block instead of awaiting.
+        self._blocking = False
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            raise FedTensorError(f"worker handle {self.id!r} is not open (use `async with`)")
+        return self._client
+
+    async def _open_client(self, url: str, **options: Any) -> None:
+        client = Client(
+            self,
+            timeout=self.timeout,
+            pointer_class=SyncPointerTensor if self._blocking else PointerTensor,
+        )
+        await client.connect(url, **options)
+        self._client = client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} id:{self.id}>"
+
+
+class VirtualWorker(WorkerHandle):
+    """A worker in this process: an actor with its own mailbox and object store.
+
+    Use it as an async context manager::
+
+        async with ft.VirtualWorker("bob") as bob:
+            x = ft.send(torch.ones(3), bob)
+
+    ``encode=True`` makes its connection encode every batch to wire frames, as a
+    network transport does (default: the ``FEDTENSOR_MEMORY_ENCODE`` variable).
+    """
+
+    def __init__(
+        self, id: str = "bob", *, timeout: float = DEFAULT_TIMEOUT, encode: bool | None = None
+    ) -> None:
+        super().__init__(id, timeout=timeout)
+        self._encode = encode
+        self._actor: WorkerActor | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
+
+    async def __aenter__(self) -> VirtualWorker:
+        actor = WorkerActor(self.id)
+        task_group = anyio.create_task_group()
+        await task_group.__aenter__()
+        try:
+            await task_group.start(actor.serve)
+            in_process_workers()[self.id] = actor
+            self._actor = actor
+            await self._open_client(f"memory://{self.id}", encode=self._encode)
+        except BaseException as exc:
+            task_group.cancel_scope.cancel()
+            await task_group.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        self._task_group = task_group
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+        actor, task_group = self._actor, self._task_group
+        if actor is not None:
+            actor.close()
+            if in_process_workers().get(self.id) is actor:
+                del in_process_workers()[self.id]
+        if task_group is not None:
+            task_group.cancel_scope.cancel()
+            await task_group.__aexit__(None, None, None)
+
+    # -- the object store, as the seed notebook shows it -----------------------------------------
+
+    @property
+    def objects(self) -> Mapping[int, Any]:
+        """A snapshot of every object stored on this worker, by id (read-only).
+
+        It reflects every command sent before it was read: pending commands run first.
+        """
+        actor = self._actor
+        if actor is None:
+            return {}
+        client = self._client
+        if client is not None and client.available:
+            if threading.get_ident() == _loop_thread(client):
+                client.drain()
+            else:
+                return client.run_threadsafe(self._objects_on_loop(), None)  # type: ignore[no-any-return]
+        return _ReadOnlyDict(actor.iter_objects())
+
+    async def _objects_on_loop(self) -> Mapping[int, Any]:
+        return self.objects
+
+    _objects = objects
+
+    def __repr__(self) -> str:
+        return f"<VirtualWorker id:{self.id} #objects:{len(self.objects)}>"
+
+
+def _loop_thread(client: Client) -> int:
+    return client._thread
+
+
+class _ReadOnlyDict(Mapping[int, Any]):
+    """A read-only snapshot that prints like the dict PySyft users know."""
+
+    def __init__(self, items: Iterator[tuple[int, Any]]) -> None:
+        self._data = dict(items)
+
+    def __getitem__(self, key: int) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return repr(self._data)
+
+
+class RemoteWorker(WorkerHandle):
+    """A handle to a worker reached by URL (see :func:`connect`)."""
+
+    def __init__(self, url: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        from urllib.parse import urlsplit
+
+        super().__init__(urlsplit(url).netloc or url, timeout=timeout)
+        self.url = url
+
+    async def __aenter__(self) -> RemoteWorker:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class _Connecting:
+    """``await ft.connect(url)`` or ``async with ft.connect(url) as worker``."""
+
+    def __init__(self, url: str, timeout: float, options: dict[str, Any]) -> None:
+        self._worker = RemoteWorker(url, timeout=timeout)
+        self._options = options
+
+    async def _open(self) -> RemoteWorker:
+        with anyio.fail_after(self._worker.timeout):
+            await self._worker._open_client(self._worker.url, **self._options)
+        return self._worker
+
+    def __await__(self) -> Generator[Any, None, RemoteWorker]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> RemoteWorker:
+        return await self._open()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._worker.aclose()
+
+
+def connect(url: str, *, timeout: float = DEFAULT_TIMEOUT, **options: Any) -> _Connecting:
+    """Connect to the worker at ``url`` as a new client with its own namespace."""
+    return _Connecting(url, timeout, options)
+
+
+class LocalWorker:
+    """This program, as the owner of every pointer it holds."""
+
+    id = "me"
+
+    def __repr__(self) -> str:
+        return "<LocalWorker id:me>"
+
+
+_LOCAL = LocalWorker()
+
+
+def local_worker() -> LocalWorker:
+    """The local worker (``me``): the ``owner`` of every pointer."""
+    return _LOCAL
+
+
+def send(tensor: torch.Tensor, *workers: WorkerHandle) -> Any:
+    """Send a copy of ``tensor`` to each worker.
+
+    One worker gives a :class:`PointerTensor`, several a
+    :class:`MultiPointerTensor`. Returns at once: the transfers run in the
+    background, concurrently, and the local tensor may be changed right away.
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"send() takes a torch.Tensor, not {type(tensor).__name__}")
+    if not workers:
+        raise TypeError("send() needs at least one worker")
+    pointers: list[PointerBase] = [worker.client.store(tensor) for worker in workers]
+    if len(pointers) == 1:
+        return pointers[0]
+    blocking = all(worker._blocking for worker in workers)
+    return (SyncMultiPointerTensor if blocking else MultiPointerTensor)(pointers)
