@@ -155,7 +155,10 @@ class WorkerActor:
         self.id = id
         self.closed = False
         self._sessions: set[Session] = set()
-        self._mailbox: asyncio.Queue[tuple[Session, Sequence[Message] | None]] = asyncio.Queue()
+        # (session, batch); (session, None) ends a session; (None, None) wakes serve() to stop.
+        self._mailbox: asyncio.Queue[tuple[Session | None, Sequence[Message] | None]] = (
+            asyncio.Queue()
+        )
 
     # -- sessions ---------------------------------------------------------------------------------
 
@@ -178,6 +181,7 @@ class WorkerActor:
         if self.closed:
             return
         self.closed = True
+        self._mailbox.put_nowait((None, None))
         error = WorkerUnavailable(f"worker {self.id!r} closed")
         sessions, self._sessions = self._sessions, set()
         for session in sessions:
@@ -200,7 +204,7 @@ class WorkerActor:
         """Run batches from the mailbox, one at a time, until cancelled."""
         task_status.started()
         mailbox = self._mailbox
-        while True:
+        while not self.closed:
             session, batch = await mailbox.get()
             self._run(session, batch)
 
@@ -215,7 +219,9 @@ class WorkerActor:
             session, batch = mailbox.get_nowait()
             self._run(session, batch)
 
-    def _run(self, session: Session, batch: Sequence[Message] | None) -> None:
+    def _run(self, session: Session | None, batch: Sequence[Message] | None) -> None:
+        if session is None:
+            return  # the wake-up close() sends
         if batch is None:
             session.objects.clear()
             self._sessions.discard(session)

@@ -99,14 +99,10 @@ class VirtualWorker(WorkerHandle):
         self._task_group: anyio.abc.TaskGroup | None = None
 
     async def __aenter__(self) -> VirtualWorker:
-        actor = WorkerActor(self.id)
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         try:
-            await task_group.start(actor.serve)
-            in_process_workers()[self.id] = actor
-            self._actor = actor
-            await self._open_client(f"memory://{self.id}", encode=self._encode)
+            await self._start(task_group)
         except BaseException as exc:
             task_group.cancel_scope.cancel()
             await task_group.__aexit__(type(exc), exc, exc.__traceback__)
@@ -120,15 +116,27 @@ class VirtualWorker(WorkerHandle):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        await self._stop()
+        task_group, self._task_group = self._task_group, None
+        if task_group is not None:
+            await task_group.__aexit__(None, None, None)
+
+    async def _start(self, task_group: anyio.abc.TaskGroup) -> None:
+        """Run the actor in ``task_group``, publish it as ``memory://ID``, connect to it."""
+        actor = WorkerActor(self.id)
+        await task_group.start(actor.serve)
+        self._actor = actor
+        in_process_workers()[self.id] = actor
+        await self._open_client(f"memory://{self.id}", encode=self._encode)
+
+    async def _stop(self) -> None:
+        """Close the connection, free every object, end the actor's task."""
         await self.aclose()
-        actor, task_group = self._actor, self._task_group
+        actor = self._actor
         if actor is not None:
             actor.close()
             if in_process_workers().get(self.id) is actor:
                 del in_process_workers()[self.id]
-        if task_group is not None:
-            task_group.cancel_scope.cancel()
-            await task_group.__aexit__(None, None, None)
 
     # -- the object store, as the seed notebook shows it -----------------------------------------
 

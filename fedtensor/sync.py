@@ -1,0 +1,169 @@
+"""The blocking facade: fedtensor for scripts and notebooks, PySyft 0.2 style.
+
+The seed notebook runs with only its import line changed::
+
+    import torch as th
+    import fedtensor.sync as sy
+
+    hook = sy.TorchHook(th)                      # adds Tensor.send
+    bob = sy.VirtualWorker(hook, id="bob")
+    x = th.tensor([1, 2, 3, 4, 5]).send(bob)
+    (x + x).get()                                # tensor([ 2,  4,  6,  8, 10])
+
+How it works: the async runtime runs on one background thread with its own
+event loop (started on first use, a daemon, stopped at exit). Operations on
+pointers queue commands from the caller's thread without waiting; only
+``get()``, ``value()`` and reading ``worker.objects`` block, each with a
+timeout. Because the caller's thread never runs the runtime's loop, this also
+works inside Jupyter, whose own loop is already running in the main thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import builtins
+import threading
+import weakref
+from collections.abc import Coroutine
+from typing import Any
+
+import anyio
+import anyio.abc
+import torch
+
+from . import _workers
+from ._exceptions import FedTensorError, TimeoutError
+from ._worker import WorkerActor
+from ._workers import DEFAULT_TIMEOUT, LocalWorker, RemoteWorker, local_worker
+
+__all__ = ["TorchHook", "VirtualWorker", "connect", "local_worker", "send", "shutdown"]
+
+
+class _Runtime:
+    """The background thread and event loop the blocking facade runs on."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.task_group: anyio.abc.TaskGroup | None = None
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self.thread = threading.Thread(target=self._run, name="fedtensor-runtime", daemon=True)
+        self.thread.start()
+        if not self._ready.wait(30):
+            raise TimeoutError("the fedtensor runtime thread did not start")
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._main())
+        self.loop.close()
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        async with anyio.create_task_group() as task_group:
+            self.task_group = task_group
+            self._ready.set()
+            await self._stop.wait()
+            task_group.cancel_scope.cancel()
+
+    def call(self, coro: Coroutine[Any, Any, Any], timeout: float = DEFAULT_TIMEOUT) -> Any:
+        """Run ``coro`` on the runtime's loop and wait for its result."""
+        if threading.get_ident() == self.thread.ident:
+            coro.close()
+            raise FedTensorError("a blocking fedtensor.sync call was made on the runtime thread")
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            raise
+        except builtins.TimeoutError as exc:
+            future.cancel()
+            raise TimeoutError(f"the fedtensor runtime did not answer in {timeout} s") from exc
+
+    def stop(self) -> None:
+        if self._stop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._stop.set)
+            self.thread.join(10)
+
+_runtime: _Runtime | None = None
+_runtime_lock = threading.Lock()
+
+
+def _get_runtime() -> _Runtime:
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None:
+            _runtime = _Runtime()
+            atexit.register(shutdown)
+        return _runtime
+
+
+def shutdown() -> None:
+    """Stop the background runtime; every blocking worker closes (runs at exit)."""
+    global _runtime
+    with _runtime_lock:
+        runtime, _runtime = _runtime, None
+    if runtime is not None:
+        runtime.stop()
+
+
+def _close_actor(loop: asyncio.AbstractEventLoop, actor: WorkerActor) -> None:
+    # Runs when a blocking VirtualWorker is garbage-collected.
+    if not loop.is_closed():
+        loop.call_soon_threadsafe(actor.close)
+
+
+class TorchHook:
+    """Adds ``Tensor.send`` (nothing is patched until a hook is made).
+
+    ``hook.local_worker`` is the local worker; ``hook.unhook()`` takes the
+    method away again.
+    """
+
+    def __init__(self, torch_module: Any = torch) -> None:
+        self.torch = torch_module
+        self.local_worker: LocalWorker = local_worker()
+        torch_module.Tensor.send = _tensor_send
+
+    def unhook(self) -> None:
+        if getattr(self.torch.Tensor, "send", None) is _tensor_send:
+            del self.torch.Tensor.send
+
+
+def _tensor_send(self: torch.Tensor, *workers: _workers.WorkerHandle) -> Any:
+    return send(self, *workers)
+
+
+def send(tensor: torch.Tensor, *workers: _workers.WorkerHandle) -> Any:
+    """Send a copy of ``tensor`` to each worker (see :func:`fedtensor.send`)."""
+    return _workers.send(tensor, *workers)
+
+
+def VirtualWorker(  # noqa: N802 - a factory that reads like the class it returns
+    hook: TorchHook | None = None,
+    id: str = "bob",
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    encode: bool | None = None,
+) -> _workers.VirtualWorker:
+    """A worker in this process whose pointers block instead of awaiting.
+
+    It lives until it is garbage-collected or :func:`shutdown` runs.
+    """
+    runtime = _get_runtime()
+    worker = _workers.VirtualWorker(id, timeout=timeout, encode=encode)
+    worker._blocking = True
+    assert runtime.task_group is not None
+    runtime.call(worker._start(runtime.task_group), timeout)
+    assert worker._actor is not None
+    weakref.finalize(worker, _close_actor, runtime.loop, worker._actor)
+    return worker
+
+
+def connect(url: str, *, timeout: float = DEFAULT_TIMEOUT, **options: Any) -> RemoteWorker:
+    """Connect to the worker at ``url`` (blocking twin of :func:`fedtensor.connect`)."""
+    runtime = _get_runtime()
+    worker = RemoteWorker(url, timeout=timeout)
+    worker._blocking = True
+    runtime.call(worker._open_client(url, **options), timeout)
+    return worker
