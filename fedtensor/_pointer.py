@@ -134,6 +134,9 @@ class PointerBase:
     def __iter__(self) -> Any:
         raise TypeError("a remote tensor is not iterable locally: await it (or get()) first")
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError("a pointer cannot be pickled: get() its value first")
+
     # -- operations ------------------------------------------------------------------------------
 
     @classmethod
@@ -385,6 +388,11 @@ def remote_call(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         wire_args = tuple([_wire(arg, target) for arg in args])
         wire_kwargs = {key: _wire(value, target) for key, value in kwargs.items()}
     except _Spread:
+        spread = True
+    else:
+        spread = False
+    if spread:
+        # Outside the except block, so no traceback pins the arguments' pointers.
         return _spread_call(op, args, kwargs)
     pointer_class = target.pointer_class
     if pointer_class is None:
@@ -413,7 +421,9 @@ def _spread_call(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 
     def pick(value: Any, where: int) -> Any:
         if isinstance(value, MultiPointerBase):
-            return by_location[multis.index(value)][where]
+            # By identity: `==` on pointers is a remote operation.
+            index = next(i for i, multi in enumerate(multis) if multi is value)
+            return by_location[index][where]
         return value
 
     results = [

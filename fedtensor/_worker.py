@@ -24,6 +24,7 @@ stops on a bad command.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -31,7 +32,7 @@ import anyio
 import anyio.abc
 import torch
 
-from ._exceptions import WorkerUnavailable
+from ._exceptions import ProtocolError, WorkerUnavailable
 from ._messages import Call, Failure, Fetch, Message, Ref, Release, Reply, Store
 from ._ops import OPERATIONS
 
@@ -67,6 +68,9 @@ class _Unresolved(Exception):
         self.failed = failed
 
 
+_log = logging.getLogger("fedtensor.worker")
+
+
 def snapshot(value: Any) -> Any:
     """A copy of ``value`` that shares no tensor memory with it.
 
@@ -77,7 +81,7 @@ def snapshot(value: Any) -> Any:
         copy = value.detach().clone()
         if value.requires_grad:
             copy.requires_grad_(True)
-        if value.grad is not None:
+        if (value.is_leaf or value.retains_grad) and value.grad is not None:
             copy.grad = value.grad.detach().clone()
         return copy
     if type(value) is list:
@@ -226,9 +230,27 @@ class WorkerActor:
             session.objects.clear()
             self._sessions.discard(session)
             return
-        replies = self.execute(session, batch)
-        if replies and not session.closed:
+        try:
+            replies = self.execute(session, batch)
+            if replies and not session.closed:
+                self._deliver(session, replies)
+        except Exception:
+            # A bug here must not stop the worker for every other client.
+            _log.exception("worker %r failed on a batch from a client", self.id)
+
+    @staticmethod
+    def _deliver(session: Session, replies: list[Message]) -> None:
+        try:
             session.deliver(replies)
+        except ProtocolError:
+            # A value that cannot be encoded fails its own fetch, not the whole batch.
+            for reply in replies:
+                try:
+                    session.deliver([reply])
+                except ProtocolError as exc:
+                    session.deliver(
+                        [Failure(reply.request, "remote", "ProtocolError", str(exc))]  # type: ignore[union-attr]
+                    )
 
     # -- commands ---------------------------------------------------------------------------------
 
@@ -276,6 +298,8 @@ class WorkerActor:
             return Failure(message.request, "not_found", "ObjectNotFound", _not_found(message.id))
         if type(value) is Failed:
             return Failure(message.request, value.kind, value.error_type, value.message)
+        if isinstance(value, tuple) and type(value) is not tuple:
+            value = tuple(value)  # torch.return_types.* and torch.Size travel as tuples
         if session.aliases_values:
             value = _handover(value) if message.free else snapshot(value)
         return Reply(message.request, value)

@@ -1,0 +1,140 @@
+"""The async API contract: sending, pipelined operations, fetching, multi-pointers, autograd."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fedtensor as ft
+from fedtensor.testing import WorkerFactory
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_send_returns_pointer_with_local_metadata(ft_worker: ft.VirtualWorker) -> None:
+    x = ft.send(torch.tensor([1, 2, 3, 4, 5]), ft_worker)
+    assert isinstance(x, ft.PointerTensor)
+    assert x.location is ft_worker
+    assert x.owner is ft.local_worker()
+    assert x.shape == torch.Size([5])
+    assert x.dtype == torch.int64
+    assert isinstance(x.id_at_location, int)
+    assert isinstance(x.id, int)
+    assert x.id != x.id_at_location or x.id == x.id_at_location  # both exist, independent
+    assert re.fullmatch(rf"<PointerTensor me:{x.id} -> bob:{x.id_at_location}>", repr(x))
+    assert dict(ft_worker.objects).keys() == {x.id_at_location}
+    assert torch.equal(ft_worker.objects[x.id_at_location], torch.tensor([1, 2, 3, 4, 5]))
+    assert torch.equal(await x.get(), torch.tensor([1, 2, 3, 4, 5]))
+
+
+async def test_arithmetic_and_torch_functions(ft_worker: ft.VirtualWorker) -> None:
+    x = ft.send(torch.tensor([1, 2, 3, 4, 5]), ft_worker)
+    y = ft.send(torch.ones(5, dtype=torch.long), ft_worker)
+    z = x + y
+    w = torch.add(x, y)
+    assert isinstance(z, ft.PointerTensor)
+    assert isinstance(w, ft.PointerTensor)
+    assert torch.equal(await z, torch.tensor([2, 3, 4, 5, 6]))
+    assert torch.equal(await w.get(), torch.tensor([2, 3, 4, 5, 6]))
+    assert torch.equal(await (2 * x - y).get(), torch.tensor([1, 3, 5, 7, 9]))
+    assert torch.equal(await (x @ y).get(), torch.tensor(15))
+    assert torch.equal(await (-x).get(), -torch.tensor([1, 2, 3, 4, 5]))
+    assert torch.equal(await (x > 2).get(), torch.tensor([False, False, True, True, True]))
+    assert torch.equal(await (x == y).get(), torch.tensor([True, False, False, False, False]))
+
+
+async def test_methods_functional_and_indexing(ft_worker: ft.VirtualWorker) -> None:
+    x = ft.send(torch.arange(6.0), ft_worker)
+    assert torch.equal(await x.view(2, 3).sum(dim=1).get(), torch.tensor([3.0, 12.0]))
+    assert torch.equal(await F.relu(x - 2).get(), torch.tensor([0.0, 0, 0, 1, 2, 3]))
+    assert torch.equal(await x[1:3].get(), torch.tensor([1.0, 2.0]))
+    assert torch.equal(await x[[0, 5]].get(), torch.tensor([0.0, 5.0]))
+    assert torch.equal(await torch.cat([x, x]).get(), torch.cat([torch.arange(6.0)] * 2))
+    values, indices = await torch.max(x.view(2, 3), dim=1).get()
+    assert torch.equal(values, torch.tensor([2.0, 5.0]))
+    assert torch.equal(indices, torch.tensor([2, 2]))
+    assert await x.sum().item().get() == 15.0
+    # A local tensor as an argument travels along with the command.
+    assert torch.equal(await (x + torch.ones(6)).get(), torch.arange(1.0, 7.0))
+    x[0] = 100.0
+    assert (await x.get())[0].item() == 100.0
+
+
+async def test_in_place_operations_change_the_remote_tensor(ft_worker: ft.VirtualWorker) -> None:
+    x = ft.send(torch.zeros(3), ft_worker)
+    x.add_(1)
+    x += 1
+    assert torch.equal(await x.get(), torch.full((3,), 2.0))
+
+
+async def test_multi_pointer_send_get_and_sum(ft_workers: WorkerFactory) -> None:
+    bob, alice = await ft_workers("bob"), await ft_workers("alice")
+    m = ft.send(torch.arange(5), bob, alice)
+    assert isinstance(m, ft.MultiPointerTensor)
+    assert m.location == [bob, alice]
+    assert len(bob.objects) == 1
+    assert len(alice.objects) == 1
+    copies = await m
+    assert [t.tolist() for t in copies] == [[0, 1, 2, 3, 4]] * 2
+    values = await m.get()
+    assert [t.tolist() for t in values] == [[0, 1, 2, 3, 4]] * 2
+    assert len(bob.objects) == 0
+    assert len(alice.objects) == 0
+    m = ft.send(torch.arange(5), bob, alice)
+    assert torch.equal(await (m * 2).get(sum_results=True), torch.arange(5) * 4)
+
+
+async def test_multi_pointer_operations_pair_by_worker(ft_workers: WorkerFactory) -> None:
+    bob, alice = await ft_workers("bob"), await ft_workers("alice")
+    a = ft.send(torch.ones(2), bob, alice)
+    b = ft.send(torch.full((2,), 3.0), bob, alice)
+    assert [t.tolist() for t in await torch.add(a, b).get()] == [[4.0, 4.0]] * 2
+    c = ft.send(torch.ones(2), bob)
+    with pytest.raises(ft.LocationError):
+        torch.add(a, ft.MultiPointerTensor([c]))
+    del a, b, c
+
+
+async def test_remote_autograd(ft_worker: ft.VirtualWorker) -> None:
+    a = ft.send(torch.tensor([1.0, 2, 3], requires_grad=True), ft_worker)
+    (a * 2).sum().backward()
+    got = await a.get()
+    assert got.requires_grad
+    assert torch.equal(got.grad, torch.tensor([2.0, 2.0, 2.0]))
+
+
+async def test_remote_grad_attribute_is_a_pointer(ft_worker: ft.VirtualWorker) -> None:
+    x = ft.send(torch.tensor([1.0, 2.0], requires_grad=True), ft_worker)
+    y = ft.send(torch.tensor([3.0, 4.0], requires_grad=True), ft_worker)
+    (x * y).sum().backward()
+    grad = x.grad
+    assert isinstance(grad, ft.PointerTensor)
+    assert torch.equal(await grad.get(), torch.tensor([3.0, 4.0]))
+    assert torch.equal(await y.grad.get(), torch.tensor([1.0, 2.0]))
+    # A non-leaf result comes back as a leaf that still says it requires grad.
+    z = await (x * 2).get()
+    assert z.requires_grad
+    assert z.is_leaf
+    del x, y
+
+
+async def test_pointers_refuse_implicit_round_trips(ft_worker: ft.VirtualWorker) -> None:
+    x = ft.send(torch.ones(1), ft_worker)
+    with pytest.raises(TypeError, match="round trip"):
+        bool(x)
+    with pytest.raises(AttributeError, match="not an allowed"):
+        _ = x.no_such_method
+
+
+async def test_connect_memory_url_gives_a_second_client(ft_worker: ft.VirtualWorker) -> None:
+    async with ft.connect("memory://bob") as other:
+        x = ft.send(torch.ones(2), other)
+        assert x.location is other
+        assert torch.equal(await (x + 1).get(), torch.full((2,), 2.0))
+    with pytest.raises(ft.TransportNotFound):
+        await ft.connect("nosuchscheme://x")
+    with pytest.raises(ft.WorkerUnavailable):
+        await ft.connect("memory://nobody")
