@@ -1,0 +1,26 @@
+"""The public API is curated: a sorted __all__ that names exactly what is public."""
+
+from __future__ import annotations
+
+import types
+
+import fedtensor as ft
+
+
+def test_all_is_sorted_and_complete() -> None:
+    assert ft.__all__ == sorted(ft.__all__)
+    public = {
+        name
+        for name, value in vars(ft).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
+    assert public == set(ft.__all__)
+
+
+def test_modules_are_private_except_the_documented_ones() -> None:
+    public_modules = {
+        name
+        for name, value in vars(ft).items()
+        if isinstance(value, types.ModuleType) and name.isidentifier() and not name.startswith("_")
+    }
+    assert public_modules <= {"abc", "sync", "testing", "transports"}
