@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import itertools
 import random
 import threading
@@ -143,10 +144,9 @@ class Client:
     def release(self, id_: int) -> None:
         """Free the remote object ``id_`` once the commands queued before it ran."""
         if threading.get_ident() != self._thread:
-            try:
+            # A closed loop (RuntimeError) means the worker is gone with it.
+            with contextlib.suppress(RuntimeError):
                 self.loop.call_soon_threadsafe(self.release, id_)
-            except RuntimeError:  # the loop is closed: the worker is gone with it
-                pass
             return
         if self._unavailable is not None:
             return

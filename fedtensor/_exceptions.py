@@ -90,5 +90,5 @@ class TransportNotFound(FedTensorError):
     """No transport is registered for the scheme of a worker URL."""
 
 
-class TimeoutError(FedTensorError, builtins.TimeoutError):  # noqa: A001
+class TimeoutError(FedTensorError, builtins.TimeoutError):
     """A wait on a worker ran past its timeout."""

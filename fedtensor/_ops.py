@@ -34,8 +34,8 @@ _DENIED = frozenset(
         # storage, raw memory, other processes, foreign memory protocols
         "storage", "untyped_storage", "storage_offset", "storage_type", "data_ptr",
         "set_", "share_memory_", "is_shared", "pin_memory", "is_pinned", "record_stream",
-        "as_strided", "as_strided_", "as_strided_scatter", "untyped_storage",
-        "__dlpack__", "__dlpack_device__", "__array__", "__array_wrap__", "numpy",
+        "as_strided", "as_strided_", "as_strided_scatter", "numpy",
+        "__dlpack__", "__dlpack_device__", "__array__", "__array_wrap__",
         "to_dlpack", "from_dlpack", "__cuda_array_interface__", "module_load",
         # pickling and copying protocol
         "__reduce_ex__", "__reduce__", "__setstate__", "__getstate__", "__deepcopy__",
@@ -64,9 +64,7 @@ _OPERATOR_DUNDERS = frozenset(
 )  # fmt: skip
 
 # Tensor attributes a pointer can read remotely (each gives a new pointer).
-ATTRIBUTES: frozenset[str] = frozenset(
-    {"grad", "data", "T", "mT", "H", "mH", "real", "imag"}
-)
+ATTRIBUTES: frozenset[str] = frozenset({"grad", "data", "T", "mT", "H", "mH", "real", "imag"})
 
 _NAMESPACES: tuple[tuple[str, Any], ...] = (
     ("torch", torch),

@@ -47,7 +47,16 @@ _local_ids = itertools.count(1)
 class PointerBase:
     """What every pointer to one remote object has; see :class:`PointerTensor`."""
 
-    __slots__ = ("__weakref__", "_client", "_dtype", "_error", "_shape", "id", "id_at_location", "location")
+    __slots__ = (
+        "__weakref__",
+        "_client",
+        "_dtype",
+        "_error",
+        "_shape",
+        "id",
+        "id_at_location",
+        "location",
+    )
 
     def __init__(
         self,
@@ -283,6 +292,13 @@ class MultiPointerBase:
 
     __getattr__ = PointerBase.__getattr__
 
+    async def _gather(self, *, free: bool, timeout: float | None) -> list[Any]:
+        return list(
+            await asyncio.gather(
+                *(child._fetch(free=free, timeout=timeout) for child in self.children)
+            )
+        )
+
 
 class MultiPointerTensor(MultiPointerBase, _Operators):
     """Pointers to one tensor sent to several workers (async API)."""
@@ -292,12 +308,6 @@ class MultiPointerTensor(MultiPointerBase, _Operators):
     def __await__(self) -> Generator[Any, None, list[Any]]:
         return self._gather(free=False, timeout=None).__await__()
 
-    async def _gather(self, *, free: bool, timeout: float | None) -> list[Any]:
-        return list(
-            await asyncio.gather(
-                *(child._fetch(free=free, timeout=timeout) for child in self.children)
-            )
-        )
 
     async def get(self, *, sum_results: bool = False, timeout: float | None = None) -> Any:
         """The values from every worker (freed there); ``sum_results`` adds them up."""
@@ -312,7 +322,11 @@ class SyncMultiPointerTensor(MultiPointerBase, _Operators):
 
     def get(self, *, sum_results: bool = False, timeout: float | None = None) -> Any:
         """The values from every worker (freed there); ``sum_results`` adds them up."""
-        values = [child.get(timeout=timeout) for child in self.children]  # type: ignore[attr-defined]
+        client = next((child._client for child in self.children if child._client), None)
+        if client is None:
+            raise PointerReleased(f"{self!r} was already consumed by get()")
+        # One wait for all workers: the fetches run concurrently on the runtime's loop.
+        values = client.run_threadsafe(self._gather(free=True, timeout=timeout), timeout)
         return _sum(values) if sum_results else values
 
 
@@ -434,6 +448,7 @@ def _spread_call(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         )
         for where in locations
     ]
-    multi_class = SyncMultiPointerTensor if isinstance(first, SyncMultiPointerTensor) else MultiPointerTensor
+    multi_class = (
+        SyncMultiPointerTensor if isinstance(first, SyncMultiPointerTensor) else MultiPointerTensor
+    )
     return multi_class(results)
-

@@ -7,6 +7,7 @@ entry points are read once, on the first lookup of a scheme not yet known.
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 from urllib.parse import urlsplit
 
@@ -58,8 +59,8 @@ def transport_for(url: str) -> Transport:
 
 
 def _builtin(scheme: str) -> None:
-    # Imported lazily so the core does not import its transports at start-up.
+    # Imported lazily so the core does not import its transports at start-up, and by
+    # name because `transports/` becomes `fedtensor.transports` only when installed.
     if scheme == "memory":
-        from fedtensor.transports.memory import MemoryTransport
-
-        register_transport(MemoryTransport)
+        module = importlib.import_module("fedtensor.transports.memory")
+        register_transport(module.MemoryTransport)

@@ -101,9 +101,10 @@ def _handover(value: Any) -> Any:
     A non-leaf is detached so no autograd graph leaves the worker.
     """
     if isinstance(value, torch.Tensor):
-        shared = value._base is not None or torch._C._storage_Use_Count(
-            value.untyped_storage()._cdata
-        ) > 1
+        shared = (
+            value._base is not None
+            or torch._C._storage_Use_Count(value.untyped_storage()._cdata) > 1
+        )
         if shared:
             return snapshot(value)
         if not value.is_leaf:
@@ -204,7 +205,9 @@ class WorkerActor:
 
     # -- the loop ---------------------------------------------------------------------------------
 
-    async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         """Run batches from the mailbox, one at a time, until cancelled."""
         task_status.started()
         mailbox = self._mailbox
@@ -261,7 +264,7 @@ class WorkerActor:
         for message in batch:
             kind = type(message)
             if kind is Call:
-                objects[message.id] = self._call(objects, message)  # type: ignore[union-attr]
+                objects[message.id] = self._call(objects, message)  # type: ignore[union-attr,arg-type]
             elif kind is Release:
                 for id_ in message.ids:  # type: ignore[union-attr]
                     objects.pop(id_, None)
@@ -293,7 +296,9 @@ class WorkerActor:
 
     def _fetch(self, session: Session, message: Fetch) -> Message:
         objects = session.objects
-        value = objects.pop(message.id, _MISSING) if message.free else objects.get(message.id, _MISSING)
+        value = (
+            objects.pop(message.id, _MISSING) if message.free else objects.get(message.id, _MISSING)
+        )
         if value is _MISSING:
             return Failure(message.request, "not_found", "ObjectNotFound", _not_found(message.id))
         if type(value) is Failed:

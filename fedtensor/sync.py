@@ -85,6 +85,7 @@ class _Runtime:
             self.loop.call_soon_threadsafe(self._stop.set)
             self.thread.join(10)
 
+
 _runtime: _Runtime | None = None
 _runtime_lock = threading.Lock()
 
@@ -139,7 +140,7 @@ def send(tensor: torch.Tensor, *workers: _workers.WorkerHandle) -> Any:
     return _workers.send(tensor, *workers)
 
 
-def VirtualWorker(  # noqa: N802 - a factory that reads like the class it returns
+def VirtualWorker(
     hook: TorchHook | None = None,
     id: str = "bob",
     *,

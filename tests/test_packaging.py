@@ -1,4 +1,4 @@
-"""The wheel installs `transports/` as `fedtensor.transports`, and nothing as a top-level `transports`."""
+"""The wheel installs `transports/` as `fedtensor.transports`, and no top-level `transports`."""
 
 from __future__ import annotations
 

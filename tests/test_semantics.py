@@ -52,7 +52,7 @@ async def test_get_of_a_view_does_not_share_memory_with_the_worker(
     assert torch.equal(await x.get(), torch.ones(4))
 
 
-# -- order -------------------------------------------------------------------------------------------
+# -- order ----------------------------------------------------------------------------------------
 
 
 async def test_pipelined_dependent_commands_run_in_order(ft_worker: ft.VirtualWorker) -> None:
@@ -65,7 +65,7 @@ async def test_pipelined_dependent_commands_run_in_order(ft_worker: ft.VirtualWo
     assert torch.equal(await x.get(), expected)
 
 
-# -- errors ------------------------------------------------------------------------------------------
+# -- errors ---------------------------------------------------------------------------------------
 
 
 async def test_remote_error_names_the_remote_exception_and_spreads(
@@ -164,14 +164,36 @@ async def test_dropped_pointers_are_freed(ft_worker: ft.VirtualWorker) -> None:
 
 def test_allow_list_has_tensor_ops_and_nothing_dangerous() -> None:
     allowed = set(ft.allowed_operations())
-    for name in ("torch.add", "Tensor.sum", "Tensor.__add__", "torch.nn.functional.relu",
-                 "Tensor.backward", "Tensor.grad", "torch.matmul"):
+    for name in (
+        "torch.add",
+        "Tensor.sum",
+        "Tensor.__add__",
+        "torch.nn.functional.relu",
+        "Tensor.backward",
+        "Tensor.grad",
+        "torch.matmul",
+    ):
         assert name in allowed, name
-    for name in ("torch.load", "torch.save", "torch.from_file", "Tensor.storage",
-                 "Tensor.untyped_storage", "Tensor.data_ptr", "Tensor.set_",
-                 "Tensor.__reduce_ex__", "Tensor.__setstate__", "Tensor.share_memory_",
-                 "Tensor.new_empty", "Tensor.resize_", "Tensor.apply_", "Tensor.register_hook",
-                 "Tensor.numpy", "Tensor.as_strided", "builtins.eval", "os.system"):
+    for name in (
+        "torch.load",
+        "torch.save",
+        "torch.from_file",
+        "Tensor.storage",
+        "Tensor.untyped_storage",
+        "Tensor.data_ptr",
+        "Tensor.set_",
+        "Tensor.__reduce_ex__",
+        "Tensor.__setstate__",
+        "Tensor.share_memory_",
+        "Tensor.new_empty",
+        "Tensor.resize_",
+        "Tensor.apply_",
+        "Tensor.register_hook",
+        "Tensor.numpy",
+        "Tensor.as_strided",
+        "builtins.eval",
+        "os.system",
+    ):
         assert name not in allowed, name
     for name in allowed:
         assert not any(word in name for word in ("load", "save", "file", "pickle", "storage"))
@@ -179,8 +201,17 @@ def test_allow_list_has_tensor_ops_and_nothing_dangerous() -> None:
 
 @pytest.mark.parametrize(
     "op",
-    ["torch.load", "torch.save", "Tensor.storage", "Tensor.__reduce_ex__", "builtins.eval",
-     "os.system", "Tensor.data_ptr", "Tensor.set_", ""],
+    [
+        "torch.load",
+        "torch.save",
+        "Tensor.storage",
+        "Tensor.__reduce_ex__",
+        "builtins.eval",
+        "os.system",
+        "Tensor.data_ptr",
+        "Tensor.set_",
+        "",
+    ],
 )
 async def test_worker_refuses_forbidden_operations(ft_worker: ft.VirtualWorker, op: str) -> None:
     client = ft_worker.client
@@ -239,7 +270,7 @@ async def test_closed_worker_fails_pending_and_later_awaits() -> None:
             await (x + 1)
 
 
-# -- namespaces ------------------------------------------------------------------------------------
+# -- namespaces -----------------------------------------------------------------------------------
 
 
 async def test_clients_cannot_reach_each_others_objects(ft_worker: ft.VirtualWorker) -> None:
