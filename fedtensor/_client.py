@@ -15,7 +15,7 @@ what lets dependent commands be sent before their inputs exist.
 Remote garbage collection: a pointer's ``__del__`` calls :meth:`Client.release`.
 Releases are appended to the outbox *after* every command that used the id, so
 they can never overtake them; consecutive releases coalesce into one
-``Release`` message.
+``Release`` message at flush.
 
 Threads: the engine lives on one event loop. ``submit`` and ``release`` may be
 called from any thread (the blocking facade runs user code on its own thread,
@@ -53,7 +53,11 @@ if TYPE_CHECKING:
     from ._pointer import PointerBase
     from ._workers import WorkerHandle
 
-__all__ = ["Client", "error_from_failure"]
+__all__ = ["CALLER_RUNS_THRESHOLD", "Client", "error_from_failure"]
+
+#: Commands an in-process worker may have queued from one client before the
+#: client runs them itself (see ``Client.submit``).
+CALLER_RUNS_THRESHOLD = 512
 
 _ERRORS_BY_KIND: dict[str, type[RemoteError]] = {
     "forbidden": ForbiddenOperation,
@@ -68,10 +72,6 @@ def error_from_failure(failure: Failure, worker: str) -> RemoteError:
     )
 
 
-class _Releases(list[int]):
-    """Ids to release, coalesced in the outbox; becomes one ``Release`` at flush."""
-
-
 class Client:
     """Ids, the outbox and pending fetches of one connection to one worker."""
 
@@ -84,7 +84,8 @@ class Client:
         self.loop = asyncio.get_running_loop()
         self._thread = threading.get_ident()
         self._connection: Connection | None = None
-        self._outbox: list[Command | _Releases] = []
+        self._in_process = False
+        self._outbox: list[Command | int] = []
         self._flush_scheduled = False
         # Ids start at a random point so that ids say nothing about other sessions.
         self._ids = itertools.count(random.getrandbits(40))
@@ -98,6 +99,7 @@ class Client:
         self._connection = await transport_for(url).connect(
             url, self, timeout=self.timeout, **options
         )
+        self._in_process = self._connection.in_process
         self._unavailable = None
 
     async def aclose(self) -> None:
@@ -136,7 +138,14 @@ class Client:
             return
         if self._unavailable is not None:
             return  # a fetch will report why; commands to a gone worker are moot
-        self._outbox.append(command)
+        outbox = self._outbox
+        outbox.append(command)
+        if len(outbox) >= CALLER_RUNS_THRESHOLD and self._in_process:
+            # Backpressure for in-process workers: a burst that outruns the worker is
+            # run by the caller (like a caller-runs queue policy), which bounds what a
+            # pipeline keeps alive: objects on the worker, garbage for the collector.
+            self.drain()
+            return
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
@@ -150,11 +159,9 @@ class Client:
             return
         if self._unavailable is not None:
             return
-        outbox = self._outbox
-        if outbox and type(outbox[-1]) is _Releases:
-            outbox[-1].append(id_)
-            return
-        outbox.append(_Releases((id_,)))
+        # A bare id in the outbox stands for "release it"; runs of them become one
+        # Release at flush. Ints keep a long pipelined burst cheap for the collector.
+        self._outbox.append(id_)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
@@ -165,10 +172,18 @@ class Client:
         if not outbox or self._connection is None:
             return
         self._outbox = []
-        batch: list[Command] = [
-            Release(tuple(item)) if type(item) is _Releases else item  # type: ignore[misc]
-            for item in outbox
-        ]
+        batch: list[Command] = []
+        releases: list[int] = []
+        for item in outbox:
+            if type(item) is int:
+                releases.append(item)
+                continue
+            if releases:
+                batch.append(Release(tuple(releases)))
+                releases = []
+            batch.append(item)  # type: ignore[arg-type]
+        if releases:
+            batch.append(Release(tuple(releases)))
         self._connection.send(batch)
 
     def store(self, tensor: torch.Tensor) -> PointerBase:

@@ -43,11 +43,22 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class Ref:
-    """A reference to the object stored under ``id`` on the receiving worker."""
+class Ref(int):
+    """A reference to the object stored under ``id`` on the receiving worker.
 
-    id: int
+    An ``int`` subclass rather than a dataclass: pipelined code makes one per
+    argument, and an immutable int is cheap and never tracked by the cycle
+    collector. Its type, not its value, tells it apart from a plain int.
+    """
+
+    __slots__ = ()
+
+    @property
+    def id(self) -> int:
+        return int(self)
+
+    def __repr__(self) -> str:
+        return f"Ref({int(self)})"
 
 
 @dataclass(frozen=True, slots=True)

@@ -308,7 +308,6 @@ class MultiPointerTensor(MultiPointerBase, _Operators):
     def __await__(self) -> Generator[Any, None, list[Any]]:
         return self._gather(free=False, timeout=None).__await__()
 
-
     async def get(self, *, sum_results: bool = False, timeout: float | None = None) -> Any:
         """The values from every worker (freed there); ``sum_results`` adds them up."""
         values = await self._gather(free=True, timeout=timeout)
@@ -356,32 +355,17 @@ class _Target:
         self.pointer_class: type[PointerBase] | None = None
 
 
+_SCALARS = frozenset({int, float, bool, complex, str, type(None), type(...), slice, torch.dtype})
+_NO_KWARGS: dict[str, Any] = {}  # shared by every call without keyword arguments; never mutated
+
+
 def _wire(value: Any, target: _Target) -> Any:
+    """``value`` as it travels: pointers become ``Ref``s, local tensors copies."""
     kind = type(value)
+    if kind in _SCALARS:
+        return value
     if kind is PointerTensor or kind is SyncPointerTensor or isinstance(value, PointerBase):
-        if target.pointer_class is None:
-            target.pointer_class = kind
-        if value._error is not None:
-            target.error = target.error or value._error
-            target.location = target.location or value.location
-            return None
-        client = value._client
-        if client is None:
-            target.error = target.error or PointerReleased(
-                f"{value!r} was already consumed by get()"
-            )
-            target.location = target.location or value.location
-            return None
-        if target.client is None:
-            target.client = client
-            target.location = value.location
-        elif client is not target.client:
-            target.error = target.error or LocationError(
-                f"an operation mixes tensors on worker {target.client.worker.id!r} "
-                f"and worker {client.worker.id!r}; move them to one worker first"
-            )
-            return None
-        return Ref(value.id_at_location)
+        return _wire_pointer(value, target)
     if isinstance(value, MultiPointerBase):
         raise _Spread
     if kind is list:
@@ -395,12 +379,39 @@ def _wire(value: Any, target: _Target) -> Any:
     return value
 
 
+def _wire_pointer(pointer: PointerBase, target: _Target) -> Ref | None:
+    if target.pointer_class is None:
+        target.pointer_class = type(pointer)
+    client = pointer._client
+    if client is not None and client is target.client:
+        return Ref(pointer.id_at_location)  # the common case: another pointer on the same worker
+    if pointer._error is not None or client is None:
+        if target.error is None:
+            target.error = pointer._error or PointerReleased(
+                f"{pointer!r} was already consumed by get()"
+            )
+            target.location = pointer.location
+        return None
+    if target.client is None:
+        target.client = client
+        target.location = pointer.location
+        return Ref(pointer.id_at_location)
+    if target.error is None:
+        target.error = LocationError(
+            f"an operation mixes tensors on worker {target.client.worker.id!r} "
+            f"and worker {client.worker.id!r}; move them to one worker first"
+        )
+    return None
+
+
 def remote_call(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Queue ``op(*args, **kwargs)`` on the worker the pointers in it live on."""
     target = _Target()
     try:
         wire_args = tuple([_wire(arg, target) for arg in args])
-        wire_kwargs = {key: _wire(value, target) for key, value in kwargs.items()}
+        wire_kwargs = (
+            {key: _wire(value, target) for key, value in kwargs.items()} if kwargs else _NO_KWARGS
+        )
     except _Spread:
         spread = True
     else:
