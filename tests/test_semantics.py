@@ -287,3 +287,25 @@ async def test_clients_cannot_reach_each_others_objects(ft_worker: ft.VirtualWor
         del theirs, guess
     assert len(ft_worker.objects) == 1  # the other client's objects went with it
     assert torch.equal(await mine.get(), torch.ones(2))
+
+
+# -- backpressure ----------------------------------------------------------------------------------
+
+
+async def test_a_burst_beyond_the_threshold_is_run_by_the_caller(
+    ft_worker: ft.VirtualWorker,
+) -> None:
+    from fedtensor._client import CALLER_RUNS_THRESHOLD
+
+    assert ft_worker._actor is not None
+    x = ft.send(torch.zeros(1), ft_worker)
+    for _ in range(CALLER_RUNS_THRESHOLD // 4):  # a command and a release each
+        x = x + 1
+    # Nothing has yielded to the event loop, so the worker has run nothing yet...
+    assert ft_worker._actor.object_count() == 0
+    for _ in range(CALLER_RUNS_THRESHOLD):
+        x = x + 1
+    # ...until the queue passed the threshold and the caller ran it.
+    assert ft_worker._actor.object_count() >= 1
+    expected = CALLER_RUNS_THRESHOLD // 4 + CALLER_RUNS_THRESHOLD
+    assert torch.equal(await x.get(), torch.full((1,), float(expected)))
