@@ -16,6 +16,7 @@ ready workers from the pytest plugin :mod:`fedtensor.testing`.
 from ._exceptions import (
     FedTensorError,
     ForbiddenOperation,
+    LimitExceeded,
     LocationError,
     ObjectNotFound,
     PointerReleased,
@@ -43,6 +44,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FedTensorError",
     "ForbiddenOperation",
+    "LimitExceeded",
     "LocalWorker",
     "LocationError",
     "MultiPointerTensor",

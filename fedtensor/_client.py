@@ -37,7 +37,9 @@ from typing import TYPE_CHECKING, Any
 from ._exceptions import (
     FedTensorError,
     ForbiddenOperation,
+    LimitExceeded,
     ObjectNotFound,
+    ProtocolError,
     RemoteError,
     TimeoutError,
     WorkerUnavailable,
@@ -59,15 +61,19 @@ __all__ = ["CALLER_RUNS_THRESHOLD", "Client", "error_from_failure"]
 #: client runs them itself (see ``Client.submit``).
 CALLER_RUNS_THRESHOLD = 512
 
-_ERRORS_BY_KIND: dict[str, type[RemoteError]] = {
+_REMOTE_ERRORS: dict[str, type[RemoteError]] = {
     "forbidden": ForbiddenOperation,
     "not_found": ObjectNotFound,
 }
 
 
-def error_from_failure(failure: Failure, worker: str) -> RemoteError:
+def error_from_failure(failure: Failure, worker: str) -> FedTensorError:
     """The exception a client raises for a ``Failure`` reply."""
-    return _ERRORS_BY_KIND.get(failure.kind, RemoteError)(
+    if failure.kind == "limit":
+        return LimitExceeded(f"{failure.error_type} on worker {worker!r}: {failure.message}")
+    if failure.kind == "protocol":
+        return ProtocolError(f"worker {worker!r} could not read a command: {failure.message}")
+    return _REMOTE_ERRORS.get(failure.kind, RemoteError)(
         failure.error_type, failure.message, worker
     )
 

@@ -12,6 +12,8 @@ a remote command is not re-raised as itself: it arrives as a
     │   ├── ForbiddenOperation       the op is not on the worker's allow-list
     │   └── ObjectNotFound           the id is unknown to the worker (freed, never stored,
     │                                or another client's)
+    ├── LimitExceeded                a limit was crossed: message size, memory quota,
+    │                                pending commands (the message names it)
     ├── LocationError                pointers on different workers mixed in one op
     ├── PointerReleased              a pointer used after get() consumed it
     ├── ProtocolError                bytes that are not a valid fedtensor frame
@@ -28,6 +30,7 @@ import builtins
 __all__ = [
     "FedTensorError",
     "ForbiddenOperation",
+    "LimitExceeded",
     "LocationError",
     "ObjectNotFound",
     "PointerReleased",
@@ -68,6 +71,10 @@ class ForbiddenOperation(RemoteError):
 
 class ObjectNotFound(RemoteError):
     """The worker holds no object with that id in this client's namespace."""
+
+
+class LimitExceeded(FedTensorError):
+    """A limit of a worker or a connection was crossed; the message names it."""
 
 
 class LocationError(FedTensorError):

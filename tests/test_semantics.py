@@ -121,6 +121,7 @@ async def test_error_classes_form_one_tree() -> None:
         ft.RemoteError,
         ft.ForbiddenOperation,
         ft.ObjectNotFound,
+        ft.LimitExceeded,
         ft.LocationError,
         ft.PointerReleased,
         ft.ProtocolError,
