@@ -92,7 +92,7 @@ class Client:
         self._connection: Connection | None = None
         self._in_process = False
         self._outbox: list[Command | int] = []
-        self._flush_scheduled = False
+        self._flush_handle: asyncio.Handle | None = None
         # Ids start at a random point so that ids say nothing about other sessions.
         self._ids = itertools.count(random.getrandbits(40))
         self._requests = itertools.count(1)
@@ -152,9 +152,8 @@ class Client:
             # pipeline keeps alive: objects on the worker, garbage for the collector.
             self.drain()
             return
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
+        if self._flush_handle is None:
+            self._flush_handle = self.loop.call_soon(self._flush)
 
     def release(self, id_: int) -> None:
         """Free the remote object ``id_`` once the commands queued before it ran."""
@@ -168,12 +167,13 @@ class Client:
         # A bare id in the outbox stands for "release it"; runs of them become one
         # Release at flush. Ints keep a long pipelined burst cheap for the collector.
         self._outbox.append(id_)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
+        if self._flush_handle is None:
+            self._flush_handle = self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        self._flush_scheduled = False
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()  # a no-op when the flush is that call itself
+            self._flush_handle = None
         outbox = self._outbox
         if not outbox or self._connection is None:
             return
@@ -206,9 +206,21 @@ class Client:
             raise WorkerUnavailable(self._unavailable)
         request = next(self._requests)
         future: asyncio.Future[Any] = self.loop.create_future()
-        self._pending[request] = future
         self._outbox.append(Fetch(request, id_, free))
-        self._flush()
+        self._pending[request] = future
+        try:
+            if self._in_process:
+                # Caller runs: an in-process worker answers on this stack, with no
+                # turn of the event loop and no timer, when nothing else is queued.
+                self.drain()
+            else:
+                self._flush()
+        except BaseException:
+            del self._pending[request]
+            raise
+        if future.done():
+            self._pending.pop(request, None)
+            return future.result()
         limit = self.timeout if timeout is None else timeout
         timer = self.loop.call_later(limit, _expire, future, self.worker.id, limit)
         try:

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import anyio
 import anyio.abc
@@ -70,6 +71,9 @@ class _Unresolved(Exception):
 
 _log = logging.getLogger("fedtensor.worker")
 
+_Letter: TypeAlias = "tuple[Session | None, Sequence[Message] | None]"
+_Mailbox: TypeAlias = "asyncio.Queue[_Letter] | queue.SimpleQueue[_Letter]"
+
 
 def snapshot(value: Any) -> Any:
     """A copy of ``value`` that shares no tensor memory with it.
@@ -93,6 +97,15 @@ def snapshot(value: Any) -> Any:
     return value
 
 
+def _storage_users(tensor: torch.Tensor) -> int:
+    return int(torch._C._storage_Use_Count(tensor.untyped_storage()._cdata))
+
+
+# What _storage_users says of a tensor that alone owns its memory (the temporary
+# storage object made to ask counts too), measured rather than assumed.
+_SOLE_USER = _storage_users(torch.empty(1))
+
+
 def _handover(value: Any) -> Any:
     """``value`` ready to leave a worker that forgets it, copying only if it must.
 
@@ -101,10 +114,7 @@ def _handover(value: Any) -> Any:
     A non-leaf is detached so no autograd graph leaves the worker.
     """
     if isinstance(value, torch.Tensor):
-        shared = (
-            value._base is not None
-            or torch._C._storage_Use_Count(value.untyped_storage()._cdata) > 1
-        )
+        shared = value._base is not None or _storage_users(value) > _SOLE_USER
         if shared:
             return snapshot(value)
         if not value.is_leaf:
@@ -118,13 +128,27 @@ def _handover(value: Any) -> Any:
 class Session:
     """One client's connection to a worker: its namespace and its reply path.
 
-    ``aliases_values`` is true for transports that pass Python objects by
-    reference (the in-memory transport without encoding): the worker then
-    copies what it replies with, so the client never shares memory with the
-    worker's store.
+    ``aliases_values`` is true for transports that may hold on to what the
+    worker replies with after ``deliver`` returns (objects passed by reference,
+    or buffers written to a socket later): the worker then replies with copies,
+    so the client never shares memory with the worker's store.
+
+    ``memory_quota`` bounds the bytes of tensors this session may store (``None``:
+    no bound).
     """
 
-    __slots__ = ("_actor", "aliases_values", "closed", "deliver", "lost", "objects")
+    __slots__ = (
+        "_actor",
+        "aliases_values",
+        "closed",
+        "deliver",
+        "executed",
+        "lost",
+        "memory_quota",
+        "memory_used",
+        "objects",
+        "submitted",
+    )
 
     def __init__(
         self,
@@ -132,18 +156,31 @@ class Session:
         deliver: Callable[[list[Message]], None],
         lost: Callable[[BaseException], None],
         aliases_values: bool,
+        memory_quota: int | None = None,
     ) -> None:
         self._actor = actor
         self.deliver = deliver
         self.lost = lost
         self.aliases_values = aliases_values
+        self.memory_quota = memory_quota
+        self.memory_used = 0
         self.objects: dict[int, Any] = {}
         self.closed = False
+        # Two counters, each written by one thread only (submitter, actor), so a
+        # threaded actor needs no lock to know how many commands are queued.
+        self.submitted = 0
+        self.executed = 0
+
+    @property
+    def pending(self) -> int:
+        """Commands submitted and not yet run."""
+        return self.submitted - self.executed
 
     def submit(self, batch: Sequence[Message]) -> None:
         """Queue a batch of commands for the worker (never blocks)."""
         if self.closed:
             return
+        self.submitted += len(batch)
         self._actor._mailbox.put_nowait((self, batch))
 
     def close(self) -> None:
@@ -154,16 +191,20 @@ class Session:
 
 
 class WorkerActor:
-    """The server side of a worker: store, mailbox and command loop."""
+    """The server side of a worker: store, mailbox and command loop.
 
-    def __init__(self, id: str) -> None:
+    In-process workers run their loop as a task (:meth:`serve`). A worker that
+    serves a network runs it on a thread of its own (``threaded=True``,
+    :meth:`serve_in_thread`) so its event loop keeps answering pings, handshakes
+    and other clients while a long operation computes.
+    """
+
+    def __init__(self, id: str, *, threaded: bool = False) -> None:
         self.id = id
         self.closed = False
         self._sessions: set[Session] = set()
-        # (session, batch); (session, None) ends a session; (None, None) wakes serve() to stop.
-        self._mailbox: asyncio.Queue[tuple[Session | None, Sequence[Message] | None]] = (
-            asyncio.Queue()
-        )
+        # (session, batch); (session, None) ends a session; (None, None) wakes the loop to stop.
+        self._mailbox: _Mailbox = queue.SimpleQueue() if threaded else asyncio.Queue()
 
     # -- sessions ---------------------------------------------------------------------------------
 
@@ -173,11 +214,12 @@ class WorkerActor:
         lost: Callable[[BaseException], None],
         *,
         aliases_values: bool,
+        memory_quota: int | None = None,
     ) -> Session:
         """A new client namespace; ``deliver`` gets its replies, ``lost`` the worker's end."""
         if self.closed:
             raise WorkerUnavailable(f"worker {self.id!r} is closed")
-        session = Session(self, deliver, lost, aliases_values)
+        session = Session(self, deliver, lost, aliases_values, memory_quota)
         self._sessions.add(session)
         return session
 
@@ -209,11 +251,22 @@ class WorkerActor:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Run batches from the mailbox, one at a time, until cancelled."""
-        task_status.started()
         mailbox = self._mailbox
+        assert isinstance(mailbox, asyncio.Queue), "a threaded actor runs serve_in_thread()"
+        task_status.started()
         while not self.closed:
             session, batch = await mailbox.get()
             self._run(session, batch)
+            del session, batch  # an idle worker must not keep the last batch's tensors alive
+
+    def serve_in_thread(self) -> None:
+        """Run batches from the mailbox until :meth:`close` (the body of a thread)."""
+        mailbox = self._mailbox
+        assert isinstance(mailbox, queue.SimpleQueue)
+        while not self.closed:
+            session, batch = mailbox.get()
+            self._run(session, batch)
+            del session, batch
 
     def drain(self) -> None:
         """Run every batch already in the mailbox, now, in order.
@@ -231,8 +284,10 @@ class WorkerActor:
             return  # the wake-up close() sends
         if batch is None:
             session.objects.clear()
+            session.memory_used = 0
             self._sessions.discard(session)
             return
+        session.executed += len(batch)
         try:
             replies = self.execute(session, batch)
             if replies and not session.closed:
@@ -259,6 +314,8 @@ class WorkerActor:
 
     def execute(self, session: Session, batch: Sequence[Message]) -> list[Message]:
         """Run a batch of commands for ``session``; return the replies it produced."""
+        if session.memory_quota is not None:
+            return self._execute_with_quota(session, batch)
         objects = session.objects
         replies: list[Message] = []
         for message in batch:
@@ -272,10 +329,43 @@ class WorkerActor:
                 objects[message.id] = message.value  # type: ignore[union-attr]
             elif kind is Fetch:
                 replies.append(self._fetch(session, message))  # type: ignore[arg-type]
-            else:
-                # Replies sent to a worker are a client bug; they cannot be answered,
-                # so they are dropped rather than stopping the worker.
-                continue
+            # Anything else (a reply sent to a worker) cannot be answered: it is dropped.
+        return replies
+
+    def _execute_with_quota(self, session: Session, batch: Sequence[Message]) -> list[Message]:
+        """:meth:`execute`, keeping the bytes of stored tensors within the session's quota."""
+        objects = session.objects
+        quota = session.memory_quota
+        assert quota is not None
+        replies: list[Message] = []
+        for message in batch:
+            kind = type(message)
+            if kind is Call or kind is Store:
+                id_ = message.id  # type: ignore[union-attr]
+                session.memory_used -= _nbytes(objects.pop(id_, None))
+                value = (
+                    self._call(objects, message)  # type: ignore[arg-type]
+                    if kind is Call
+                    else message.value  # type: ignore[union-attr]
+                )
+                size = _nbytes(value)
+                if session.memory_used + size > quota:
+                    value = Failed(
+                        "limit",
+                        "MemoryQuotaExceeded",
+                        f"storing {size} bytes would pass the client's memory quota of "
+                        f"{quota} bytes ({session.memory_used} in use)",
+                    )
+                    size = 0
+                objects[id_] = value
+                session.memory_used += size
+            elif kind is Release:
+                for id_ in message.ids:  # type: ignore[union-attr]
+                    session.memory_used -= _nbytes(objects.pop(id_, None))
+            elif kind is Fetch:
+                if message.free:  # type: ignore[union-attr]
+                    session.memory_used -= _nbytes(objects.get(message.id))  # type: ignore[union-attr]
+                replies.append(self._fetch(session, message))  # type: ignore[arg-type]
         return replies
 
     def _call(self, objects: dict[int, Any], message: Call) -> Any:
@@ -311,6 +401,20 @@ class WorkerActor:
 
 
 _MISSING: Any = object()
+
+
+def _nbytes(value: Any) -> int:
+    """The bytes of tensor data in ``value``, for memory quotas (views count in full)."""
+    if isinstance(value, torch.Tensor):
+        size = value.numel() * value.element_size()
+        if value.is_leaf and value.grad is not None:
+            size += value.grad.numel() * value.grad.element_size()
+        return size
+    if type(value) is list or type(value) is tuple:
+        return sum(_nbytes(item) for item in value)
+    if type(value) is dict:
+        return sum(_nbytes(item) for item in value.values())
+    return 0
 
 
 def _not_found(id_: int) -> str:

@@ -310,3 +310,21 @@ async def test_a_burst_beyond_the_threshold_is_run_by_the_caller(
     assert ft_worker._actor.object_count() >= 1
     expected = CALLER_RUNS_THRESHOLD // 4 + CALLER_RUNS_THRESHOLD
     assert torch.equal(await x.get(), torch.full((1,), float(expected)))
+
+
+async def test_get_hands_over_the_workers_tensor_without_a_copy() -> None:
+    # In-memory objects path only: an encoded connection copies by design.
+    async with ft.VirtualWorker("dave", encode=False) as dave:
+        x = ft.send(torch.arange(1000.0), dave)
+        (stored,) = dave.objects.values()
+        address = stored.data_ptr()
+        del stored
+        got = await x.get()
+        assert got.data_ptr() == address
+        # A tensor whose memory a remaining object still views is copied instead.
+        y = ft.send(torch.arange(4.0), dave)
+        view = y[:2]
+        address = dave.objects[y.id_at_location].data_ptr()
+        got = await y.get()
+        assert got.data_ptr() != address
+        del view

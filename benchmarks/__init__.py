@@ -1,0 +1,1 @@
+"""fedtensor benchmarks: ``python -m benchmarks`` (see :mod:`benchmarks.run`)."""
