@@ -19,7 +19,9 @@ Rows (each timed for fedtensor and, in the same run and interleaved with it, for
 4. fan-out: ``ft.send(t, *workers)`` + ``await m.get()`` of a 16 MiB tensor to 1, 2, 4 and
    8 workers; local: N x ``t.clone()``.
 
-Rows 1-3 run again on ``encode=True`` workers (every batch goes through the wire codec).
+Rows 1-3 run again on ``encode=True`` workers (every batch goes through the wire codec);
+those rows report the cost of the wire format and have no target: the targets are the
+in-memory path's.
 The program always exits 0: it reports PASS/MISS against the targets, it is not a test.
 """
 
@@ -226,14 +228,18 @@ def _roundtrip_local_block(t: torch.Tensor, reps: int) -> list[int]:
     return samples
 
 
+_ENCODED_TARGET = "report only"
+
+
 async def bench_roundtrip(cfg: Config, encode: bool) -> Row:
     row = Row(
         key="roundtrip" + ("_encode" if encode else ""),
         title="round trip: send 5 elems + add + get" + (" [encode]" if encode else ""),
         unit="us",
         higher_is_better=False,
-        target=TARGET_ROUNDTRIP_US,
-        target_text=f"<= {TARGET_ROUNDTRIP_US:g} us",
+        # The targets are for the in-memory path; [encode] rows measure the wire format.
+        target=None if encode else TARGET_ROUNDTRIP_US,
+        target_text=_ENCODED_TARGET if encode else f"<= {TARGET_ROUNDTRIP_US:g} us",
     )
     t = torch.tensor([1, 2, 3, 4, 5])
     async with _worker("roundtrip", encode) as worker:
@@ -268,8 +274,9 @@ async def bench_chain(cfg: Config, encode: bool) -> Row:
         title=f"pipelined: {CHAIN_LENGTH:,} chained adds + get" + (" [encode]" if encode else ""),
         unit="ops/s",
         higher_is_better=True,
-        target=TARGET_CHAIN_OPS,
-        target_text=f">= {TARGET_CHAIN_OPS:,.0f} ops/s",
+        # The targets are for the in-memory path; [encode] rows measure the wire format.
+        target=None if encode else TARGET_CHAIN_OPS,
+        target_text=_ENCODED_TARGET if encode else f">= {TARGET_CHAIN_OPS:,.0f} ops/s",
     )
     t = torch.zeros(5)
     expected = t + CHAIN_LENGTH
@@ -315,8 +322,9 @@ async def bench_bulk(cfg: Config, encode: bool) -> Row:
         title="send + get 64 MiB float32" + (" [encode]" if encode else ""),
         unit="GB/s",
         higher_is_better=True,
-        target=TARGET_BULK_GBPS,
-        target_text=f">= {TARGET_BULK_GBPS:g} GB/s",
+        # The targets are for the in-memory path; [encode] rows measure the wire format.
+        target=None if encode else TARGET_BULK_GBPS,
+        target_text=_ENCODED_TARGET if encode else f">= {TARGET_BULK_GBPS:g} GB/s",
     )
     t = torch.arange(BULK_BYTES // 4, dtype=torch.float32)
     async with _worker("bulk", encode) as worker:
