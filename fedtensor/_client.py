@@ -31,7 +31,7 @@ import contextlib
 import itertools
 import random
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._exceptions import (
@@ -44,7 +44,7 @@ from ._exceptions import (
     TimeoutError,
     WorkerUnavailable,
 )
-from ._messages import Command, Failure, Fetch, Message, Release, Reply, Store
+from ._messages import Command, Failure, Fetch, ListObjects, Message, Release, Reply, Store
 from ._registry import transport_for
 from ._worker import snapshot
 from .abc import Connection
@@ -98,6 +98,7 @@ class Client:
         self._requests = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._unavailable: str | None = "not connected yet"
+        self._unavailable_type: type[FedTensorError] = WorkerUnavailable
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -118,7 +119,14 @@ class Client:
         await connection.aclose()
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        # A transport reports why with a fedtensor error (a limit, a protocol error);
+        # anything else means the worker went away.
+        if isinstance(exc, FedTensorError):
+            self._unavailable_type = type(exc)
         self._fail_pending(f"lost the connection to worker {self.worker.id!r}: {exc}")
+
+    def _unavailable_error(self) -> FedTensorError:
+        return self._unavailable_type(self._unavailable)
 
     def _fail_pending(self, reason: str) -> None:
         self._unavailable = reason
@@ -126,7 +134,7 @@ class Client:
         pending, self._pending = self._pending, {}
         for future in pending.values():
             if not future.done():
-                future.set_exception(WorkerUnavailable(reason))
+                future.set_exception(self._unavailable_error())
 
     @property
     def available(self) -> bool:
@@ -202,11 +210,20 @@ class Client:
 
     async def fetch(self, id_: int, *, free: bool, timeout: float | None = None) -> Any:
         """The value of remote object ``id_`` (``free`` also deletes it there)."""
+        return await self._ask(lambda request: Fetch(request, id_, free), timeout)
+
+    async def list_objects(self, *, timeout: float | None = None) -> list[int]:
+        """The ids of every object this client has on the worker."""
+        ids: list[int] = await self._ask(ListObjects, timeout)
+        return ids
+
+    async def _ask(self, make: Callable[[int], Command], timeout: float | None) -> Any:
+        """Send the question ``make(request)`` and wait for its answer."""
         if self._unavailable is not None:
-            raise WorkerUnavailable(self._unavailable)
+            raise self._unavailable_error()
         request = next(self._requests)
         future: asyncio.Future[Any] = self.loop.create_future()
-        self._outbox.append(Fetch(request, id_, free))
+        self._outbox.append(make(request))
         self._pending[request] = future
         try:
             if self._in_process:

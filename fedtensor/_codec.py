@@ -69,6 +69,7 @@ Messages are arrays whose first element is the message code:
     2      Call    ``[2, id, op, [value, ...], {text: value, ...}]``
     3      Fetch   ``[3, request, id, free]``
     4      Release ``[4, [id, ...]]``
+    5      ListObjects ``[5, request]``
     16     Reply   ``[16, request, value]``
     17     Failure ``[17, request, kind, error_type, message]``
     ====== ========================================================
@@ -177,7 +178,7 @@ from typing import Any, Final, NoReturn
 import torch
 
 from ._exceptions import ProtocolError
-from ._messages import Call, Failure, Fetch, Message, Ref, Release, Reply, Store
+from ._messages import Call, Failure, Fetch, ListObjects, Message, Ref, Release, Reply, Store
 
 __all__ = [
     "MAX_DEPTH",
@@ -227,6 +228,7 @@ _MSG_STORE: Final = 1
 _MSG_CALL: Final = 2
 _MSG_FETCH: Final = 3
 _MSG_RELEASE: Final = 4
+_MSG_LIST_OBJECTS: Final = 5
 _MSG_REPLY: Final = 16
 _MSG_FAILURE: Final = 17
 
@@ -715,6 +717,12 @@ def _encode_release(enc: _Encoder, message: Release) -> None:
         _encode_uint(out, id_, "a Release id")
 
 
+def _encode_list_objects(enc: _Encoder, message: ListObjects) -> None:
+    out = enc.out
+    out += b"\x82\x05"
+    _encode_uint(out, message.request, "ListObjects.request")
+
+
 def _encode_reply(enc: _Encoder, message: Reply) -> None:
     out = enc.out
     out += b"\x83\x10"
@@ -736,6 +744,7 @@ _MESSAGE_ENCODERS: Final[dict[type, Callable[[_Encoder, Any], None]]] = {
     Call: _encode_call,
     Fetch: _encode_fetch,
     Release: _encode_release,
+    ListObjects: _encode_list_objects,
     Reply: _encode_reply,
     Failure: _encode_failure,
 }
@@ -1160,6 +1169,9 @@ class _Decoder:
         n = self.container(_ARRAY, 3, "Release.ids")
         return Release(tuple([self.uint("a Release id") for _ in range(n)]))
 
+    def list_objects(self) -> ListObjects:
+        return ListObjects(self.uint("ListObjects.request"))
+
     def reply(self) -> Reply:
         return Reply(self.uint("Reply.request"), self.value(3))
 
@@ -1189,6 +1201,7 @@ _MESSAGE_DECODERS: Final[dict[int, tuple[int, Callable[[_Decoder], Message]]]] =
     _MSG_CALL: (5, _Decoder.call),
     _MSG_FETCH: (4, _Decoder.fetch),
     _MSG_RELEASE: (2, _Decoder.release),
+    _MSG_LIST_OBJECTS: (2, _Decoder.list_objects),
     _MSG_REPLY: (3, _Decoder.reply),
     _MSG_FAILURE: (5, _Decoder.failure),
 }

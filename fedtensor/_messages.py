@@ -12,7 +12,7 @@ length costs no round trip until the client asks for a value with ``Fetch``.
 A worker handles the commands of one client in the order they were sent, one
 at a time. A command that fails stores its error under its result id, so every
 later command that reads that id fails with the same error, and a ``Fetch`` of
-it answers with a ``Failure``. Only ``Fetch`` is ever answered.
+it answers with a ``Failure``. Only ``Fetch`` and ``ListObjects`` are answered.
 
 Messages travel in batches ("frames"); see :mod:`fedtensor._codec` for the
 bytes. Values inside messages are drawn from a closed grammar:
@@ -35,6 +35,7 @@ __all__ = [
     "Command",
     "Failure",
     "Fetch",
+    "ListObjects",
     "Message",
     "Ref",
     "Release",
@@ -105,6 +106,16 @@ class Release:
 
 
 @dataclass(frozen=True, slots=True)
+class ListObjects:
+    """Ask for the ids of every object this client has on the worker.
+
+    Answered with a ``Reply`` whose value is the sorted list of ids.
+    """
+
+    request: int
+
+
+@dataclass(frozen=True, slots=True)
 class Reply:
     """The answer to ``Fetch`` number ``request``."""
 
@@ -127,5 +138,5 @@ class Failure:
     message: str
 
 
-Command = Store | Call | Fetch | Release
-Message = Store | Call | Fetch | Release | Reply | Failure
+Command = Store | Call | Fetch | Release | ListObjects
+Message = Store | Call | Fetch | Release | ListObjects | Reply | Failure

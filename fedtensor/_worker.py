@@ -34,7 +34,7 @@ import anyio.abc
 import torch
 
 from ._exceptions import ProtocolError, WorkerUnavailable
-from ._messages import Call, Failure, Fetch, Message, Ref, Release, Reply, Store
+from ._messages import Call, Failure, Fetch, ListObjects, Message, Ref, Release, Reply, Store
 from ._ops import OPERATIONS
 
 __all__ = ["Failed", "Session", "WorkerActor", "in_process_workers", "snapshot"]
@@ -329,6 +329,8 @@ class WorkerActor:
                 objects[message.id] = message.value  # type: ignore[union-attr]
             elif kind is Fetch:
                 replies.append(self._fetch(session, message))  # type: ignore[arg-type]
+            elif kind is ListObjects:
+                replies.append(Reply(message.request, sorted(objects)))  # type: ignore[union-attr]
             # Anything else (a reply sent to a worker) cannot be answered: it is dropped.
         return replies
 
@@ -366,6 +368,8 @@ class WorkerActor:
                 if message.free:  # type: ignore[union-attr]
                     session.memory_used -= _nbytes(objects.get(message.id))  # type: ignore[union-attr]
                 replies.append(self._fetch(session, message))  # type: ignore[arg-type]
+            elif kind is ListObjects:
+                replies.append(Reply(message.request, sorted(objects)))  # type: ignore[union-attr]
         return replies
 
     def _call(self, objects: dict[int, Any], message: Call) -> Any:

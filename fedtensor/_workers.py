@@ -74,6 +74,10 @@ class WorkerHandle:
         if self._client is not None:
             await self._client.aclose()
 
+    async def object_ids(self, *, timeout: float | None = None) -> list[int]:
+        """The ids of every object this client holds on the worker (one round trip)."""
+        return await self.client.list_objects(timeout=timeout)
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} id:{self.id}>"
 

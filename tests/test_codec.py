@@ -29,7 +29,17 @@ from fedtensor._codec import (
     frame_bytes,
 )
 from fedtensor._exceptions import ProtocolError
-from fedtensor._messages import Call, Failure, Fetch, Message, Ref, Release, Reply, Store
+from fedtensor._messages import (
+    Call,
+    Failure,
+    Fetch,
+    ListObjects,
+    Message,
+    Ref,
+    Release,
+    Reply,
+    Store,
+)
 
 # torch warns (once per process) the first time it allocates a complex32 tensor.
 pytestmark = pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental:UserWarning")
@@ -240,6 +250,7 @@ messages = st.one_of(
     ),
     st.builds(Fetch, ids, ids, st.booleans()),
     st.builds(Release, st.lists(ids, max_size=5).map(tuple)),
+    st.builds(ListObjects, ids),
     st.builds(Reply, ids, values),
     st.builds(Failure, ids, st.text(), st.text(), st.text()),
 )
@@ -513,8 +524,10 @@ def test_field_types_after_decoding() -> None:
         Call(7, "torch.add", (Ref(5), Ref(6)), {"alpha": 2}),
         Release((1, 2)),
         Fetch(1, 7, True),
+        ListObjects(9),
     ]
-    call, release, fetch = decode_frame(frame_bytes(batch))
+    call, release, fetch, list_objects = decode_frame(frame_bytes(batch))
+    assert list_objects == ListObjects(9)
     assert call == batch[0]
     assert type(call.args) is tuple
     assert type(call.kwargs) is dict
