@@ -14,6 +14,7 @@ ready workers from the pytest plugin :mod:`fedtensor.testing`.
 """
 
 from ._exceptions import (
+    AuthenticationFailed,
     FedTensorError,
     ForbiddenOperation,
     LimitExceeded,
@@ -42,6 +43,7 @@ from ._workers import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuthenticationFailed",
     "FedTensorError",
     "ForbiddenOperation",
     "LimitExceeded",

@@ -91,6 +91,7 @@ class Client:
         self._thread = threading.get_ident()
         self._connection: Connection | None = None
         self._in_process = False
+        self.worker_name: str | None = None
         self._outbox: list[Command | int] = []
         self._flush_handle: asyncio.Handle | None = None
         # Ids start at a random point so that ids say nothing about other sessions.
@@ -107,6 +108,7 @@ class Client:
             url, self, timeout=self.timeout, **options
         )
         self._in_process = self._connection.in_process
+        self.worker_name = self._connection.worker_id
         self._unavailable = None
 
     async def aclose(self) -> None:

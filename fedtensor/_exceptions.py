@@ -8,6 +8,7 @@ a remote command is not re-raised as itself: it arrives as a
 :class:`RemoteError` that names the remote exception type and message.
 
     FedTensorError
+    ├── AuthenticationFailed         the worker refused the handshake (missing or wrong token)
     ├── RemoteError                  a command failed on the worker
     │   ├── ForbiddenOperation       the op is not on the worker's allow-list
     │   └── ObjectNotFound           the id is unknown to the worker (freed, never stored,
@@ -28,6 +29,7 @@ from __future__ import annotations
 import builtins
 
 __all__ = [
+    "AuthenticationFailed",
     "FedTensorError",
     "ForbiddenOperation",
     "LimitExceeded",
@@ -44,6 +46,10 @@ __all__ = [
 
 class FedTensorError(Exception):
     """Base class of every error fedtensor raises."""
+
+
+class AuthenticationFailed(FedTensorError):
+    """The worker refused the handshake: the token is missing or wrong."""
 
 
 class RemoteError(FedTensorError):

@@ -64,3 +64,6 @@ def _builtin(scheme: str) -> None:
     if scheme == "memory":
         module = importlib.import_module("fedtensor.transports.memory")
         register_transport(module.MemoryTransport)
+    elif scheme in ("ws", "wss"):
+        module = importlib.import_module("fedtensor.transports.websocket")
+        register_transport(module.WebSocketTransport)

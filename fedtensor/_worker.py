@@ -71,7 +71,9 @@ class _Unresolved(Exception):
 
 _log = logging.getLogger("fedtensor.worker")
 
-_Letter: TypeAlias = "tuple[Session | None, Sequence[Message] | None]"
+# (session, batch) runs a batch; (session, None) ends a session; (None, callback) is a
+# barrier; (None, None) wakes the loop so it sees it is closed.
+_Letter: TypeAlias = "tuple[Session | None, Sequence[Message] | Callable[[], None] | None]"
 _Mailbox: TypeAlias = "asyncio.Queue[_Letter] | queue.SimpleQueue[_Letter]"
 
 
@@ -203,7 +205,6 @@ class WorkerActor:
         self.id = id
         self.closed = False
         self._sessions: set[Session] = set()
-        # (session, batch); (session, None) ends a session; (None, None) wakes the loop to stop.
         self._mailbox: _Mailbox = queue.SimpleQueue() if threaded else asyncio.Queue()
 
     # -- sessions ---------------------------------------------------------------------------------
@@ -279,9 +280,18 @@ class WorkerActor:
             session, batch = mailbox.get_nowait()
             self._run(session, batch)
 
-    def _run(self, session: Session | None, batch: Sequence[Message] | None) -> None:
+    def barrier(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on the actor's thread) once everything queued before has run."""
+        self._mailbox.put_nowait((None, callback))
+
+    def _run(
+        self, session: Session | None, batch: Sequence[Message] | Callable[[], None] | None
+    ) -> None:
         if session is None:
-            return  # the wake-up close() sends
+            if callable(batch):
+                batch()
+            return
+        assert not callable(batch)
         if batch is None:
             session.objects.clear()
             session.memory_used = 0

@@ -68,6 +68,8 @@ class WorkerHandle:
             pointer_class=SyncPointerTensor if self._blocking else PointerTensor,
         )
         await client.connect(url, **options)
+        if client.worker_name is not None:
+            self.id = client.worker_name
         self._client = client
 
     async def aclose(self) -> None:

@@ -47,6 +47,9 @@ class Connection(abc.ABC):
     #: be asked to run everything queued for it right now (see :meth:`drain`).
     in_process: ClassVar[bool] = False
 
+    #: The worker's own name for itself, where the transport learns it.
+    worker_id: str | None = None
+
     @abc.abstractmethod
     def send(self, batch: Sequence[Command]) -> None:
         """Queue ``batch`` for the worker. Never blocks; batches arrive in order.
