@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Generator, Iterator, Mapping
 from types import TracebackType
@@ -37,12 +38,21 @@ __all__ = [
     "VirtualWorker",
     "WorkerHandle",
     "connect",
+    "encode_by_default",
     "local_worker",
     "send",
 ]
 
 #: Seconds any wait on a worker lasts before ``ft.TimeoutError``, unless told otherwise.
 DEFAULT_TIMEOUT = 60.0
+
+#: Set to 1 to make in-process workers encode every batch to wire frames by default.
+ENCODE_VARIABLE = "FEDTENSOR_MEMORY_ENCODE"
+
+
+def encode_by_default() -> bool:
+    """Whether in-process workers encode batches unless told otherwise."""
+    return os.environ.get(ENCODE_VARIABLE, "") not in ("", "0")
 
 
 class WorkerHandle:
@@ -133,7 +143,8 @@ class VirtualWorker(WorkerHandle):
         await task_group.start(actor.serve)
         self._actor = actor
         in_process_workers()[self.id] = actor
-        await self._open_client(f"memory://{self.id}", encode=self._encode)
+        encode = encode_by_default() if self._encode is None else self._encode
+        await self._open_client(f"memory://{self.id}", encode=encode)
 
     async def _stop(self) -> None:
         """Close the connection, free every object, end the actor's task."""

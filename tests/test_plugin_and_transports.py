@@ -10,6 +10,7 @@ import torch
 
 import fedtensor as ft
 from fedtensor.abc import Connection, ReplySink, Transport
+from fedtensor.testing import WorkerFactory
 from fedtensor.transports.memory import MemoryTransport
 
 pytest_plugins = ["pytester"]
@@ -82,7 +83,8 @@ class _Recording(Transport):
 
 
 @pytest.mark.anyio
-async def test_registered_transport_serves_its_scheme(ft_worker: ft.VirtualWorker) -> None:
+async def test_registered_transport_serves_its_scheme(ft_virtual_workers: WorkerFactory) -> None:
+    await ft_virtual_workers("bob")
     assert issubclass(_Recording, Transport)
     ft.register_transport(_Recording)
     async with ft.connect("recording://bob") as bob:

@@ -100,8 +100,8 @@ def test_blocking_get_times_out(hook: sy.TorchHook) -> None:
 
 
 @pytest.mark.anyio
-async def test_seed_notebook_async(ft_workers: WorkerFactory) -> None:
-    bob = await ft_workers("bob")
+async def test_seed_notebook_async(ft_virtual_workers: WorkerFactory) -> None:
+    bob = await ft_virtual_workers("bob")
     assert dict(bob.objects) == {}
     x = ft.send(th.tensor([1, 2, 3, 4, 5]), bob)
     assert list(bob._objects) == [x.id_at_location]
@@ -110,7 +110,7 @@ async def test_seed_notebook_async(ft_workers: WorkerFactory) -> None:
     assert th.equal(await x.get(), th.tensor([1, 2, 3, 4, 5]))
     assert dict(bob.objects) == {}
 
-    alice = await ft_workers("alice")
+    alice = await ft_virtual_workers("alice")
     x = ft.send(th.tensor([1, 2, 3, 4, 5]), bob, alice)
     assert len(bob.objects) == len(alice.objects) == 1
     assert [t.tolist() for t in await x.get()] == [[1, 2, 3, 4, 5]] * 2

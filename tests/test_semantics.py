@@ -23,7 +23,7 @@ pytestmark = pytest.mark.anyio
 
 
 async def test_changing_the_local_tensor_after_send_leaves_the_remote_copy(
-    ft_worker: ft.VirtualWorker,
+    ft_worker: ft.WorkerHandle,
 ) -> None:
     local = torch.zeros(4)
     x = ft.send(local, ft_worker)
@@ -42,7 +42,7 @@ async def test_changing_the_local_tensor_after_send_leaves_the_remote_copy(
 
 
 async def test_get_of_a_view_does_not_share_memory_with_the_worker(
-    ft_worker: ft.VirtualWorker,
+    ft_worker: ft.WorkerHandle,
 ) -> None:
     x = ft.send(torch.zeros(4), ft_worker)
     view = x[:2]
@@ -55,7 +55,7 @@ async def test_get_of_a_view_does_not_share_memory_with_the_worker(
 # -- order ----------------------------------------------------------------------------------------
 
 
-async def test_pipelined_dependent_commands_run_in_order(ft_worker: ft.VirtualWorker) -> None:
+async def test_pipelined_dependent_commands_run_in_order(ft_worker: ft.WorkerHandle) -> None:
     x = ft.send(torch.zeros(3), ft_worker)
     for step in range(100):
         x = x * 2 + step  # each command depends on the one before; nothing waits
@@ -69,7 +69,7 @@ async def test_pipelined_dependent_commands_run_in_order(ft_worker: ft.VirtualWo
 
 
 async def test_remote_error_names_the_remote_exception_and_spreads(
-    ft_worker: ft.VirtualWorker,
+    ft_worker: ft.WorkerHandle,
 ) -> None:
     a = ft.send(torch.ones(2), ft_worker)
     b = ft.send(torch.ones(3), ft_worker)
@@ -86,7 +86,7 @@ async def test_remote_error_names_the_remote_exception_and_spreads(
     del caught
 
 
-async def test_unknown_object_id(ft_worker: ft.VirtualWorker) -> None:
+async def test_unknown_object_id(ft_worker: ft.WorkerHandle) -> None:
     ghost = PointerTensor(ft_worker.client, 123_456_789)
     with pytest.raises(ft.ObjectNotFound):
         await ghost
@@ -107,7 +107,7 @@ async def test_pointers_on_two_workers_in_one_op(ft_workers: WorkerFactory) -> N
     assert torch.equal(await (x + x).get(), torch.full((2,), 2.0))
 
 
-async def test_pointer_used_after_get(ft_worker: ft.VirtualWorker) -> None:
+async def test_pointer_used_after_get(ft_worker: ft.WorkerHandle) -> None:
     x = ft.send(torch.ones(2), ft_worker)
     await x.get()
     with pytest.raises(ft.PointerReleased):
@@ -137,27 +137,27 @@ async def test_error_classes_form_one_tree() -> None:
 # -- remote garbage collection ------------------------------------------------------------------
 
 
-async def test_rebinding_in_a_loop_leaves_one_object(ft_worker: ft.VirtualWorker) -> None:
+async def test_rebinding_in_a_loop_leaves_one_object(ft_worker: ft.WorkerHandle) -> None:
     x = ft.send(torch.zeros(5), ft_worker)
     for _ in range(1000):
         x = x + 1
-    assert len(ft_worker.objects) == 1
+    assert len(await ft_worker.object_ids()) == 1
     assert torch.equal(await x, torch.full((5,), 1000.0))
-    assert len(ft_worker.objects) == 1  # awaiting does not free
+    assert len(await ft_worker.object_ids()) == 1  # awaiting does not free
     await x.get()
-    assert len(ft_worker.objects) == 0  # get() does
+    assert await ft_worker.object_ids() == []  # get() does
 
 
-async def test_dropped_pointers_are_freed(ft_worker: ft.VirtualWorker) -> None:
+async def test_dropped_pointers_are_freed(ft_worker: ft.WorkerHandle) -> None:
     pointers = [ft.send(torch.ones(1), ft_worker) for _ in range(10)]
     cycle: list[object] = [pointers[0]]
     cycle.append(cycle)  # a reference cycle: freed by the cycle collector only
-    assert len(ft_worker.objects) == 10
+    assert len(await ft_worker.object_ids()) == 10
     del pointers
-    assert len(ft_worker.objects) == 1
+    assert len(await ft_worker.object_ids()) == 1
     del cycle
     gc.collect()
-    assert len(ft_worker.objects) == 0
+    assert await ft_worker.object_ids() == []
 
 
 # -- the allow-list ------------------------------------------------------------------------------
@@ -214,7 +214,7 @@ def test_allow_list_has_tensor_ops_and_nothing_dangerous() -> None:
         "",
     ],
 )
-async def test_worker_refuses_forbidden_operations(ft_worker: ft.VirtualWorker, op: str) -> None:
+async def test_worker_refuses_forbidden_operations(ft_worker: ft.WorkerHandle, op: str) -> None:
     client = ft_worker.client
     x = ft.send(torch.ones(2), ft_worker)
     result_id = client.new_id()
@@ -227,7 +227,7 @@ async def test_worker_refuses_forbidden_operations(ft_worker: ft.VirtualWorker, 
 
 
 async def test_forbidden_torch_function_is_refused_locally(
-    ft_worker: ft.VirtualWorker, tmp_path: pathlib.Path
+    ft_worker: ft.WorkerHandle, tmp_path: pathlib.Path
 ) -> None:
     x = ft.send(torch.ones(4), ft_worker)
     with pytest.raises(ft.ForbiddenOperation, match="as_strided"):
@@ -242,8 +242,9 @@ async def test_forbidden_torch_function_is_refused_locally(
 # -- timeouts and dead workers -------------------------------------------------------------------
 
 
-async def test_unanswered_fetch_times_out(ft_workers: WorkerFactory) -> None:
-    worker = await ft_workers("slow", timeout=0.2)
+@pytest.mark.ft_keep_objects  # the worker's replies are dropped: it cannot be asked
+async def test_unanswered_fetch_times_out(ft_virtual_workers: WorkerFactory) -> None:
+    worker = await ft_virtual_workers("slow", timeout=0.2)
     x = ft.send(torch.ones(1), worker)
     assert worker._actor is not None
     (session,) = worker._actor._sessions
@@ -274,8 +275,11 @@ async def test_closed_worker_fails_pending_and_later_awaits() -> None:
 # -- namespaces -----------------------------------------------------------------------------------
 
 
-async def test_clients_cannot_reach_each_others_objects(ft_worker: ft.VirtualWorker) -> None:
-    mine = ft.send(torch.ones(2), ft_worker)
+async def test_clients_cannot_reach_each_others_objects(
+    ft_virtual_workers: WorkerFactory,
+) -> None:
+    bob = await ft_virtual_workers("bob")
+    mine = ft.send(torch.ones(2), bob)
     async with ft.connect("memory://bob") as other:
         guess = PointerTensor(other.client, mine.id_at_location)
         with pytest.raises(ft.ObjectNotFound):
@@ -284,9 +288,10 @@ async def test_clients_cannot_reach_each_others_objects(ft_worker: ft.VirtualWor
             await guess.get()
         theirs = ft.send(torch.zeros(1), other)
         assert torch.equal(await theirs, torch.zeros(1))
-        assert len(ft_worker.objects) == 2  # the store holds both namespaces
+        assert len(bob.objects) == 2  # the store holds both namespaces
+        assert await other.object_ids() == [theirs.id_at_location]
         del theirs, guess
-    assert len(ft_worker.objects) == 1  # the other client's objects went with it
+    assert len(bob.objects) == 1  # the other client's objects went with it
     assert torch.equal(await mine.get(), torch.ones(2))
 
 
@@ -294,10 +299,11 @@ async def test_clients_cannot_reach_each_others_objects(ft_worker: ft.VirtualWor
 
 
 async def test_a_burst_beyond_the_threshold_is_run_by_the_caller(
-    ft_worker: ft.VirtualWorker,
+    ft_virtual_workers: WorkerFactory,
 ) -> None:
     from fedtensor._client import CALLER_RUNS_THRESHOLD
 
+    ft_worker = await ft_virtual_workers("bob")
     assert ft_worker._actor is not None
     x = ft.send(torch.zeros(1), ft_worker)
     for _ in range(CALLER_RUNS_THRESHOLD // 4):  # a command and a release each

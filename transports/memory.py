@@ -11,7 +11,6 @@ whole API can be tested against the real wire format without a network.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
@@ -19,14 +18,10 @@ from urllib.parse import urlsplit
 from fedtensor._exceptions import WorkerUnavailable
 from fedtensor._messages import Command, Message
 from fedtensor._worker import WorkerActor, in_process_workers
+from fedtensor._workers import encode_by_default
 from fedtensor.abc import Connection, ReplySink, Transport
 
-__all__ = ["MemoryConnection", "MemoryTransport", "encode_by_default"]
-
-
-def encode_by_default() -> bool:
-    """Whether in-memory connections encode frames unless told otherwise."""
-    return os.environ.get("FEDTENSOR_MEMORY_ENCODE", "") not in ("", "0")
+__all__ = ["MemoryConnection", "MemoryTransport"]
 
 
 class MemoryConnection(Connection):
