@@ -173,12 +173,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         asyncio.run(_run_worker(server, args.host, args.port))
-    except OSError as exc:
-        print(f"fedtensor worker: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
-        return 130
-    return 0
+    except* OSError as group:
+        # Binding fails inside the task group, so the error arrives in a group.
+        print(
+            f"fedtensor worker: cannot listen on {args.host}:{args.port}: {group.exceptions[0]}",
+            file=sys.stderr,
+        )
+        return_code = 2
+    except* KeyboardInterrupt:  # a second Ctrl-C during shutdown
+        return_code = 130
+    else:
+        return_code = 0
+    return return_code
 
 
 if __name__ == "__main__":

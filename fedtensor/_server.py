@@ -225,9 +225,12 @@ class WorkerServer:
                 # The reader ended (the client left, or was closed for bad input).
                 task_group.cancel_scope.cancel()
         finally:
+            count = len(session.objects)
             session.close()
             self._links.discard(link)
-            _log.info("client %s disconnected; its objects are freed", connection.remote_address)
+            _log.info(
+                "client %s disconnected; its %d objects are freed", connection.remote_address, count
+            )
 
     async def _read(self, link: _Link) -> None:
         connection, session, limits = link.connection, link.session, self.limits

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 from collections.abc import Generator, Iterator, Mapping
@@ -208,6 +209,28 @@ class _ReadOnlyDict(Mapping[int, Any]):
 
 class RemoteWorker(WorkerHandle):
     """A handle to a worker reached by URL (see :func:`connect`)."""
+
+    @property
+    def objects(self) -> Mapping[int, Any]:
+        """Copies of this client's objects on the worker, by id (blocking handles only).
+
+        It asks the worker (a round trip per object): async code should use
+        ``await worker.object_ids()`` and await pointers instead.
+        """
+        if not self._blocking:
+            raise TypeError("objects of a remote worker need a round trip: use object_ids()")
+        return self.client.run_threadsafe(self._fetch_objects(), None)  # type: ignore[no-any-return]
+
+    _objects = objects
+
+    async def _fetch_objects(self) -> Mapping[int, Any]:
+        client = self.client
+        ids = await client.list_objects()
+        values = await asyncio.gather(*(client.fetch(id_, free=False) for id_ in ids))
+        return _ReadOnlyDict(iter(zip(ids, values, strict=True)))
+
+    def __repr__(self) -> str:
+        return f"<RemoteWorker id:{self.id} {self.url}>"
 
     def __init__(self, url: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
         from urllib.parse import urlsplit

@@ -95,9 +95,12 @@ class WorkerProcess:
         self.token = token
         self.process = process
         self._log = log
+        self._final_log = ""
 
     def log(self) -> str:
-        """What the process has written to its standard error."""
+        """What the process has written to its standard error (so far)."""
+        if self._log.closed:
+            return self._final_log
         self._log.seek(0)
         return self._log.read()
 
@@ -122,7 +125,9 @@ class WorkerProcess:
     def _close_files(self) -> None:
         if self.process.stdout is not None:
             self.process.stdout.close()
-        self._log.close()
+        if not self._log.closed:
+            self._final_log = self.log()
+            self._log.close()
 
     def __repr__(self) -> str:
         return f"<WorkerProcess {self.id} {self.url} pid {self.process.pid}>"
@@ -136,7 +141,8 @@ def start_worker_process(
 ) -> WorkerProcess:
     """Start ``fedtensor worker --id ID --port 0`` on 127.0.0.1 and wait until it is ready."""
     token = token if token is not None else secrets.token_urlsafe(24)
-    log = tempfile.TemporaryFile("w+", prefix=f"fedtensor-worker-{id}-")
+    # Closed by WorkerProcess.stop(); a pipe could fill up and stall the worker.
+    log = tempfile.TemporaryFile("w+", prefix=f"fedtensor-worker-{id}-")  # noqa: SIM115
     command = [sys.executable, "-m", "fedtensor", "worker", "--id", id]
     command += ["--host", "127.0.0.1", "--port", "0", "--log-level", "WARNING", *args]
     process = subprocess.Popen(
@@ -274,9 +280,7 @@ async def ft_workers(
         process = ft_process_pool.get(id)
         if process is None or process.process.poll() is not None:
             process = ft_process_pool[id] = start_worker_process(id)
-        return await stack.enter_async_context(
-            connect(process.url, token=process.token, **options)
-        )
+        return await stack.enter_async_context(connect(process.url, token=process.token, **options))
 
     async for factory in _checked_factory(request, open_one):
         yield factory

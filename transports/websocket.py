@@ -114,6 +114,7 @@ class WebSocketConnection(Connection):
         if error is None:
             error = _closed_error(self._websocket)
         if not self._closing:
+            self._writer.cancel()  # nothing more can be sent
             self._sink.connection_lost(error)
 
     async def aclose(self) -> None:
@@ -123,6 +124,8 @@ class WebSocketConnection(Connection):
             async with asyncio.timeout(self._close_timeout):
                 await self._writer
         self._writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._writer
         await self._websocket.close()
         with contextlib.suppress(builtins.TimeoutError, asyncio.CancelledError):
             async with asyncio.timeout(self._close_timeout):
@@ -156,6 +159,9 @@ class WebSocketTransport(Transport):
         if options:
             raise TypeError(f"unknown options for {url}: {', '.join(sorted(options))}")
         headers = [("Authorization", f"Bearer {token}")] if token is not None else []
+        # wss:// verifies the worker's certificate against the system's trust store
+        # unless a context is given; ws:// takes none.
+        tls: dict[str, Any] = {"ssl": ssl} if ssl is not None and url.startswith("wss:") else {}
         try:
             websocket = await ws_connect(
                 url,
@@ -166,7 +172,7 @@ class WebSocketTransport(Transport):
                 close_timeout=min(timeout, 10.0),
                 ping_interval=ping_interval,
                 ping_timeout=ping_timeout,
-                ssl=ssl if url.startswith("wss:") else None,
+                **tls,
                 proxy=None,
                 user_agent_header="fedtensor",
             )

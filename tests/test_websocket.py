@@ -1,0 +1,420 @@
+"""Worker processes over websockets: authentication, TLS, limits, hostile input, faults, CLI.
+
+Every worker here is a real `fedtensor worker` process on 127.0.0.1, started and stopped
+by the tests (the conformance suite in test_api/test_semantics covers the API itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import re
+import socket
+import ssl
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+
+import anyio
+import pytest
+import torch
+import trustme
+from websockets.asyncio.client import connect as raw_connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+import fedtensor as ft
+import fedtensor.sync as sy
+from fedtensor._codec import frame_bytes
+from fedtensor._messages import Call, Fetch, Ref, Reply, Store
+from fedtensor.testing import WorkerProcess, start_worker_process
+
+pytestmark = pytest.mark.anyio
+
+StartWorker = Callable[..., WorkerProcess]
+
+
+@pytest.fixture(scope="module")
+def worker() -> Iterator[WorkerProcess]:
+    """One plain worker process for the tests that do not need their own."""
+    process = start_worker_process("bob")
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def strict_worker() -> Iterator[WorkerProcess]:
+    """A worker with small limits: 64 KiB messages, 1 MiB quota, 100 pending commands."""
+    process = start_worker_process(
+        "strict", "--max-message-size", "64K", "--memory-quota", "1M", "--max-pending", "100"
+    )
+    yield process
+    process.stop()
+
+
+async def _still_serves(process: WorkerProcess) -> None:
+    """A well-formed client gets correct answers from ``process``."""
+    async with ft.connect(process.url, token=process.token, timeout=30) as client:
+        x = ft.send(torch.arange(4.0), client)
+        assert torch.equal(await (x * 2).get(), torch.arange(4.0) * 2)
+        del x
+
+
+def _headers(process: WorkerProcess) -> dict[str, str]:
+    return {"Authorization": f"Bearer {process.token}"}
+
+
+# -- authentication and TLS ------------------------------------------------------------------------
+
+
+async def test_handshake_without_the_right_token_is_refused(worker: WorkerProcess) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": worker.token}):
+        with pytest.raises(InvalidStatus) as refused:
+            async with raw_connect(worker.url, additional_headers=headers):
+                pass
+        assert refused.value.response.status_code == 401
+    with pytest.raises(ft.AuthenticationFailed, match="401"):
+        await ft.connect(worker.url, token="wrong")
+    with pytest.raises(ft.AuthenticationFailed):
+        await ft.connect(worker.url)
+    await _still_serves(worker)
+
+
+async def test_tls_end_to_end_with_certificate_verification(
+    tmp_path: pytest.TempPathFactory, ft_worker_processes: StartWorker
+) -> None:
+    authority = trustme.CA()
+    certificate = authority.issue_cert("127.0.0.1")
+    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"  # type: ignore[operator]
+    certificate.private_key_and_cert_chain_pem.write_to_path(str(certfile))
+    certificate.private_key_pem.write_to_path(str(keyfile))
+    process = ft_worker_processes("tls", "--certfile", str(certfile), "--keyfile", str(keyfile))
+    assert process.url.startswith("wss://127.0.0.1:")
+
+    trusting = ssl.create_default_context()
+    authority.configure_trust(trusting)
+    async with ft.connect(process.url, token=process.token, ssl=trusting) as client:
+        x = ft.send(torch.ones(3), client)
+        assert torch.equal(await (x + 1).get(), torch.full((3,), 2.0))
+        del x
+    # The client verifies certificates by default: an unknown authority is refused.
+    with pytest.raises(ft.WorkerUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+        await ft.connect(process.url, token=process.token)
+
+
+# -- limits ----------------------------------------------------------------------------------------
+
+
+async def test_tensors_larger_than_a_message_travel_in_chunks(strict_worker: WorkerProcess) -> None:
+    async with ft.connect(strict_worker.url, token=strict_worker.token, max_message=64 << 10) as c:
+        big = torch.randn(100_000)  # 400 KB, beyond the 64 KiB message limit
+        x = ft.send(big, c)
+        assert torch.equal(await x, big)  # a reply larger than a message comes back too
+        assert torch.equal(await x.get(), big)
+
+
+async def test_memory_quota(strict_worker: WorkerProcess) -> None:
+    async with ft.connect(strict_worker.url, token=strict_worker.token, max_message=64 << 10) as c:
+        first = ft.send(torch.ones(150_000), c)  # 600 KB: fits the 1 MiB quota
+        assert torch.equal(await first, torch.ones(150_000))  # (a frame of its own)
+        second = ft.send(torch.ones(150_000), c)  # 600 KB more: over it
+        with pytest.raises(ft.LimitExceeded, match="memory quota of 1048576 bytes"):
+            await second
+        derived = first.repeat(2)  # 1.2 MB computed on the worker: refused as well
+        with pytest.raises(ft.LimitExceeded, match="memory quota"):
+            await derived
+        assert torch.equal(await first.get(), torch.ones(150_000))
+        # Freed memory counts no more.
+        for _ in range(3):
+            assert torch.equal(await ft.send(torch.ones(200_000), c).get(), torch.ones(200_000))
+        del second, derived
+    # One frame larger than the whole quota could never be stored: the worker does not
+    # even allocate it, and closes that connection naming the limit.
+    async with ft.connect(strict_worker.url, token=strict_worker.token, max_message=64 << 10) as c:
+        too_big = ft.send(torch.ones(300_000), c)
+        with pytest.raises(ft.LimitExceeded, match="exceeds the limit"):
+            await too_big
+        del too_big
+    await _still_serves(strict_worker)
+
+
+async def test_pending_command_limit(strict_worker: WorkerProcess) -> None:
+    async with ft.connect(strict_worker.url, token=strict_worker.token) as c:
+        x = ft.send(torch.zeros(1), c)
+        for _ in range(200):  # one batch of 200 commands (and releases): over 100
+            x = x + 1
+        with pytest.raises(ft.LimitExceeded, match="more than 100 commands"):
+            await x
+        y = ft.send(torch.zeros(1), c)
+        assert torch.equal(await (y + 1).get(), torch.ones(1))
+        del x
+
+
+async def test_frame_over_the_limit_closes_with_a_reason(
+    ft_worker_processes: StartWorker,
+) -> None:
+    process = ft_worker_processes("small-frames", "--max-frame-size", "256K")
+    async with ft.connect(process.url, token=process.token) as c:
+        x = ft.send(torch.ones(200_000), c)  # an 800 KB frame
+        with pytest.raises(ft.LimitExceeded, match="exceeds the limit of 262144"):
+            await x
+        del x
+    await _still_serves(process)
+
+
+# -- hostile input ---------------------------------------------------------------------------------
+
+
+def _frame_message(*messages: object) -> bytes:
+    return b"\x00" + bytes(frame_bytes(messages))  # type: ignore[arg-type]
+
+
+HOSTILE: dict[str, tuple[bytes | str, int, str]] = {
+    # name: (message, close code, words of the reason)
+    "empty": (b"", 1007, "empty message"),
+    "garbage": (b"\x00\xff\xfe\xfd garbage", 1007, "bad frame"),
+    "truncated": (_frame_message(Store(1, torch.ones(8)))[:-5], 1007, "bad frame"),
+    "deeply nested": (b"\x00\x82\x01" + b"\x81" * 60_000, 1007, "bad frame"),
+    "pickle": (b"\x00" + pickle.dumps({"a": torch.ones(2)}), 1007, "bad frame"),
+    "unknown message": (b"\x00\x82\x01\x81\x82\x18\x63\x00", 1007, "unknown message code"),
+    "reply sent to a worker": (_frame_message(Reply(1, 2)), 1008, "not a command"),
+    "text": ("hello", 1003, "text"),
+    "huge declared frame": (b"\x01" + (1 << 60).to_bytes(8, "big") + b"xx", 1009, "exceeds"),
+    "huge declared array": (b"\x00\x82\x01\x9b" + (1 << 60).to_bytes(8, "big"), 1007, "bad"),
+    "continuation first": (b"\x02abc", 1007, "continuation"),
+    "unknown chunk kind": (b"\x07abc", 1007, "unknown message kind"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+async def test_hostile_input_closes_that_client_only(
+    strict_worker: WorkerProcess, name: str
+) -> None:
+    message, code, words = HOSTILE[name]
+    async with ft.connect(strict_worker.url, token=strict_worker.token) as bystander:
+        kept = ft.send(torch.arange(3.0), bystander)
+        with anyio.fail_after(30):
+            async with raw_connect(
+                strict_worker.url, additional_headers=_headers(strict_worker)
+            ) as ws:
+                await ws.send(message)
+                with pytest.raises(ConnectionClosed) as closed:
+                    await ws.recv()
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == code
+        assert words in closed.value.rcvd.reason
+        # The other client and its objects are untouched.
+        assert torch.equal(await kept.get(), torch.arange(3.0))
+    await _still_serves(strict_worker)
+
+
+async def test_forbidden_operation_over_the_network(worker: WorkerProcess) -> None:
+    async with raw_connect(worker.url, additional_headers=_headers(worker)) as ws:
+        await ws.send(_frame_message(Store(1, torch.ones(2)), Call(2, "torch.load", (Ref(1),), {})))
+        await ws.send(_frame_message(Fetch(7, 2, False), Fetch(8, 1, True)))
+        reply = await ws.recv()
+    text = bytes(reply) if isinstance(reply, bytes) else reply.encode()
+    assert b"ForbiddenOperation" in text
+    assert b"not allowed" in text
+
+
+@pytest.mark.timeout(120)
+async def test_fuzzed_frames_never_stop_the_worker(strict_worker: WorkerProcess) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    valid = [
+        _frame_message(
+            Store(1, torch.arange(6.0).view(2, 3)), Call(2, "torch.add", (Ref(1), 1), {})
+        ),
+        _frame_message(Fetch(3, 2, True)),
+    ]
+    results: list[int] = []
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(
+        st.sampled_from(valid),
+        st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), max_size=6),
+        st.integers(0, 400),
+    )
+    def fuzz(frame: bytes, flips: list[tuple[int, int]], cut: int) -> None:
+        data = bytearray(frame)
+        for position, value in flips:
+            if position < len(data):
+                data[position] = value
+        data = data[: max(1, len(data) - cut)]
+
+        async def one() -> None:
+            with anyio.fail_after(30):
+                async with raw_connect(
+                    strict_worker.url, additional_headers=_headers(strict_worker)
+                ) as ws:
+                    await ws.send(bytes(data))
+                    await ws.send(_frame_message(Fetch(99, 1, False)))
+                    try:
+                        async with asyncio.timeout(2):
+                            await ws.recv()
+                    except (ConnectionClosed, TimeoutError):
+                        pass
+            results.append(1)
+
+        asyncio.run(one())
+
+    await anyio.to_thread.run_sync(fuzz)
+    assert len(results) >= 40
+    await _still_serves(strict_worker)
+
+
+# -- faults ----------------------------------------------------------------------------------------
+
+
+def _heavy_chain(x: ft.PointerTensor, steps: int) -> ft.PointerTensor:
+    for _ in range(steps):
+        x = (x @ x).tanh()
+    return x
+
+
+async def test_killed_worker_fails_pending_pointers_and_a_restart_serves_again(
+    ft_worker_processes: StartWorker,
+) -> None:
+    process = ft_worker_processes("doomed")
+    port = process.url.rsplit(":", 1)[1]
+    client = await ft.connect(process.url, token=process.token, timeout=60)
+    x = ft.send(torch.randn(1500, 1500), client)
+    pending = asyncio.ensure_future(_heavy_chain(x, 40).get())
+    await asyncio.sleep(0)  # the chain is on its way
+    process.kill()
+    with anyio.fail_after(20):  # far below the 60 s timeout: no hang
+        with pytest.raises(ft.WorkerUnavailable):
+            await pending
+        with pytest.raises(ft.WorkerUnavailable):
+            await x
+    await client.aclose()
+    del x
+    restarted = start_worker_process("doomed", "--port", port, token=process.token)
+    try:
+        assert restarted.url == process.url
+        await _still_serves(restarted)
+    finally:
+        restarted.stop()
+
+
+async def test_a_killed_client_leaves_the_worker_healthy_and_its_objects_freed(
+    ft_worker_processes: StartWorker,
+) -> None:
+    process = ft_worker_processes("survivor", "--log-level", "INFO")
+    script = (
+        "import asyncio, os, signal, torch, fedtensor as ft\n"
+        "async def main():\n"
+        f"    c = await ft.connect({process.url!r}, token={process.token!r})\n"
+        "    keep = [ft.send(torch.ones(1000), c) for _ in range(3)]\n"
+        "    await keep[0]\n"
+        "    ft.send(torch.ones(5_000_000), c)  # mid-stream: killed while this goes out\n"
+        "    await asyncio.sleep(0)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "asyncio.run(main())\n"
+    )
+    victim = await anyio.run_process([sys.executable, "-c", script], check=False)
+    assert victim.returncode == -9
+    await _still_serves(process)
+    process.stop()
+    log = process.log()
+    assert re.search(r"disconnected; its 3 objects are freed", log), log
+
+
+@pytest.mark.timeout(120)
+async def test_heartbeats_tolerate_a_long_operation(ft_worker_processes: StartWorker) -> None:
+    process = ft_worker_processes("slow", "--ping-interval", "0.2", "--ping-timeout", "0.5")
+    async with ft.connect(
+        process.url, token=process.token, ping_interval=0.2, ping_timeout=0.5
+    ) as client:
+        x = ft.send(torch.randn(1500, 1500) / 40, client)
+        started = anyio.current_time()
+        result = await _heavy_chain(x, 30).get()  # seconds of compute, pings every 0.2 s
+        assert anyio.current_time() - started > 1.0  # longer than the ping timeout
+        assert result.shape == (1500, 1500)
+        del x
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+
+def _worker_command(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fedtensor", "worker", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "FEDTENSOR_TOKEN": "t"},
+        check=False,
+    )
+
+
+def test_bad_configuration_exits_with_a_one_line_reason(tmp_path: pytest.TempPathFactory) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = _worker_command("--id", "x", "--port", port)
+    assert result.returncode == 2
+    assert re.search(
+        r"^fedtensor worker: cannot listen on 127.0.0.1:\d+: .*in use", result.stderr, re.M
+    )
+    missing = str(tmp_path / "missing.pem")  # type: ignore[operator]
+    result = _worker_command("--id", "x", "--port", "0", "--certfile", missing)
+    assert result.returncode == 2
+    assert "fedtensor worker: cannot load the TLS certificate" in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "fedtensor", "worker", "--id", "x"],
+        capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin"}, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "fedtensor worker: no token: set FEDTENSOR_TOKEN" in result.stderr
+
+
+async def test_sigterm_finishes_in_flight_commands_then_closes(
+    ft_worker_processes: StartWorker,
+) -> None:
+    process = ft_worker_processes("graceful")
+    async with ft.connect(process.url, token=process.token) as client:
+        x = ft.send(torch.randn(1000, 1000) / 30, client)
+        pending = asyncio.ensure_future(_heavy_chain(x, 20).get())
+        await asyncio.sleep(0.2)  # the chain is running on the worker
+        process.process.terminate()
+        with anyio.fail_after(60):
+            result = await pending  # answered before the worker went away
+        assert result.shape == (1000, 1000)
+        with anyio.fail_after(60):
+            with pytest.raises(ft.WorkerUnavailable, match="1001"):
+                await x
+        del x
+    assert process.stop() == 0
+
+
+# -- the seed notebook against two worker processes ------------------------------------------------
+
+
+def test_seed_notebook_against_two_worker_processes(ft_worker_processes: StartWorker) -> None:
+    bob_process, alice_process = ft_worker_processes("bob"), ft_worker_processes("alice")
+    hook = sy.TorchHook(torch)
+    try:
+        bob = sy.connect(bob_process.url, token=bob_process.token)
+        alice = sy.connect(alice_process.url, token=alice_process.token)
+        x = torch.tensor([1, 2, 3, 4, 5]).send(bob)
+        assert list(bob._objects) == [x.id_at_location]
+        assert x.location.id == "bob"
+        assert torch.equal(x.get(), torch.tensor([1, 2, 3, 4, 5]))
+        assert dict(bob._objects) == {}
+        x = torch.tensor([1, 2, 3, 4, 5]).send(bob, alice)
+        assert torch.equal(x.get(sum_results=True), torch.tensor([2, 4, 6, 8, 10]))
+        x = torch.tensor([1, 2, 3, 4, 5]).send(bob)
+        y = torch.tensor([1, 1, 1, 1, 1]).send(bob)
+        assert torch.equal(torch.add(x, y).get(), torch.tensor([2, 3, 4, 5, 6]))
+        x = torch.tensor([1.0, 2, 3, 4, 5], requires_grad=True).send(bob)
+        y = torch.tensor([1.0, 1, 1, 1, 1], requires_grad=True).send(bob)
+        (x + y).sum().backward()
+        assert torch.equal(x.get().grad, torch.ones(5))
+        del y
+        assert dict(bob._objects) == {}
+        assert dict(alice._objects) == {}
+    finally:
+        hook.unhook()
