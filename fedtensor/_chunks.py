@@ -5,18 +5,20 @@ Theory of operation
 A network transport moves *messages* (websocket messages, say) and bounds their
 size, to protect the receiver's memory. A fedtensor frame (see
 :mod:`fedtensor._codec`) has no size bound: a tensor can be gigabytes. So a
-frame travels as one or more messages, each starting with one byte that says
-what it carries::
+frame travels in one of two ways::
 
-    0x00 WHOLE   the rest of the message is a complete frame
-    0x01 START   then an 8-byte big-endian total frame length, then the first bytes
-    0x02 MORE    the next bytes of the frame being reassembled
+    0x00 frame                          a whole frame in one message
+    0x01 total (8 bytes, big-endian)    a split frame: the next messages carry
+                                        its ``total`` bytes, as they are
 
-The receiver allocates the frame's buffer once, when it reads START, after
-checking the declared length against its limit (so a lying peer cannot make it
-allocate more than it allows), and copies each MORE into place: the only copy
-on the receiving side. The reassembled buffer is a writable ``bytearray``
-holding the frame alone, so the codec can build tensors over it without copying.
+A split frame's data messages carry no header at all, so the sender can pass
+slices of the tensors' own memory to the transport without copying them, and
+the receiver knows how many bytes are still to come. The receiver allocates
+the frame's buffer once, on the header, after checking ``total`` against its
+limit (a lying peer cannot make it allocate more than it allows), and copies
+each data message into place: the only copy on the receiving side. The
+reassembled buffer is a writable memoryview holding the frame alone, so the
+codec can build tensors over it without copying.
 
 Nothing here does I/O: :func:`split_frame` turns the codec's chunks into
 messages and :class:`Reassembler` turns messages back into frames.
@@ -27,60 +29,43 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator, Sequence
 
+import torch
+
+from ._codec import _memory_of
 from ._exceptions import LimitExceeded, ProtocolError
 
-__all__ = ["MORE", "START", "WHOLE", "Reassembler", "split_frame"]
+__all__ = ["START", "WHOLE", "Reassembler", "split_frame"]
 
 WHOLE = 0x00
 START = 0x01
-MORE = 0x02
 
 _START_HEAD = struct.Struct(">BQ")
 
 Buffer = bytes | bytearray | memoryview
 
 
-def split_frame(chunks: Sequence[Buffer], max_message: int) -> Iterator[bytes | bytearray]:
-    """The messages that carry the frame made of ``chunks``, none over ``max_message`` bytes."""
-    total = sum(len(chunk) for chunk in chunks)
+def split_frame(chunks: Sequence[Buffer], max_message: int) -> Iterator[Buffer]:
+    """The messages that carry the frame made of ``chunks``, none over ``max_message`` bytes.
+
+    The data messages of a split frame are views of ``chunks``, not copies: the
+    caller must be done with each message before the chunks change.
+    """
+    total = sum(memoryview(chunk).nbytes for chunk in chunks)
     if total + 1 <= max_message:
         message = bytearray(total + 1)
         message[0] = WHOLE
-        _gather(chunks, memoryview(message)[1:])
+        position = 1
+        for chunk in chunks:
+            size = memoryview(chunk).nbytes
+            message[position : position + size] = chunk
+            position += size
         yield message
         return
-    if max_message <= _START_HEAD.size:
-        raise ValueError(f"max_message must exceed {_START_HEAD.size} bytes")
-    views = [memoryview(chunk).cast("B") for chunk in chunks]
-    index, offset = 0, 0  # position in `views`
-    first = True
-    remaining = total
-    while remaining:
-        head = _START_HEAD.pack(START, total) if first else bytes((MORE,))
-        size = min(remaining, max_message - len(head))
-        message = bytearray(len(head) + size)
-        message[: len(head)] = head
-        out = memoryview(message)[len(head) :]
-        filled = 0
-        while filled < size:
-            view = views[index]
-            take = min(len(view) - offset, size - filled)
-            out[filled : filled + take] = view[offset : offset + take]
-            filled += take
-            offset += take
-            if offset == len(view):
-                index, offset = index + 1, 0
-        remaining -= size
-        first = False
-        yield message
-
-
-def _gather(chunks: Sequence[Buffer], out: memoryview) -> None:
-    position = 0
+    yield _START_HEAD.pack(START, total)
     for chunk in chunks:
-        size = len(chunk) if not isinstance(chunk, memoryview) else chunk.nbytes
-        out[position : position + size] = chunk
-        position += size
+        view = memoryview(chunk).cast("B")
+        for start in range(0, len(view), max_message):
+            yield view[start : start + max_message]
 
 
 class Reassembler:
@@ -91,7 +76,7 @@ class Reassembler:
 
     def __init__(self, max_frame: int) -> None:
         self.max_frame = max_frame
-        self._buffer: bytearray | None = None
+        self._buffer: memoryview | None = None
         self._view: memoryview | None = None
         self._filled = 0
 
@@ -100,39 +85,37 @@ class Reassembler:
         """Bytes of the frame being reassembled that are still to come."""
         return 0 if self._buffer is None else len(self._buffer) - self._filled
 
-    def feed(self, message: Buffer) -> memoryview | bytearray | None:
+    def feed(self, message: Buffer) -> memoryview | None:
         """Take one message; return a complete frame, or ``None`` while one is partial."""
-        if not message:
-            raise ProtocolError("empty message")
         view = memoryview(message).cast("B")
+        if self._buffer is not None:
+            return self._append(view)
+        if not view:
+            raise ProtocolError("empty message")
         kind = view[0]
         if kind == WHOLE:
-            if self._buffer is not None:
-                raise ProtocolError("a whole frame arrived in the middle of a split one")
             if len(view) - 1 > self.max_frame:
                 raise LimitExceeded(
                     f"frame of {len(view) - 1} bytes exceeds the limit of {self.max_frame}"
                 )
             return view[1:]
         if kind == START:
-            if self._buffer is not None:
-                raise ProtocolError("a frame started before the previous one ended")
-            if len(view) < _START_HEAD.size:
-                raise ProtocolError("truncated frame header")
+            if len(view) != _START_HEAD.size:
+                raise ProtocolError("a split frame's header must be 9 bytes")
             _, total = _START_HEAD.unpack_from(view)
             if total > self.max_frame:
                 raise LimitExceeded(f"frame of {total} bytes exceeds the limit of {self.max_frame}")
-            self._buffer = bytearray(total)
-            self._view = memoryview(self._buffer)
+            if total == 0:
+                raise ProtocolError("a split frame cannot be empty")
+            # torch.empty: unlike bytearray(total), the memory is not zeroed first,
+            # which for a large frame is a whole extra pass over it.
+            self._buffer = _memory_of(torch.empty(total, dtype=torch.uint8))
+            self._view = self._buffer
             self._filled = 0
-            return self._append(view[_START_HEAD.size :])
-        if kind == MORE:
-            if self._buffer is None:
-                raise ProtocolError("a continuation arrived with no frame started")
-            return self._append(view[1:])
+            return None
         raise ProtocolError(f"unknown message kind {kind:#x}")
 
-    def _append(self, data: memoryview) -> bytearray | None:
+    def _append(self, data: memoryview) -> memoryview | None:
         assert self._buffer is not None
         assert self._view is not None
         end = self._filled + len(data)

@@ -178,9 +178,9 @@ HOSTILE: dict[str, tuple[bytes | str, int, str]] = {
     "unknown message": (b"\x00\x82\x01\x81\x82\x18\x63\x00", 1007, "unknown message code"),
     "reply sent to a worker": (_frame_message(Reply(1, 2)), 1008, "not a command"),
     "text": ("hello", 1003, "text"),
-    "huge declared frame": (b"\x01" + (1 << 60).to_bytes(8, "big") + b"xx", 1009, "exceeds"),
+    "huge declared frame": (b"\x01" + (1 << 60).to_bytes(8, "big"), 1009, "exceeds"),
+    "bad split header": (b"\x01" + (10).to_bytes(8, "big") + b"xx", 1007, "9 bytes"),
     "huge declared array": (b"\x00\x82\x01\x9b" + (1 << 60).to_bytes(8, "big"), 1007, "bad"),
-    "continuation first": (b"\x02abc", 1007, "continuation"),
     "unknown chunk kind": (b"\x07abc", 1007, "unknown message kind"),
 }
 
