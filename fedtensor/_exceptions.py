@@ -1,8 +1,8 @@
 """The one exception hierarchy of fedtensor.
 
 Every error the public API raises on purpose is an instance of
-:class:`FedTensorError`. Errors from the libraries underneath (cbor2,
-websockets, asyncio) are mapped at the edge with ``raise ... from exc``, so a
+:class:`FedTensorError`. Errors from the libraries underneath
+(websockets, asyncio, ssl) are mapped at the edge with ``raise ... from exc``, so a
 caller never needs to import them to handle a failure. A torch error raised by
 a remote command is not re-raised as itself: it arrives as a
 :class:`RemoteError` that names the remote exception type and message.
