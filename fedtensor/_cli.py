@@ -87,6 +87,12 @@ def _parser() -> argparse.ArgumentParser:
         default=Limits.max_pending,
         help="commands one client may have waiting (default 100000)",
     )
+    worker.add_argument(
+        "--session-ttl",
+        type=float,
+        default=300.0,
+        help="seconds a named session outlives its connection (default 300)",
+    )
     worker.add_argument("--ping-interval", type=float, default=20.0, help="seconds (default 20)")
     worker.add_argument("--ping-timeout", type=float, default=20.0, help="seconds (default 20)")
     worker.add_argument(
@@ -170,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ssl=context,
         ping_interval=args.ping_interval or None,
         ping_timeout=args.ping_timeout or None,
+        session_ttl=args.session_ttl,
     )
     try:
         asyncio.run(_run_worker(server, args.host, args.port))

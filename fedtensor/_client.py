@@ -90,6 +90,8 @@ class Client:
         self.loop = asyncio.get_running_loop()
         self._thread = threading.get_ident()
         self._connection: Connection | None = None
+        self._url = ""
+        self._options: dict[str, Any] = {}
         self._in_process = False
         self.worker_name: str | None = None
         self._outbox: list[Command | int] = []
@@ -104,12 +106,26 @@ class Client:
     # -- life cycle ------------------------------------------------------------------------------
 
     async def connect(self, url: str, **options: Any) -> None:
+        self._url, self._options = url, options
         self._connection = await transport_for(url).connect(
             url, self, timeout=self.timeout, **options
         )
         self._in_process = self._connection.in_process
         self.worker_name = self._connection.worker_id
         self._unavailable = None
+        self._unavailable_type = WorkerUnavailable
+
+    async def reconnect(self) -> None:
+        """Connect again to the same URL with the same options, after a lost connection.
+
+        Pointers made before stay valid where the worker kept their objects (a
+        named session); commands sent while disconnected were dropped.
+        """
+        old, self._connection = self._connection, None
+        if old is not None and self._unavailable is None:
+            self._fail_pending("reconnecting")
+            await old.aclose()
+        await self.connect(self._url, **self._options)
 
     async def aclose(self) -> None:
         """Send what is queued, close the connection, fail pending fetches."""

@@ -12,7 +12,10 @@ Per connection:
   ``Authorization: Bearer <token>``; tokens are compared in constant time. The
   response names the worker in ``X-Fedtensor-Worker``.
 - The connection gets its own :class:`~fedtensor._worker.Session`: a namespace
-  no other client can reach, freed when the connection ends.
+  no other client can reach, freed when the connection ends. A client that
+  names a session (``X-Fedtensor-Session``) keeps it for ``session_ttl``
+  seconds after a disconnection and gets it back when it reconnects with the
+  same name; a name already attached to a live connection is refused (409).
 - A reader turns messages into frames (:mod:`fedtensor._chunks`) and frames
   into commands (:mod:`fedtensor._codec`) and submits them. Bytes that are not
   a valid frame close the connection with a reason (1007; 1009 for a frame over
@@ -60,6 +63,8 @@ _COMMANDS = (Store, Call, Fetch, Release, ListObjects)
 
 #: The HTTP header that names the worker in the handshake response.
 WORKER_HEADER = "X-Fedtensor-Worker"
+#: The HTTP header in which a client names a session that outlives its connection.
+SESSION_HEADER = "X-Fedtensor-Session"
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,7 @@ class WorkerServer:
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 20.0,
         grace: float = 30.0,
+        session_ttl: float = 300.0,
     ) -> None:
         self.id = id
         self.limits = limits or Limits()
@@ -109,6 +115,9 @@ class WorkerServer:
         self._ping_timeout = ping_timeout
         self._grace = grace
         self._links: set[_Link] = set()
+        self._session_ttl = session_ttl
+        self._attached: set[str] = set()  # named sessions with a live connection
+        self._detached: dict[str, tuple[Session, asyncio.TimerHandle]] = {}
         self._server: Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = asyncio.Event()
@@ -151,6 +160,9 @@ class WorkerServer:
                 await self._stopping.wait()
                 await self._drain_and_close(server)
         finally:
+            for _session, expiry in self._detached.values():
+                expiry.cancel()
+            self._detached.clear()
             self.actor.close()
             await anyio.to_thread.run_sync(thread.join, self._grace)
 
@@ -174,17 +186,23 @@ class WorkerServer:
     # -- handshake ---------------------------------------------------------------------------------
 
     def _authenticate(self, connection: ServerConnection, request: Request) -> Response | None:
-        if self._token is None:
-            return None
-        given = request.headers.get("Authorization", "")
-        scheme, _, credentials = given.partition(" ")
-        # compare_digest takes the same time whatever the first differing byte.
-        if scheme.lower() == "bearer" and hmac.compare_digest(credentials.encode(), self._token):
-            return None
-        _log.warning("refused a handshake from %s: bad or missing token", connection.remote_address)
-        response = connection.respond(HTTPStatus.UNAUTHORIZED, "missing or invalid token\n")
-        response.headers["WWW-Authenticate"] = 'Bearer realm="fedtensor"'
-        return response
+        if self._token is not None:
+            given = request.headers.get("Authorization", "")
+            scheme, _, credentials = given.partition(" ")
+            # compare_digest takes the same time whatever the first differing byte.
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                credentials.encode(), self._token
+            ):
+                _log.warning(
+                    "refused a handshake from %s: bad or missing token", connection.remote_address
+                )
+                response = connection.respond(HTTPStatus.UNAUTHORIZED, "missing or invalid token\n")
+                response.headers["WWW-Authenticate"] = 'Bearer realm="fedtensor"'
+                return response
+        name = request.headers.get(SESSION_HEADER)
+        if name is not None and name in self._attached:
+            return connection.respond(HTTPStatus.CONFLICT, "that session is in use\n")
+        return None
 
     def _name_worker(
         self, connection: ServerConnection, request: Request, response: Response
@@ -212,12 +230,12 @@ class WorkerServer:
             if link is not None:
                 link.outgoing.put_nowait(chunks)
 
-        session = self.actor.open_session(
-            deliver, lost, aliases_values=True, memory_quota=self.limits.memory_quota
-        )
+        assert connection.request is not None
+        name = connection.request.headers.get(SESSION_HEADER)
+        session = self._attach(name, deliver, lost)
         link = _Link(connection, session)
         self._links.add(link)
-        _log.info("client %s connected", connection.remote_address)
+        _log.info("client %s connected (session %s)", connection.remote_address, name)
         try:
             async with anyio.create_task_group() as task_group:
                 task_group.start_soon(self._write, link)
@@ -225,12 +243,57 @@ class WorkerServer:
                 # The reader ended (the client left, or was closed for bad input).
                 task_group.cancel_scope.cancel()
         finally:
-            count = len(session.objects)
-            session.close()
             self._links.discard(link)
-            _log.info(
-                "client %s disconnected; its %d objects are freed", connection.remote_address, count
-            )
+            count = len(session.objects)
+            if name is None:
+                session.close()
+                _log.info(
+                    "client %s disconnected; its %d objects are freed",
+                    connection.remote_address,
+                    count,
+                )
+            else:
+                self._detach(name, session)
+                _log.info(
+                    "client %s disconnected; session %s keeps its %d objects for %g s",
+                    connection.remote_address,
+                    name,
+                    count,
+                    self._session_ttl,
+                )
+
+    def _attach(
+        self,
+        name: str | None,
+        deliver: Callable[[list[Message]], None],
+        lost: Callable[[BaseException], None],
+    ) -> Session:
+        """A new session, or the named session a reconnecting client left behind."""
+        if name is not None:
+            self._attached.add(name)
+            kept = self._detached.pop(name, None)
+            if kept is not None:
+                session, expiry = kept
+                expiry.cancel()
+                session.deliver, session.lost = deliver, lost
+                return session
+        return self.actor.open_session(
+            deliver, lost, aliases_values=True, memory_quota=self.limits.memory_quota
+        )
+
+    def _detach(self, name: str, session: Session) -> None:
+        """Keep a named session's objects for ``session_ttl`` seconds, for a reconnection."""
+        self._attached.discard(name)
+        session.deliver = _drop_replies  # nobody to answer until the client is back
+        loop = asyncio.get_running_loop()
+        expiry = loop.call_later(self._session_ttl, self._expire, name)
+        self._detached[name] = (session, expiry)
+
+    def _expire(self, name: str) -> None:
+        kept = self._detached.pop(name, None)
+        if kept is not None:
+            kept[0].close()
+            _log.info("session %s expired; its objects are freed", name)
 
     async def _read(self, link: _Link) -> None:
         connection, session, limits = link.connection, link.session, self.limits
@@ -285,6 +348,10 @@ class WorkerServer:
                     await connection.send(message)
         except ConnectionClosed:
             pass
+
+
+def _drop_replies(replies: list[Message]) -> None:
+    pass
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], object]) -> None:

@@ -241,6 +241,14 @@ class RemoteWorker(WorkerHandle):
     async def __aenter__(self) -> RemoteWorker:
         return self
 
+    async def reconnect(self) -> None:
+        """Connect again after a lost connection (a restarted worker, a network drop).
+
+        With ``session=NAME`` given to :func:`connect`, the worker kept this
+        client's objects for a while, and the pointers made before work again.
+        """
+        await self.client.reconnect()
+
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,
@@ -278,7 +286,13 @@ class _Connecting:
 
 
 def connect(url: str, *, timeout: float = DEFAULT_TIMEOUT, **options: Any) -> _Connecting:
-    """Connect to the worker at ``url`` as a new client with its own namespace."""
+    """Connect to the worker at ``url`` as a new client with its own namespace.
+
+    ``options`` go to the transport: for ``ws://`` and ``wss://``, ``token``,
+    ``ssl``, ``session`` (a name under which the worker keeps this client's
+    objects across a reconnection: use a long random one, it is a secret), and
+    see :mod:`fedtensor.transports.websocket` for the rest.
+    """
     return _Connecting(url, timeout, options)
 
 

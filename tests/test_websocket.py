@@ -418,3 +418,68 @@ def test_seed_notebook_against_two_worker_processes(ft_worker_processes: StartWo
         assert dict(alice._objects) == {}
     finally:
         hook.unhook()
+
+
+# -- named sessions --------------------------------------------------------------------------------
+
+
+def _drop_connection(worker: ft.RemoteWorker) -> None:
+    """Cut the TCP connection under the client, as a network failure would."""
+    connection = worker.client._connection
+    assert connection is not None
+    connection._websocket.transport.abort()  # type: ignore[attr-defined]
+
+
+async def test_a_named_session_survives_a_lost_connection(worker: WorkerProcess) -> None:
+    name = "session-" + worker.token[:12]
+    bob = await ft.connect(worker.url, token=worker.token, session=name)
+    try:
+        x = ft.send(torch.arange(3.0), bob)
+        assert torch.equal(await x, torch.arange(3.0))
+        # Only one live connection per session name.
+        with pytest.raises(ft.WorkerUnavailable, match="in use"):
+            await ft.connect(worker.url, token=worker.token, session=name)
+        _drop_connection(bob)
+        with anyio.fail_after(20), pytest.raises(ft.WorkerUnavailable):
+            await x
+        await bob.reconnect()
+        assert torch.equal(await (x + 1).get(), torch.arange(1.0, 4.0))  # the same pointer
+        assert await bob.object_ids() == [x.id_at_location]
+        assert torch.equal(await x.get(), torch.arange(3.0))
+    finally:
+        await bob.aclose()
+
+
+async def test_an_unnamed_session_is_freed_with_its_connection(worker: WorkerProcess) -> None:
+    bob = await ft.connect(worker.url, token=worker.token)
+    try:
+        x = ft.send(torch.arange(3.0), bob)
+        assert torch.equal(await x, torch.arange(3.0))
+        _drop_connection(bob)
+        with anyio.fail_after(20), pytest.raises(ft.WorkerUnavailable):
+            await x
+        await bob.reconnect()
+        with pytest.raises(ft.ObjectNotFound):
+            await x
+        assert await bob.object_ids() == []
+    finally:
+        await bob.aclose()
+
+
+async def test_a_named_session_expires(ft_worker_processes: StartWorker) -> None:
+    process = ft_worker_processes("brief", "--session-ttl", "0.2", "--log-level", "INFO")
+    bob = await ft.connect(process.url, token=process.token, session="brief-session")
+    try:
+        x = ft.send(torch.arange(3.0), bob)
+        assert torch.equal(await x, torch.arange(3.0))
+        _drop_connection(bob)
+        with anyio.fail_after(30):
+            # Another process's log offers no event to wait on: poll it, with a deadline.
+            while "session brief-session expired" not in process.log():  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+        await bob.reconnect()
+        with pytest.raises(ft.ObjectNotFound):
+            await x
+        assert await bob.object_ids() == []
+    finally:
+        await bob.aclose()

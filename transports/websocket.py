@@ -5,6 +5,11 @@
 
 ``token``
     The worker's token, sent as ``Authorization: Bearer <token>``.
+``session``
+    A name under which the worker keeps this client's objects after a
+    disconnection (for the worker's ``--session-ttl``), so that
+    ``await worker.reconnect()`` finds them again. Anyone with the token who
+    knows the name can attach to it: use a long random name.
 ``ssl``
     An :class:`ssl.SSLContext` for ``wss://``; by default the system's trust
     store, with certificate and host name verification.
@@ -48,7 +53,7 @@ from fedtensor._exceptions import (
     WorkerUnavailable,
 )
 from fedtensor._messages import Command
-from fedtensor._server import WORKER_HEADER
+from fedtensor._server import SESSION_HEADER, WORKER_HEADER
 from fedtensor.abc import Connection, ReplySink, Transport
 
 __all__ = ["WebSocketConnection", "WebSocketTransport"]
@@ -151,6 +156,7 @@ class WebSocketTransport(Transport):
         self, url: str, sink: ReplySink, *, timeout: float, **options: Any
     ) -> WebSocketConnection:
         token: str | None = options.pop("token", None)
+        session: str | None = options.pop("session", None)
         ssl: ssl_module.SSLContext | None = options.pop("ssl", None)
         max_message = int(options.pop("max_message", DEFAULT_MAX_MESSAGE))
         max_frame = int(options.pop("max_frame", DEFAULT_MAX_FRAME))
@@ -159,6 +165,8 @@ class WebSocketTransport(Transport):
         if options:
             raise TypeError(f"unknown options for {url}: {', '.join(sorted(options))}")
         headers = [("Authorization", f"Bearer {token}")] if token is not None else []
+        if session is not None:
+            headers.append((SESSION_HEADER, session))
         # wss:// verifies the worker's certificate against the system's trust store
         # unless a context is given; ws:// takes none.
         tls: dict[str, Any] = {"ssl": ssl} if ssl is not None and url.startswith("wss:") else {}
@@ -178,6 +186,10 @@ class WebSocketTransport(Transport):
             )
         except InvalidStatus as exc:
             status = exc.response.status_code
+            if status == 409:
+                raise WorkerUnavailable(
+                    f"the worker at {url} refused the handshake: session {session!r} is in use"
+                ) from exc
             if status in (401, 403):
                 raise AuthenticationFailed(
                     f"the worker at {url} refused the handshake (HTTP {status}): "
