@@ -1,8 +1,17 @@
 """The seed notebook (PySyft 0.2, "Basic Remote Execution"), cell by cell, on fedtensor.
 
 Only the import line differs from the original: ``import fedtensor.sync as sy``
-instead of ``import syft as sy``. Run it with ``python examples/seed_notebook.py``.
+instead of ``import syft as sy``. Run it with ``python examples/seed_notebook.py``
+(virtual workers in this process), or against two worker processes::
+
+    export FEDTENSOR_TOKEN=$(python -c "import secrets; print(secrets.token_urlsafe())")
+    fedtensor worker --id bob --port 8765 &
+    fedtensor worker --id alice --port 8766 &
+    python examples/seed_notebook.py --workers ws://127.0.0.1:8765 ws://127.0.0.1:8766
 """
+
+import argparse
+import os
 
 import torch as th
 
@@ -10,8 +19,26 @@ import fedtensor.sync as sy
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--workers",
+        nargs=2,
+        metavar="URL",
+        help="bob's and alice's worker URLs (token from FEDTENSOR_TOKEN)",
+    )
+    args = parser.parse_args()
     hook = sy.TorchHook(th)
-    bob = sy.VirtualWorker(hook, id="bob")
+    if args.workers:
+        token = os.environ.get("FEDTENSOR_TOKEN")
+        remote_bob = sy.connect(args.workers[0], token=token)
+        remote_alice = sy.connect(args.workers[1], token=token)
+
+    def VirtualWorker(hook: sy.TorchHook, id: str) -> object:  # the seed's name
+        if args.workers:
+            return remote_bob if id == "bob" else remote_alice
+        return sy.VirtualWorker(hook, id=id)
+
+    bob = VirtualWorker(hook, id="bob")
     print("bob._objects", bob._objects)
 
     x = th.tensor([1, 2, 3, 4, 5])
@@ -26,8 +53,8 @@ def main() -> None:
     print("bob._objects", bob._objects)
 
     # Playing with remote tensors: two workers at once.
-    bob = sy.VirtualWorker(hook, id="bob")
-    alice = sy.VirtualWorker(hook, id="alice")
+    bob = VirtualWorker(hook, id="bob")
+    alice = VirtualWorker(hook, id="alice")
     x = th.tensor([1, 2, 3, 4, 5])
     x = x.send(bob, alice)
     print(x)

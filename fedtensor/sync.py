@@ -46,6 +46,8 @@ class _Runtime:
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
         self.task_group: anyio.abc.TaskGroup | None = None
+        # Every blocking handle, closed properly when the runtime stops.
+        self.handles: weakref.WeakSet[_workers.WorkerHandle] = weakref.WeakSet()
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
         self.thread = threading.Thread(target=self._run, name="fedtensor-runtime", daemon=True)
@@ -64,6 +66,12 @@ class _Runtime:
             self.task_group = task_group
             self._ready.set()
             await self._stop.wait()
+            with anyio.move_on_after(10):
+                for handle in list(self.handles):
+                    if isinstance(handle, _workers.VirtualWorker):
+                        await handle._stop()
+                    else:
+                        await handle.aclose()
             task_group.cancel_scope.cancel()
 
     def call(self, coro: Coroutine[Any, Any, Any], timeout: float = DEFAULT_TIMEOUT) -> Any:
@@ -156,6 +164,7 @@ def VirtualWorker(
     worker._blocking = True
     assert runtime.task_group is not None
     runtime.call(worker._start(runtime.task_group), timeout)
+    runtime.handles.add(worker)
     assert worker._actor is not None
     weakref.finalize(worker, _close_actor, runtime.loop, worker._actor)
     return worker
@@ -167,4 +176,5 @@ def connect(url: str, *, timeout: float = DEFAULT_TIMEOUT, **options: Any) -> Re
     worker = RemoteWorker(url, timeout=timeout)
     worker._blocking = True
     runtime.call(worker._open_client(url, **options), timeout)
+    runtime.handles.add(worker)
     return worker
