@@ -156,13 +156,7 @@ class PointerBase:
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        name = FUNCTION_NAMES.get(func)
-        if name is None:
-            qualname = getattr(func, "__qualname__", repr(func))
-            raise ForbiddenOperation(
-                "ForbiddenOperation", f"{qualname} is not an allowed remote operation", "?"
-            )
-        return remote_call(name, tuple(args), kwargs or {})
+        return _torch_function(func, args, kwargs)
 
     def __getattr__(self, name: str) -> Any:
         if name in ATTRIBUTES:
@@ -179,6 +173,17 @@ class PointerBase:
 
         method.__name__ = name
         return method
+
+
+def _torch_function(func: Any, args: Sequence[Any], kwargs: dict[str, Any] | None) -> Any:
+    """A torch function called with pointers among its arguments: run it remotely."""
+    name = FUNCTION_NAMES.get(func)
+    if name is None:
+        qualname = getattr(func, "__qualname__", repr(func))
+        raise ForbiddenOperation(
+            "ForbiddenOperation", f"{qualname} is not an allowed remote operation", "?"
+        )
+    return remote_call(name, tuple(args), kwargs or {})
 
 
 def _operator(name: str) -> Callable[..., Any]:
@@ -288,7 +293,7 @@ class MultiPointerBase:
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        return PointerBase.__torch_function__.__func__(cls, func, types, args, kwargs)  # type: ignore[attr-defined]
+        return _torch_function(func, args, kwargs)
 
     __getattr__ = PointerBase.__getattr__
 
