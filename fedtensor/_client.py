@@ -57,8 +57,9 @@ if TYPE_CHECKING:
 
 __all__ = ["CALLER_RUNS_THRESHOLD", "Client", "error_from_failure"]
 
-#: Commands an in-process worker may have queued from one client before the
-#: client runs them itself (see ``Client.submit``).
+#: Commands a client queues before it sends them without waiting for the next
+#: turn of the event loop; an in-process worker's client then runs them itself
+#: (see ``Client.submit``).
 CALLER_RUNS_THRESHOLD = 512
 
 _REMOTE_ERRORS: dict[str, type[RemoteError]] = {
@@ -172,11 +173,16 @@ class Client:
             return  # a fetch will report why; commands to a gone worker are moot
         outbox = self._outbox
         outbox.append(command)
-        if len(outbox) >= CALLER_RUNS_THRESHOLD and self._in_process:
-            # Backpressure for in-process workers: a burst that outruns the worker is
-            # run by the caller (like a caller-runs queue policy), which bounds what a
-            # pipeline keeps alive: objects on the worker, garbage for the collector.
-            self.drain()
+        if len(outbox) >= CALLER_RUNS_THRESHOLD:
+            if self._in_process:
+                # Backpressure for in-process workers: a burst that outruns the worker
+                # is run by the caller (like a caller-runs queue policy), which bounds
+                # what a pipeline keeps alive: objects on the worker, garbage for the
+                # collector.
+                self.drain()
+            else:
+                # A remote worker starts on a long burst while the rest is made.
+                self._flush()
             return
         if self._flush_handle is None:
             self._flush_handle = self.loop.call_soon(self._flush)
