@@ -7,6 +7,7 @@ Run from the repository root with ``python -m benchmarks`` or ``python benchmark
     python -m benchmarks --quick         # smoke run, a few seconds
     python -m benchmarks --json out.json # JSON path (default benchmarks/results/latest.json)
     python -m benchmarks --profile chain # cProfile of one row's fedtensor hot path, top entries
+    python -m benchmarks --network       # worker processes over websockets (benchmarks/network.py)
 
 Rows (each timed for fedtensor and, in the same run and interleaved with it, for plain torch):
 
@@ -662,6 +663,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop if installed")
     parser.add_argument(
+        "--network",
+        action="store_true",
+        help="instead: worker processes over websockets vs raw websockets and torch.rpc "
+        "(see benchmarks/network.py; JSON under the key 'network')",
+    )
+    parser.add_argument(
         "--profile",
         choices=PROFILES,
         help="instead of the table, cProfile this row's fedtensor hot path",
@@ -673,6 +680,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.network:
+        from benchmarks.network import run_from_args
+
+        return run_from_args(args)
     if args.profile:
         print(profile_row(args.profile, args.encode, args.uvloop, args.top))
         return 0
