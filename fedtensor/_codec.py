@@ -1127,7 +1127,11 @@ class _Decoder:
             tensor = raw.view(dtype)
         if dtype is torch.bool and bool((tensor.view(torch.uint8) > 1).any()):
             self.fail("a bool tensor holds a byte other than 0 or 1")
-        return tensor.view(shape)
+        # Not tensor.view(shape): a view would keep the flat tensor as its _base, and
+        # a worker treats a tensor with a _base as sharing memory (it copies it before
+        # handing it over). set_ gives a tensor of its own over the same storage.
+        shaped = torch.empty(0, dtype=dtype)
+        return shaped.set_(tensor.untyped_storage(), tensor.storage_offset(), shape)
 
     # -- messages -------------------------------------------------------------
 
