@@ -825,6 +825,16 @@ def _numel(shape: list[int], limit: int) -> int:
     return numel
 
 
+def _strides(shape: list[int]) -> list[int]:
+    """Row-major (contiguous) strides of ``shape``, as torch computes them."""
+    strides = [1] * len(shape)
+    step = 1
+    for dim in range(len(shape) - 1, -1, -1):
+        strides[dim] = step
+        step *= max(shape[dim], 1)
+    return strides
+
+
 class _Decoder:
     """Reads items from ``data`` at ``pos``; every method raises ProtocolError.
 
@@ -1131,7 +1141,8 @@ class _Decoder:
         # a worker treats a tensor with a _base as sharing memory (it copies it before
         # handing it over). set_ gives a tensor of its own over the same storage.
         shaped = torch.empty(0, dtype=dtype)
-        return shaped.set_(tensor.untyped_storage(), tensor.storage_offset(), shape)
+        shaped.set_(tensor.untyped_storage(), tensor.storage_offset(), shape, _strides(shape))
+        return shaped
 
     # -- messages -------------------------------------------------------------
 
