@@ -483,3 +483,21 @@ async def test_a_named_session_expires(ft_worker_processes: StartWorker) -> None
         assert await bob.object_ids() == []
     finally:
         await bob.aclose()
+
+
+async def test_a_multi_pointer_across_a_virtual_and_a_remote_worker(worker: WorkerProcess) -> None:
+    async with (
+        ft.VirtualWorker("local-alice") as alice,
+        ft.connect(worker.url, token=worker.token) as bob,
+    ):
+        m = ft.send(torch.arange(4.0), bob, alice)
+        assert [w.id for w in m.location] == ["bob", "local-alice"]
+        doubled = m * 2
+        assert torch.equal(await doubled.get(sum_results=True), torch.arange(4.0) * 4)
+        a = ft.send(torch.tensor([1.0, 2.0], requires_grad=True), bob, alice)
+        (a * 3).sum().backward()
+        grads = [t.grad for t in await a.get()]
+        assert all(torch.equal(g, torch.full((2,), 3.0)) for g in grads)
+        del m
+        assert await bob.object_ids() == []
+        assert await alice.object_ids() == []
