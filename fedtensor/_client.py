@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from ._pointer import PointerBase
     from ._workers import WorkerHandle
 
-__all__ = ["CALLER_RUNS_THRESHOLD", "Client", "error_from_failure"]
+__all__ = ["CALLER_RUNS_THRESHOLD", "Client", "error_from_failure", "run_on_loop"]
 
 #: Commands a client queues before it sends them without waiting for the next
 #: turn of the event loop; an in-process worker's client then runs them itself
@@ -291,21 +291,41 @@ class Client:
 
     def run_threadsafe(self, coro: Coroutine[Any, Any, Any], timeout: float | None) -> Any:
         """Run ``coro`` on the client's loop from another thread and wait for it."""
-        if threading.get_ident() == self._thread:
-            coro.close()
-            raise FedTensorError(
-                "a blocking fedtensor.sync call was made on the runtime's own event loop; "
-                "use the async API there"
-            )
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         limit = self.timeout if timeout is None else timeout
-        try:
-            return future.result(limit + 1.0)  # the coroutine enforces `limit` itself
-        except TimeoutError:
-            raise
-        except builtins.TimeoutError as exc:
-            future.cancel()
-            raise TimeoutError(f"no answer from worker {self.worker.id!r} in {limit} s") from exc
+        # The coroutine enforces `limit` itself; the extra second covers the hand-off.
+        return run_on_loop(
+            self.loop, coro, limit + 1.0, f"no answer from worker {self.worker.id!r} in {limit} s"
+        )
+
+
+def run_on_loop(
+    loop: asyncio.AbstractEventLoop,
+    coro: Coroutine[Any, Any, Any],
+    timeout: float,
+    timeout_message: str,
+) -> Any:
+    """Run ``coro`` on ``loop`` (another thread's) and wait up to ``timeout`` for its result."""
+    if _running_loop() is loop:  # waiting here would block the loop that must answer
+        coro.close()
+        raise FedTensorError(
+            "a blocking fedtensor.sync call was made on the runtime's own event loop; "
+            "use the async API there"
+        )
+    future = asyncio.run_coroutine_threadsafe(coro, loop)
+    try:
+        return future.result(timeout)
+    except TimeoutError:
+        raise
+    except builtins.TimeoutError as exc:
+        future.cancel()
+        raise TimeoutError(timeout_message) from exc
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _expire(future: asyncio.Future[Any], worker: str, limit: float) -> None:

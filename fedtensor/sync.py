@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import builtins
 import threading
 import weakref
 from collections.abc import Coroutine
@@ -33,7 +32,8 @@ import anyio.abc
 import torch
 
 from . import _workers
-from ._exceptions import FedTensorError, TimeoutError
+from ._client import run_on_loop
+from ._exceptions import TimeoutError
 from ._worker import WorkerActor
 from ._workers import DEFAULT_TIMEOUT, LocalWorker, RemoteWorker, local_worker
 
@@ -76,17 +76,9 @@ class _Runtime:
 
     def call(self, coro: Coroutine[Any, Any, Any], timeout: float = DEFAULT_TIMEOUT) -> Any:
         """Run ``coro`` on the runtime's loop and wait for its result."""
-        if threading.get_ident() == self.thread.ident:
-            coro.close()
-            raise FedTensorError("a blocking fedtensor.sync call was made on the runtime thread")
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        try:
-            return future.result(timeout)
-        except TimeoutError:
-            raise
-        except builtins.TimeoutError as exc:
-            future.cancel()
-            raise TimeoutError(f"the fedtensor runtime did not answer in {timeout} s") from exc
+        return run_on_loop(
+            self.loop, coro, timeout, f"the fedtensor runtime did not answer in {timeout} s"
+        )
 
     def stop(self) -> None:
         if self._stop is not None and not self.loop.is_closed():
