@@ -142,6 +142,7 @@ from benchmarks.run import (
     _now,
     _run,
     machine_facts,
+    timed_chain,
 )
 from fedtensor.testing import WorkerProcess, start_worker_process
 
@@ -563,20 +564,9 @@ async def bench_pipelined(cfg: NetConfig, worker: Any, rpcb: RpcBaseline) -> Row
         target_text=f">= {TARGET_PIPELINED_OPS:,.0f} ops/s",
     )
     t = torch.zeros(5)
-    expected = t + CHAIN_LENGTH
 
     async def fed() -> int:
-        x = ft.send(t, worker)
-        await x  # stored before the clock starts
-        gc.collect()
-        start = _now()
-        for _ in range(CHAIN_LENGTH):
-            x = x + 1
-        value = await x.get()
-        elapsed = _now() - start
-        if not torch.equal(value, expected):
-            raise AssertionError(f"wrong result {value}")
-        return elapsed
+        return await timed_chain(worker, t, CHAIN_LENGTH, include_send=False)
 
     def via_rpc() -> int:
         start = _now()
@@ -688,15 +678,7 @@ async def bench_dependent(cfg: NetConfig, worker: Any, rpcb: RpcBaseline) -> Row
     expected = t + DEPENDENT_OPS
 
     async def fed() -> int:
-        start = _now()
-        x = ft.send(t, worker)
-        for _ in range(DEPENDENT_OPS):
-            x = x + 1
-        value = await x.get()
-        elapsed = _now() - start
-        if not torch.equal(value, expected):
-            raise AssertionError(f"wrong result {value}")
-        return elapsed
+        return await timed_chain(worker, t, DEPENDENT_OPS, include_send=True)
 
     def via_rpc() -> int:
         start = _now()

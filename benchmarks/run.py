@@ -269,6 +269,26 @@ async def bench_roundtrip(cfg: Config, encode: bool) -> Row:
 # -- row 2: pipelined chain ------------------------------------------------------------------------
 
 
+async def timed_chain(worker: Any, t: torch.Tensor, length: int, *, include_send: bool) -> int:
+    """Nanoseconds for ``length`` chained ``x = x + 1`` on ``worker``, then one get (checked).
+
+    ``include_send``: whether the clock also covers ``ft.send`` of ``t``.
+    """
+    start = _now()
+    x = ft.send(t, worker)
+    if not include_send:
+        await x  # stored before the clock starts
+        gc.collect()
+        start = _now()
+    for _ in range(length):
+        x = x + 1
+    value = await x.get()
+    elapsed = _now() - start
+    if not torch.equal(value, t + length):
+        raise AssertionError(f"wrong result {value}")
+    return elapsed
+
+
 async def bench_chain(cfg: Config, encode: bool) -> Row:
     row = Row(
         key="chain" + ("_encode" if encode else ""),
@@ -280,22 +300,11 @@ async def bench_chain(cfg: Config, encode: bool) -> Row:
         target_text=_ENCODED_TARGET if encode else f">= {TARGET_CHAIN_OPS:,.0f} ops/s",
     )
     t = torch.zeros(5)
-    expected = t + CHAIN_LENGTH
 
     async with _worker("chain", encode) as worker:
 
         async def fed() -> int:
-            x = ft.send(t, worker)
-            await x  # stored before the clock starts
-            gc.collect()
-            start = _now()
-            for _ in range(CHAIN_LENGTH):
-                x = x + 1
-            value = await x.get()
-            elapsed = _now() - start
-            if not torch.equal(value, expected):
-                raise AssertionError(f"wrong result {value}")
-            return elapsed
+            return await timed_chain(worker, t, CHAIN_LENGTH, include_send=False)
 
         def local() -> int:
             x = t.clone()
