@@ -332,6 +332,7 @@ class WorkerServer:
                         return
                     batch = _refuse(batch, limits.max_pending)
                 session.submit(batch)
+                _log.debug("received %d commands from %s", len(batch), connection.remote_address)
         except ConnectionClosed:
             pass
 

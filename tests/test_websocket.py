@@ -7,12 +7,14 @@ by the tests (the conformance suite in test_api/test_semantics covers the API it
 from __future__ import annotations
 
 import asyncio
+import math
 import pickle
 import re
 import socket
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 
 import anyio
@@ -273,6 +275,12 @@ def _heavy_chain(x: ft.PointerTensor, steps: int) -> ft.PointerTensor:
     return x
 
 
+def _heavy_chain_local(x: torch.Tensor, steps: int) -> torch.Tensor:
+    for _ in range(steps):
+        x = (x @ x).tanh()
+    return x
+
+
 async def test_killed_worker_fails_pending_pointers_and_a_restart_serves_again(
     ft_worker_processes: StartWorker,
 ) -> None:
@@ -324,13 +332,18 @@ async def test_a_killed_client_leaves_the_worker_healthy_and_its_objects_freed(
 @pytest.mark.timeout(120)
 async def test_heartbeats_tolerate_a_long_operation(ft_worker_processes: StartWorker) -> None:
     process = ft_worker_processes("slow", "--ping-interval", "0.2", "--ping-timeout", "0.5")
+    local = torch.randn(1500, 1500) / 40
+    started = time.perf_counter()
+    _heavy_chain_local(local, 3)
+    step = (time.perf_counter() - started) / 3
+    steps = max(3, math.ceil(2.0 / step))  # about two seconds of compute on this machine
     async with ft.connect(
         process.url, token=process.token, ping_interval=0.2, ping_timeout=0.5
     ) as client:
-        x = ft.send(torch.randn(1500, 1500) / 40, client)
-        started = anyio.current_time()
-        result = await _heavy_chain(x, 30).get()  # seconds of compute, pings every 0.2 s
-        assert anyio.current_time() - started > 1.0  # longer than the ping timeout
+        x = ft.send(local, client)
+        started = time.perf_counter()
+        result = await _heavy_chain(x, steps).get()  # pings every 0.2 s all along
+        assert time.perf_counter() - started > 1.0  # twice the ping timeout, at least
         assert result.shape == (1500, 1500)
         del x
 
@@ -374,18 +387,21 @@ def test_bad_configuration_exits_with_a_one_line_reason(tmp_path: pytest.TempPat
 async def test_sigterm_finishes_in_flight_commands_then_closes(
     ft_worker_processes: StartWorker,
 ) -> None:
-    process = ft_worker_processes("graceful")
+    process = ft_worker_processes("graceful", "--log-level", "DEBUG")
     async with ft.connect(process.url, token=process.token) as client:
         x = ft.send(torch.randn(1000, 1000) / 30, client)
         pending = asyncio.ensure_future(_heavy_chain(x, 20).get())
-        await asyncio.sleep(0.2)  # the chain is running on the worker
-        process.process.terminate()
+        with anyio.fail_after(30):
+            # Another process's log offers no event to wait on: poll it, with a deadline.
+            # (one frame: the send, 40 calls, the releases between them, the fetch)
+            while not re.search(r"received [4-9]\d commands", process.log()):  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+        process.process.terminate()  # the chain has reached the worker: it is in flight
         with anyio.fail_after(60):
             result = await pending  # answered before the worker went away
         assert result.shape == (1000, 1000)
-        with anyio.fail_after(60):
-            with pytest.raises(ft.WorkerUnavailable, match="1001"):
-                await x
+        with anyio.fail_after(60), pytest.raises(ft.WorkerUnavailable, match="1001"):
+            await x
         del x
     assert process.stop() == 0
 
