@@ -326,7 +326,8 @@ async def test_a_killed_client_leaves_the_worker_healthy_and_its_objects_freed(
     await _still_serves(process)
     process.stop()
     log = process.log()
-    assert re.search(r"disconnected; its 3 objects are freed", log), log
+    # 3 objects, or 4 if the big send got through before the kill: freed either way.
+    assert re.search(r"disconnected; its [34] objects are freed", log), log
 
 
 @pytest.mark.timeout(120)
