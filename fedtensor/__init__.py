@@ -27,6 +27,7 @@ from ._exceptions import (
     TransportNotFound,
     WorkerUnavailable,
 )
+from ._federate import FederatedDataset, Shard, federate, split_indices
 from ._ops import allowed_operations
 from ._pointer import MultiPointerTensor, PointerTensor
 from ._registry import register_transport
@@ -45,6 +46,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AuthenticationFailed",
     "FedTensorError",
+    "FederatedDataset",
     "ForbiddenOperation",
     "LimitExceeded",
     "LocalWorker",
@@ -56,6 +58,7 @@ __all__ = [
     "ProtocolError",
     "RemoteError",
     "RemoteWorker",
+    "Shard",
     "TimeoutError",
     "TransportNotFound",
     "VirtualWorker",
@@ -63,7 +66,9 @@ __all__ = [
     "WorkerUnavailable",
     "allowed_operations",
     "connect",
+    "federate",
     "local_worker",
     "register_transport",
     "send",
+    "split_indices",
 ]

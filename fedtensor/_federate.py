@@ -1,0 +1,206 @@
+"""Data that stays put: splitting a data set over workers.
+
+:func:`federate` sends one shard of a data set to each worker and returns a
+:class:`FederatedDataset` of pointers; from then on the data lives on the
+workers and only pointers to it are held here. :func:`split_indices` is the
+pure part, which decides who gets which examples:
+
+``"iid"``
+    A seeded random permutation cut into near-equal parts.
+``"dirichlet"``
+    Label skew as in NIID-Bench: for each class, the shares of the workers are
+    drawn from a Dirichlet distribution with concentration ``alpha`` (small
+    ``alpha``: each worker sees few classes; large: close to IID). Draws are
+    repeated until every worker has at least ``min_size`` examples.
+``"shards"``
+    The pathological split of McMahan et al. (2017): examples sorted by label,
+    cut into ``shards_per_worker`` x workers shards, each worker given
+    ``shards_per_worker`` of them at random.
+
+Every split is reproducible from its ``seed`` and uses its own random number
+generators, never torch's or Python's global ones.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ._workers import WorkerHandle, send
+
+__all__ = ["FederatedDataset", "Shard", "federate", "split_indices"]
+
+SPLITS = ("iid", "dirichlet", "shards")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One worker's part of a federated data set."""
+
+    worker: WorkerHandle
+    #: Pointer to this worker's examples (first dimension: examples).
+    data: Any
+    #: Pointer to their labels.
+    targets: Any
+    #: How many examples the worker holds.
+    size: int
+
+
+class FederatedDataset:
+    """Pointers to the shards of a data set that lives on workers."""
+
+    def __init__(self, shards: Sequence[Shard]) -> None:
+        self.shards: tuple[Shard, ...] = tuple(shards)
+
+    @property
+    def workers(self) -> list[WorkerHandle]:
+        return [shard.worker for shard in self.shards]
+
+    def __len__(self) -> int:
+        """The number of examples over all workers."""
+        return sum(shard.size for shard in self.shards)
+
+    def __iter__(self) -> Iterator[Shard]:
+        return iter(self.shards)
+
+    def sizes(self) -> dict[str, int]:
+        """Examples per worker id."""
+        return {shard.worker.id: shard.size for shard in self.shards}
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{worker}: {size}" for worker, size in self.sizes().items())
+        return f"<FederatedDataset {len(self)} examples; {parts}>"
+
+
+def split_indices(
+    targets: torch.Tensor,
+    workers: int,
+    *,
+    split: str = "iid",
+    alpha: float = 0.5,
+    shards_per_worker: int = 2,
+    seed: int = 0,
+    min_size: int = 1,
+) -> list[torch.Tensor]:
+    """For each of ``workers`` workers, the (sorted) indices of the examples it gets."""
+    count = len(targets)
+    if workers < 1:
+        raise ValueError("workers must be at least 1")
+    if count < workers * min_size:
+        raise ValueError(f"{count} examples cannot give {workers} workers {min_size} each")
+    generator = torch.Generator().manual_seed(seed)
+    if split == "iid":
+        order = torch.randperm(count, generator=generator)
+        parts = list(torch.tensor_split(order, workers))
+    elif split == "dirichlet":
+        if alpha <= 0:
+            raise ValueError("alpha must be positive")
+        parts = _dirichlet(targets, workers, alpha, random.Random(seed), generator, min_size)
+    elif split == "shards":
+        if shards_per_worker < 1:
+            raise ValueError("shards_per_worker must be at least 1")
+        parts = _shards(targets, workers, shards_per_worker, generator)
+    else:
+        raise ValueError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
+    return [part.sort().values for part in parts]
+
+
+def _dirichlet(
+    targets: torch.Tensor,
+    workers: int,
+    alpha: float,
+    rng: random.Random,
+    generator: torch.Generator,
+    min_size: int,
+    attempts: int = 1000,
+) -> list[torch.Tensor]:
+    classes = torch.unique(targets)
+    by_class = [torch.nonzero(targets == label).flatten() for label in classes]
+    for _ in range(attempts):
+        parts: list[list[torch.Tensor]] = [[] for _ in range(workers)]
+        for members in by_class:
+            members = members[torch.randperm(len(members), generator=generator)]
+            weights = [rng.gammavariate(alpha, 1.0) for _ in range(workers)]
+            total = sum(weights) or 1.0
+            cuts, running = [], 0.0
+            for weight in weights[:-1]:
+                running += weight / total
+                cuts.append(round(running * len(members)))
+            for worker, piece in enumerate(torch.tensor_split(members, cuts)):
+                parts[worker].append(piece)
+        joined = [torch.cat(pieces) for pieces in parts]
+        if min(len(part) for part in joined) >= min_size:
+            return joined
+    raise ValueError(
+        f"no Dirichlet(alpha={alpha}) split gave every worker {min_size} examples in "
+        f"{attempts} draws: raise alpha or lower min_size"
+    )
+
+
+def _shards(
+    targets: torch.Tensor, workers: int, shards_per_worker: int, generator: torch.Generator
+) -> list[torch.Tensor]:
+    order = torch.sort(targets, stable=True).indices
+    shards = list(torch.tensor_split(order, workers * shards_per_worker))
+    assignment = torch.randperm(len(shards), generator=generator).tolist()
+    return [
+        torch.cat(
+            [shards[assignment[worker * shards_per_worker + k]] for k in range(shards_per_worker)]
+        )
+        for worker in range(workers)
+    ]
+
+
+def _as_tensors(dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(dataset, tuple) and len(dataset) == 2:
+        data, targets = dataset
+    elif isinstance(dataset, torch.utils.data.TensorDataset) and len(dataset.tensors) == 2:
+        data, targets = dataset.tensors
+    elif isinstance(dataset, torch.utils.data.Dataset):
+        items = [dataset[index] for index in range(len(dataset))]  # type: ignore[arg-type]
+        data = torch.stack([torch.as_tensor(item[0]) for item in items])
+        targets = torch.as_tensor([int(item[1]) for item in items])
+    else:
+        raise TypeError("federate() takes (data, targets) tensors or a map-style torch Dataset")
+    if not isinstance(data, torch.Tensor) or not isinstance(targets, torch.Tensor):
+        raise TypeError("federate() needs tensors of examples and of labels")
+    if len(data) != len(targets):
+        raise ValueError(f"{len(data)} examples but {len(targets)} labels")
+    return data, targets
+
+
+def federate(
+    dataset: Any,
+    workers: Sequence[WorkerHandle],
+    *,
+    split: str = "iid",
+    alpha: float = 0.5,
+    shards_per_worker: int = 2,
+    seed: int = 0,
+    min_size: int = 1,
+) -> FederatedDataset:
+    """Send one shard of ``dataset`` to each worker; see :func:`split_indices` for ``split``.
+
+    ``dataset`` is a ``(data, targets)`` pair of tensors or a map-style torch
+    ``Dataset`` of ``(example, label)`` items. The sends run concurrently and
+    the local tensors may change right away: each worker holds its own copy.
+    """
+    data, targets = _as_tensors(dataset)
+    parts = split_indices(
+        targets,
+        len(workers),
+        split=split,
+        alpha=alpha,
+        shards_per_worker=shards_per_worker,
+        seed=seed,
+        min_size=min_size,
+    )
+    shards = [
+        Shard(worker, send(data[part], worker), send(targets[part], worker), len(part))
+        for worker, part in zip(workers, parts, strict=True)
+    ]
+    return FederatedDataset(shards)
