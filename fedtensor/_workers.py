@@ -1,7 +1,7 @@
 """Worker handles: what user code holds to reach a worker.
 
 - :class:`VirtualWorker` runs a worker actor in this process and is its handle.
-- :func:`connect` reaches a worker by URL (``memory://ID`` today) as a new client
+- :func:`connect` reaches a worker by URL (``memory://ID``, ``ws://``, ``wss://``) as a new client
   with its own namespace.
 - :func:`local_worker` is the program itself, the ``owner`` of every pointer.
 - :func:`send` sends a tensor to one worker (a pointer) or to several at once
