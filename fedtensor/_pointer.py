@@ -381,7 +381,11 @@ def _wire(value: Any, target: _Target) -> Any:
         return {key: _wire(item, target) for key, item in value.items()}
     if isinstance(value, torch.Tensor):
         return snapshot(value)  # the worker must not see later local changes
-    return value
+    raise TypeError(
+        f"a {type(value).__qualname__} cannot be sent to a worker: arguments of remote "
+        "operations are tensors, pointers, numbers, strings, dtypes, slices and "
+        "lists, tuples or dicts of those"
+    )
 
 
 def _wire_pointer(pointer: PointerBase, target: _Target) -> Ref | None:

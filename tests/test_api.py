@@ -138,3 +138,15 @@ async def test_connect_by_url_gives_a_second_client(ft_virtual_workers: WorkerFa
         await ft.connect("nosuchscheme://x")
     with pytest.raises(ft.WorkerUnavailable):
         await ft.connect("memory://nobody")
+
+
+async def test_arguments_outside_the_wire_grammar_are_refused_at_once(
+    ft_worker: ft.WorkerHandle,
+) -> None:
+    x = ft.send(torch.ones(2), ft_worker)
+    with pytest.raises(TypeError, match="cannot be sent to a worker"):
+        x + object()
+    with pytest.raises(TypeError, match="device cannot be sent"):
+        x.to(torch.device("cpu"))
+    assert torch.equal(await (x + 1).get(), torch.full((2,), 2.0))  # nothing was queued
+    del x
