@@ -143,6 +143,7 @@ from benchmarks.run import (
     _run,
     machine_facts,
     timed_chain,
+    timed_roundtrips,
 )
 from fedtensor.testing import WorkerProcess, start_worker_process
 
@@ -454,18 +455,6 @@ def _sync(fn: Callable[[], int]) -> Callable[[], Awaitable[int]]:
 # -- row 1: small-op round trip --------------------------------------------------------------------
 
 
-async def _fed_roundtrips(worker: Any, t: torch.Tensor, reps: int) -> list[int]:
-    samples: list[int] = []
-    now = _now
-    for _ in range(reps):
-        start = now()
-        x = ft.send(t, worker)
-        z = x + 1
-        await z.get()
-        samples.append(now() - start)
-    return samples
-
-
 async def _echo_roundtrips(ws: ClientConnection, payload: bytes, reps: int) -> list[int]:
     samples: list[int] = []
     now = _now
@@ -506,7 +495,7 @@ async def bench_roundtrip(
     use_rpc = rpcb.available
     if use_rpc and not torch.equal(rpc.rpc_sync("peer", torch.add, args=(t, 1)), t + 1):
         raise AssertionError("wrong result from torch.rpc")
-    await _fed_roundtrips(worker, t, cfg.warmup)
+    await timed_roundtrips(worker, t, cfg.warmup)
     await _echo_roundtrips(echo, payload, cfg.warmup)
     if use_rpc:
         _rpc_roundtrips(t, cfg.warmup)
@@ -518,7 +507,7 @@ async def bench_roundtrip(
         if block and _now() - started > cfg.row_budget_s * 1e9:
             break
         gc.collect()
-        fed += await _fed_roundtrips(worker, t, cfg.block_reps)
+        fed += await timed_roundtrips(worker, t, cfg.block_reps)
         gc.collect()
         raw += await _echo_roundtrips(echo, payload, cfg.block_reps)
         if use_rpc:
@@ -1029,7 +1018,7 @@ async def _profiled_workload(name: str, workers: Sequence[Any], profiler: cProfi
 
     async def once() -> None:
         if name == "roundtrip":
-            await _fed_roundtrips(bob, small, 2000)
+            await timed_roundtrips(bob, small, 2000)
         elif name == "pipelined":
             x = ft.send(small, bob)
             for _ in range(CHAIN_LENGTH):

@@ -206,7 +206,8 @@ def _worker(name: str, encode: bool) -> ft.VirtualWorker:
 # -- row 1: round trip -----------------------------------------------------------------------------
 
 
-async def _roundtrip_fed_block(worker: ft.VirtualWorker, t: torch.Tensor, reps: int) -> list[int]:
+async def timed_roundtrips(worker: Any, t: torch.Tensor, reps: int) -> list[int]:
+    """Nanoseconds of each of ``reps`` round trips: ``ft.send(t)``, ``+ 1``, ``get()``."""
     samples: list[int] = []
     now = _now
     for _ in range(reps):
@@ -247,7 +248,7 @@ async def bench_roundtrip(cfg: Config, encode: bool) -> Row:
         checked = await (ft.send(t, worker) + 1).get()
         if not torch.equal(checked, t + 1):
             raise AssertionError(f"wrong result {checked}")
-        await _roundtrip_fed_block(worker, t, cfg.roundtrip_warmup)
+        await timed_roundtrips(worker, t, cfg.roundtrip_warmup)
         _roundtrip_local_block(t, cfg.roundtrip_warmup)
         fed: list[int] = []
         local: list[int] = []
@@ -256,7 +257,7 @@ async def bench_roundtrip(cfg: Config, encode: bool) -> Row:
             if not _budget_left(started, cfg.row_budget_s, block, minimum=1):
                 break
             gc.collect()
-            fed += await _roundtrip_fed_block(worker, t, cfg.roundtrip_block_reps)
+            fed += await timed_roundtrips(worker, t, cfg.roundtrip_block_reps)
             gc.collect()
             local += _roundtrip_local_block(t, cfg.roundtrip_block_reps)
     row.fedtensor_stats, row.local_stats = Stats.of(fed), Stats.of(local)
@@ -616,10 +617,10 @@ async def _profiled(name: str, encode: bool, profiler: cProfile.Profile) -> None
         ]
         worker = workers[0]
         if name == "roundtrip":
-            await _roundtrip_fed_block(worker, small, 500)
+            await timed_roundtrips(worker, small, 500)
             gc.collect()
             profiler.enable()
-            await _roundtrip_fed_block(worker, small, 5000)
+            await timed_roundtrips(worker, small, 5000)
             profiler.disable()
         elif name == "chain":
             for run in range(4):
