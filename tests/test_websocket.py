@@ -281,6 +281,18 @@ def _heavy_chain_local(x: torch.Tensor, steps: int) -> torch.Tensor:
     return x
 
 
+def _steps_lasting(seconds: float, x: torch.Tensor) -> int:
+    """How many `_heavy_chain` steps on ``x`` take about ``seconds`` on this machine.
+
+    At most 100, so that the chain (two calls and a release per step) stays
+    within one frame of the client's outbox.
+    """
+    started = time.perf_counter()
+    _heavy_chain_local(x, 3)
+    step = (time.perf_counter() - started) / 3
+    return min(100, max(3, math.ceil(seconds / step)))
+
+
 async def test_killed_worker_fails_pending_pointers_and_a_restart_serves_again(
     ft_worker_processes: StartWorker,
 ) -> None:
@@ -334,10 +346,7 @@ async def test_a_killed_client_leaves_the_worker_healthy_and_its_objects_freed(
 async def test_heartbeats_tolerate_a_long_operation(ft_worker_processes: StartWorker) -> None:
     process = ft_worker_processes("slow", "--ping-interval", "0.2", "--ping-timeout", "0.5")
     local = torch.randn(1500, 1500) / 40
-    started = time.perf_counter()
-    _heavy_chain_local(local, 3)
-    step = (time.perf_counter() - started) / 3
-    steps = max(3, math.ceil(2.0 / step))  # about two seconds of compute on this machine
+    steps = _steps_lasting(2.0, local)
     async with ft.connect(
         process.url, token=process.token, ping_interval=0.2, ping_timeout=0.5
     ) as client:
@@ -389,18 +398,22 @@ async def test_sigterm_finishes_in_flight_commands_then_closes(
     ft_worker_processes: StartWorker,
 ) -> None:
     process = ft_worker_processes("graceful", "--log-level", "DEBUG")
+    local = torch.randn(1500, 1500) / 40
+    # Long enough that the signal, sent once the chain has arrived, lands while it runs:
+    # a chain that finished first would leave the later fetch of x answered.
+    steps = _steps_lasting(2.0, local)
     async with ft.connect(process.url, token=process.token) as client:
-        x = ft.send(torch.randn(1000, 1000) / 30, client)
-        pending = asyncio.ensure_future(_heavy_chain(x, 20).get())
+        x = ft.send(local, client)
+        pending = asyncio.ensure_future(_heavy_chain(x, steps).get())
         with anyio.fail_after(30):
             # Another process's log offers no event to wait on: poll it, with a deadline.
-            # (one frame: the send, 40 calls, the releases between them, the fetch)
-            while not re.search(r"received [4-9]\d commands", process.log()):  # noqa: ASYNC110
+            # (one frame: the send, the calls, the releases between them, the fetch)
+            while not re.search(r"received \d+ commands", process.log()):  # noqa: ASYNC110
                 await anyio.sleep(0.05)
         process.process.terminate()  # the chain has reached the worker: it is in flight
         with anyio.fail_after(60):
             result = await pending  # answered before the worker went away
-        assert result.shape == (1000, 1000)
+        assert result.shape == (1500, 1500)
         with anyio.fail_after(60), pytest.raises(ft.WorkerUnavailable, match="1001"):
             await x
         del x
