@@ -20,6 +20,7 @@ from ._exceptions import (
     LimitExceeded,
     LocationError,
     ObjectNotFound,
+    PlanError,
     PointerReleased,
     ProtocolError,
     RemoteError,
@@ -27,10 +28,13 @@ from ._exceptions import (
     TransportNotFound,
     WorkerUnavailable,
 )
-from ._federate import FederatedDataset, Shard, federate, split_indices
+from ._federate import FederatedDataset, Shard, federate, load_dataset, split_indices
+from ._fit import History, RoundMetrics, evaluate, fit
 from ._ops import allowed_operations
+from ._plan import Plan, trace
 from ._pointer import MultiPointerTensor, PointerTensor
 from ._registry import register_transport
+from ._strategies import FedAdam, FedAvg, FedAvgM, FedProx, Strategy, Update
 from ._workers import (
     LocalWorker,
     RemoteWorker,
@@ -45,30 +49,44 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AuthenticationFailed",
+    "FedAdam",
+    "FedAvg",
+    "FedAvgM",
+    "FedProx",
     "FedTensorError",
     "FederatedDataset",
     "ForbiddenOperation",
+    "History",
     "LimitExceeded",
     "LocalWorker",
     "LocationError",
     "MultiPointerTensor",
     "ObjectNotFound",
+    "Plan",
+    "PlanError",
     "PointerReleased",
     "PointerTensor",
     "ProtocolError",
     "RemoteError",
     "RemoteWorker",
+    "RoundMetrics",
     "Shard",
+    "Strategy",
     "TimeoutError",
     "TransportNotFound",
+    "Update",
     "VirtualWorker",
     "WorkerHandle",
     "WorkerUnavailable",
     "allowed_operations",
     "connect",
+    "evaluate",
     "federate",
+    "fit",
+    "load_dataset",
     "local_worker",
     "register_transport",
     "send",
     "split_indices",
+    "trace",
 ]

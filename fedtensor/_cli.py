@@ -1,6 +1,12 @@
 """The ``fedtensor`` command: ``fedtensor worker`` runs a worker process.
 
     fedtensor worker --id bob --host 127.0.0.1 --port 8765
+    fedtensor demo                   # federated training on digits (see fedtensor._demo)
+
+A worker can hold data sets of its own, which clients reach by name with
+:func:`fedtensor.load_dataset`: ``--dataset NAME=FILE`` loads FILE, written by
+``torch.save({"data": examples, "targets": labels}, FILE)``, with
+``torch.load(weights_only=True)`` (no code runs).
 
 The token comes from the environment (``FEDTENSOR_TOKEN``, or the variable
 named by ``--token-env``) or from a file (``--token-file``), never from the
@@ -26,6 +32,7 @@ import sys
 from collections.abc import Sequence
 
 import anyio
+import torch
 
 from ._server import Limits, WorkerServer
 
@@ -49,6 +56,11 @@ def _size(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedtensor", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser(
+        "demo",
+        help="train a small CNN federatedly on digits (fedtensor demo --help)",
+        add_help=False,
+    )
     worker = commands.add_parser("worker", help="run a worker process")
     worker.add_argument("--id", required=True, help="the worker's name")
     worker.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -93,6 +105,13 @@ def _parser() -> argparse.ArgumentParser:
         default=300.0,
         help="seconds a named session outlives its connection (default 300)",
     )
+    worker.add_argument(
+        "--dataset",
+        action="append",
+        default=[],
+        metavar="NAME=FILE",
+        help="hold the data set in FILE (torch.save of {'data': ..., 'targets': ...}) as NAME",
+    )
     worker.add_argument("--ping-interval", type=float, default=20.0, help="seconds (default 20)")
     worker.add_argument("--ping-timeout", type=float, default=20.0, help="seconds (default 20)")
     worker.add_argument(
@@ -125,6 +144,31 @@ def _token(args: argparse.Namespace) -> str | None:
     return token
 
 
+def _datasets(specs: Sequence[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    datasets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ConfigurationError(f"--dataset takes NAME=FILE, not {spec!r}")
+        try:
+            # weights_only: a data file is data; loading it must not run code.
+            loaded = torch.load(path, weights_only=True)
+        except Exception as exc:  # OSError, or whatever torch makes of a bad file
+            raise ConfigurationError(
+                f"cannot load the data set {name!r} from {path}: {exc}"
+            ) from exc
+        data = loaded.get("data") if isinstance(loaded, dict) else None
+        targets = loaded.get("targets") if isinstance(loaded, dict) else None
+        if not isinstance(data, torch.Tensor) or not isinstance(targets, torch.Tensor):
+            raise ConfigurationError(
+                f"{path} must hold a dict of tensors 'data' and 'targets' (from torch.save)"
+            )
+        if len(data) != len(targets):
+            raise ConfigurationError(f"{path}: {len(data)} examples but {len(targets)} labels")
+        datasets[name] = (data, targets)
+    return datasets
+
+
 def _ssl_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     if not args.certfile and not args.keyfile:
         return None
@@ -149,7 +193,12 @@ async def _run_worker(server: WorkerServer, host: str, port: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["demo"]:
+        from ._demo import main as demo
+
+        return demo(arguments[1:])
+    args = _parser().parse_args(arguments)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
@@ -162,6 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             memory_quota=args.memory_quota,
             max_pending=args.max_pending,
         )
+        datasets = _datasets(args.dataset)
         if args.max_message_size < 64:
             raise ConfigurationError("--max-message-size must be at least 64 bytes")
     except ConfigurationError as exc:
@@ -177,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ping_interval=args.ping_interval or None,
         ping_timeout=args.ping_timeout or None,
         session_ttl=args.session_ttl,
+        datasets=datasets,
     )
     try:
         asyncio.run(_run_worker(server, args.host, args.port))

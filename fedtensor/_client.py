@@ -34,6 +34,8 @@ import threading
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from ._exceptions import (
     FedTensorError,
     ForbiddenOperation,
@@ -50,8 +52,6 @@ from ._worker import snapshot
 from .abc import Connection
 
 if TYPE_CHECKING:
-    import torch
-
     from ._pointer import PointerBase
     from ._workers import WorkerHandle
 
@@ -224,11 +224,13 @@ class Client:
             batch.append(Release(tuple(releases)))
         self._connection.send(batch)
 
-    def store(self, tensor: torch.Tensor) -> PointerBase:
-        """Send a copy of ``tensor``; returns its pointer at once."""
+    def store(self, value: Any) -> PointerBase:
+        """Send a copy of ``value`` (a tensor, or any wire value); returns its pointer at once."""
         id_ = self.new_id()
-        self.submit(Store(id_, snapshot(tensor)))
-        return self.pointer_class(self, id_, tuple(tensor.shape), tensor.dtype)
+        self.submit(Store(id_, snapshot(value)))
+        if isinstance(value, torch.Tensor):
+            return self.pointer_class(self, id_, tuple(value.shape), value.dtype)
+        return self.pointer_class(self, id_)
 
     # -- replies ---------------------------------------------------------------------------------
 
@@ -301,10 +303,10 @@ class Client:
 def run_on_loop(
     loop: asyncio.AbstractEventLoop,
     coro: Coroutine[Any, Any, Any],
-    timeout: float,
+    timeout: float | None,
     timeout_message: str,
 ) -> Any:
-    """Run ``coro`` on ``loop`` (another thread's) and wait up to ``timeout`` for its result."""
+    """Run ``coro`` on ``loop`` (another thread's) and wait up to ``timeout`` (None: no limit)."""
     if _running_loop() is loop:  # waiting here would block the loop that must answer
         coro.close()
         raise FedTensorError(

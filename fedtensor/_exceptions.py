@@ -16,6 +16,8 @@ a remote command is not re-raised as itself: it arrives as a
     ├── LimitExceeded                a limit was crossed: message size, memory quota,
     │                                pending commands (the message names it)
     ├── LocationError                pointers on different workers mixed in one op
+    ├── PlanError                    a model cannot be traced into a plan, or a plan or
+    │                                its training settings are malformed
     ├── PointerReleased              a pointer used after get() consumed it
     ├── ProtocolError                bytes that are not a valid fedtensor frame
     ├── WorkerUnavailable            the worker closed, died or cannot be reached
@@ -35,6 +37,7 @@ __all__ = [
     "LimitExceeded",
     "LocationError",
     "ObjectNotFound",
+    "PlanError",
     "PointerReleased",
     "ProtocolError",
     "RemoteError",
@@ -85,6 +88,10 @@ class LimitExceeded(FedTensorError):
 
 class LocationError(FedTensorError):
     """One operation mixed pointers that live on different workers."""
+
+
+class PlanError(FedTensorError):
+    """A model cannot be traced into a plan, or a plan (or its settings) is malformed."""
 
 
 class PointerReleased(FedTensorError):

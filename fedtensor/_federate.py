@@ -30,9 +30,10 @@ from typing import Any
 
 import torch
 
+from ._pointer import call_on
 from ._workers import WorkerHandle, send
 
-__all__ = ["FederatedDataset", "Shard", "federate", "split_indices"]
+__all__ = ["FederatedDataset", "Shard", "federate", "load_dataset", "split_indices"]
 
 SPLITS = ("iid", "dirichlet", "shards")
 
@@ -204,3 +205,33 @@ def federate(
         for worker, part in zip(workers, parts, strict=True)
     ]
     return FederatedDataset(shards)
+
+
+async def load_dataset(
+    workers: Sequence[WorkerHandle], name: str, *, timeout: float | None = None
+) -> FederatedDataset:
+    """Pointers to the data set ``name`` that each worker holds itself.
+
+    This is the real federated case: the examples were never here. A worker
+    process offers data sets given at start-up (``fedtensor worker --dataset
+    NAME=FILE``), a :class:`~fedtensor.VirtualWorker` those of its
+    ``datasets`` argument. Each client gets its own copy of the examples on the
+    worker. Raises :class:`~fedtensor.RemoteError` if a worker lacks ``name``.
+    """
+    sizes = [call_on(worker.client, "fedtensor.dataset", (name, "size"), {}) for worker in workers]
+    shards = [
+        Shard(
+            worker,
+            call_on(worker.client, "fedtensor.dataset", (name, "data"), {}),
+            call_on(worker.client, "fedtensor.dataset", (name, "targets"), {}),
+            0,
+        )
+        for worker in workers
+    ]
+    counts = [await size._fetch(free=True, timeout=timeout) for size in sizes]
+    return FederatedDataset(
+        [
+            Shard(shard.worker, shard.data, shard.targets, int(count))
+            for shard, count in zip(shards, counts, strict=True)
+        ]
+    )

@@ -8,6 +8,11 @@ table built once at import from torch's own list of tensor operations
 take tensors), minus everything on :data:`_DENIED`. A name not in the table is
 refused with :class:`~fedtensor.ForbiddenOperation`.
 
+fedtensor adds a few operations of its own (:data:`WORKER_OPERATIONS`): reading a
+data set the worker holds, and a local training update that runs a traced
+model (a plan, :mod:`fedtensor._plan`) whose every operation is checked against
+this same table.
+
 Denied are operations that touch files, processes or pickling (``torch.load``
 and ``save`` are not tensor operations, so they never enter the table; the
 denylist is for the tensor methods that reach storage, raw pointers, other
@@ -25,7 +30,14 @@ from typing import Any
 import torch
 import torch.nn.functional
 
-__all__ = ["ATTRIBUTES", "FUNCTION_NAMES", "OPERATIONS", "allowed_operations", "is_allowed"]
+__all__ = [
+    "ATTRIBUTES",
+    "FUNCTION_NAMES",
+    "OPERATIONS",
+    "WORKER_OPERATIONS",
+    "allowed_operations",
+    "is_allowed",
+]
 
 # Tensor methods and functions that are tensor operations in torch's eyes but must
 # never run on a worker. Each group says why.
@@ -119,11 +131,17 @@ FUNCTION_NAMES: dict[Any, str]
 OPERATIONS, FUNCTION_NAMES = _build()
 
 
+#: Operations of fedtensor's own, which a worker binds to itself
+#: (:class:`fedtensor._worker.WorkerActor`): a data set it holds, and a local
+#: training update (:mod:`fedtensor._local_update`). Plans cannot call them.
+WORKER_OPERATIONS: frozenset[str] = frozenset({"fedtensor.dataset", "fedtensor.local_update"})
+
+
 def is_allowed(name: str) -> bool:
     """Whether a worker runs the operation called ``name``."""
-    return name in OPERATIONS
+    return name in OPERATIONS or name in WORKER_OPERATIONS
 
 
 def allowed_operations() -> list[str]:
     """The sorted names of every operation a worker runs."""
-    return sorted(OPERATIONS)
+    return sorted({*OPERATIONS, *WORKER_OPERATIONS})

@@ -441,6 +441,24 @@ def remote_call(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return client.pointer_class(client, id_)
 
 
+def call_on(client: Client, op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Queue ``op(*args, **kwargs)`` on ``client``'s worker, pointers among the arguments or not."""
+    target = _Target()
+    target.client = client
+    target.location = client.worker
+    target.pointer_class = client.pointer_class
+    try:
+        wire_args = tuple([_wire(arg, target) for arg in args])
+        wire_kwargs = {key: _wire(value, target) for key, value in kwargs.items()}
+    except _Spread:
+        raise TypeError(f"{op} takes pointers to one worker, not multi-pointers") from None
+    if target.error is not None:
+        return client.pointer_class.failed(client.worker, target.error)
+    id_ = client.new_id()
+    client.submit(Call(id_, op, wire_args, wire_kwargs))
+    return client.pointer_class(client, id_)
+
+
 def _spread_call(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Run a multi-pointer operation once per worker, pairing children by worker."""
     multis = [arg for arg in (*args, *kwargs.values()) if isinstance(arg, MultiPointerBase)]

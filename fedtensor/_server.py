@@ -37,12 +37,13 @@ import hmac
 import logging
 import ssl as ssl_module
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 
 import anyio
 import anyio.abc
+import torch
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
@@ -105,10 +106,11 @@ class WorkerServer:
         ping_timeout: float | None = 20.0,
         grace: float = 30.0,
         session_ttl: float = 300.0,
+        datasets: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> None:
         self.id = id
         self.limits = limits or Limits()
-        self.actor = WorkerActor(id, threaded=True)
+        self.actor = WorkerActor(id, threaded=True, datasets=datasets)
         self._token = token.encode() if token is not None else None
         self._ssl = ssl
         self._ping_interval = ping_interval

@@ -33,9 +33,10 @@ import anyio
 import anyio.abc
 import torch
 
-from ._exceptions import ProtocolError, WorkerUnavailable
+from ._exceptions import ForbiddenOperation, ProtocolError, WorkerUnavailable
+from ._local_update import local_update
 from ._messages import Call, Failure, Fetch, ListObjects, Message, Ref, Release, Reply, Store
-from ._ops import OPERATIONS
+from ._ops import OPERATIONS, WORKER_OPERATIONS
 
 __all__ = ["Failed", "Session", "WorkerActor", "in_process_workers", "snapshot"]
 
@@ -201,11 +202,38 @@ class WorkerActor:
     and other clients while a long operation computes.
     """
 
-    def __init__(self, id: str, *, threaded: bool = False) -> None:
+    def __init__(
+        self,
+        id: str,
+        *,
+        threaded: bool = False,
+        datasets: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> None:
         self.id = id
         self.closed = False
         self._sessions: set[Session] = set()
         self._mailbox: _Mailbox = queue.SimpleQueue() if threaded else asyncio.Queue()
+        #: Data sets this worker holds itself, by name: (examples, labels).
+        self.datasets: dict[str, tuple[torch.Tensor, torch.Tensor]] = dict(datasets or {})
+        # Operations of fedtensor's own (see _ops.WORKER_OPERATIONS), bound to this worker.
+        self._worker_operations: dict[str, Callable[..., Any]] = {
+            "fedtensor.dataset": self._dataset,
+            "fedtensor.local_update": local_update,
+        }
+        assert set(self._worker_operations) == set(WORKER_OPERATIONS)
+
+    def _dataset(self, name: str, part: str) -> Any:
+        """A copy of one part (``"data"``, ``"targets"``, ``"size"``) of a held data set."""
+        found = self.datasets.get(name) if isinstance(name, str) else None
+        if found is None:
+            known = ", ".join(sorted(self.datasets)) or "none"
+            raise LookupError(f"worker {self.id!r} holds no data set {name!r} (it holds: {known})")
+        if part == "size":
+            return len(found[0])
+        if part not in ("data", "targets"):
+            raise ValueError(f"a data set has parts 'data', 'targets' and 'size', not {part!r}")
+        # A copy: one client's in-place operation must not change another's data.
+        return (found[0] if part == "data" else found[1]).clone()
 
     # -- sessions ---------------------------------------------------------------------------------
 
@@ -385,9 +413,11 @@ class WorkerActor:
     def _call(self, objects: dict[int, Any], message: Call) -> Any:
         func = OPERATIONS.get(message.op)
         if func is None:
-            return Failed(
-                "forbidden", "ForbiddenOperation", f"operation {message.op!r} is not allowed"
-            )
+            func = self._worker_operations.get(message.op)
+            if func is None:
+                return Failed(
+                    "forbidden", "ForbiddenOperation", f"operation {message.op!r} is not allowed"
+                )
         try:
             args = _resolve_args(objects, message.args)
             kwargs = _resolve_kwargs(objects, message.kwargs) if message.kwargs else {}
@@ -395,6 +425,8 @@ class WorkerActor:
             return exc.failed
         try:
             return func(*args, **kwargs)
+        except ForbiddenOperation as exc:  # a plan naming an operation off the allow-list
+            return Failed("forbidden", "ForbiddenOperation", exc.remote_message)
         except Exception as exc:  # the op's own error is the client's to see
             return Failed("remote", type(exc).__name__, str(exc))
 

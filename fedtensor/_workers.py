@@ -105,13 +105,21 @@ class VirtualWorker(WorkerHandle):
 
     ``encode=True`` makes its connection encode every batch to wire frames, as a
     network transport does (default: the ``FEDTENSOR_MEMORY_ENCODE`` variable).
+    ``datasets`` are data sets the worker holds itself, by name, as ``(examples,
+    labels)`` tensors: clients reach them with :func:`fedtensor.load_dataset`.
     """
 
     def __init__(
-        self, id: str = "bob", *, timeout: float = DEFAULT_TIMEOUT, encode: bool | None = None
+        self,
+        id: str = "bob",
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        encode: bool | None = None,
+        datasets: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> None:
         super().__init__(id, timeout=timeout)
         self._encode = encode
+        self._datasets = dict(datasets or {})
         self._actor: WorkerActor | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
 
@@ -140,7 +148,7 @@ class VirtualWorker(WorkerHandle):
 
     async def _start(self, task_group: anyio.abc.TaskGroup) -> None:
         """Run the actor in ``task_group``, publish it as ``memory://ID``, connect to it."""
-        actor = WorkerActor(self.id)
+        actor = WorkerActor(self.id, datasets=self._datasets)
         await task_group.start(actor.serve)
         self._actor = actor
         in_process_workers()[self.id] = actor

@@ -24,20 +24,31 @@ import asyncio
 import atexit
 import threading
 import weakref
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any
 
 import anyio
 import anyio.abc
 import torch
 
-from . import _workers
+from . import _federate, _fit, _workers
 from ._client import run_on_loop
 from ._exceptions import TimeoutError
+from ._federate import FederatedDataset
+from ._fit import History
 from ._worker import WorkerActor
 from ._workers import DEFAULT_TIMEOUT, LocalWorker, RemoteWorker, local_worker
 
-__all__ = ["TorchHook", "VirtualWorker", "connect", "local_worker", "send", "shutdown"]
+__all__ = [
+    "TorchHook",
+    "VirtualWorker",
+    "connect",
+    "fit",
+    "load_dataset",
+    "local_worker",
+    "send",
+    "shutdown",
+]
 
 
 class _Runtime:
@@ -74,7 +85,7 @@ class _Runtime:
                         await handle.aclose()
             task_group.cancel_scope.cancel()
 
-    def call(self, coro: Coroutine[Any, Any, Any], timeout: float = DEFAULT_TIMEOUT) -> Any:
+    def call(self, coro: Coroutine[Any, Any, Any], timeout: float | None = DEFAULT_TIMEOUT) -> Any:
         """Run ``coro`` on the runtime's loop and wait for its result."""
         return run_on_loop(
             self.loop, coro, timeout, f"the fedtensor runtime did not answer in {timeout} s"
@@ -146,13 +157,14 @@ def VirtualWorker(
     *,
     timeout: float = DEFAULT_TIMEOUT,
     encode: bool | None = None,
+    datasets: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> _workers.VirtualWorker:
     """A worker in this process whose pointers block instead of awaiting.
 
     It lives until it is garbage-collected or :func:`shutdown` runs.
     """
     runtime = _get_runtime()
-    worker = _workers.VirtualWorker(id, timeout=timeout, encode=encode)
+    worker = _workers.VirtualWorker(id, timeout=timeout, encode=encode, datasets=datasets)
     worker._blocking = True
     assert runtime.task_group is not None
     runtime.call(worker._start(runtime.task_group), timeout)
@@ -170,3 +182,17 @@ def connect(url: str, *, timeout: float = DEFAULT_TIMEOUT, **options: Any) -> Re
     runtime.call(worker._open_client(url, **options), timeout)
     runtime.handles.add(worker)
     return worker
+
+
+def fit(model: torch.nn.Module, data: FederatedDataset, **options: Any) -> History:
+    """Federated training, blocking until it is done (see :func:`fedtensor.fit`)."""
+    return _get_runtime().call(_fit.fit(model, data, **options), None)  # type: ignore[no-any-return]
+
+
+def load_dataset(
+    workers: Sequence[_workers.WorkerHandle], name: str, *, timeout: float = DEFAULT_TIMEOUT
+) -> FederatedDataset:
+    """Pointers to a data set the workers hold (see :func:`fedtensor.load_dataset`)."""
+    return _get_runtime().call(  # type: ignore[no-any-return]
+        _federate.load_dataset(workers, name, timeout=timeout), timeout
+    )

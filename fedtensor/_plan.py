@@ -1,0 +1,376 @@
+"""Plans: a model's training step as data, so that a worker runs it without its code.
+
+A worker never receives Python code, so a user's ``torch.nn.Module`` cannot
+travel as itself. Instead the client traces it once, here, into a *plan*: the
+straight-line graph of tensor operations its forward pass and loss perform,
+written as plain wire values (lists, strings, numbers, tensors). The worker
+checks every operation in it against the same allow-list that guards single
+commands (:mod:`fedtensor._ops`) and then runs it once per batch, with autograd,
+on its own copy of the model's state. PySyft 0.2 had the same idea under the
+same name; here the graph comes from :mod:`torch.fx`.
+
+Tracing inlines every module, user-defined or built in, down to torch
+functions and tensor methods: ``nn.Conv2d`` becomes ``torch.conv2d`` on the
+``"conv.weight"`` entry of the state dict, ``nn.CrossEntropyLoss`` becomes
+``torch.nn.functional.cross_entropy``. Parameters and buffers are named by their
+``state_dict`` keys, so the state that travels is exactly ``model.state_dict()``.
+A forward pass whose control flow depends on tensor values cannot be traced and
+raises :class:`PlanError`; normalisation layers, whose only such branch checks
+the rank of their input, are traced with that check skipped.
+
+The wire form of a plan is a dict::
+
+    {"format": 1, "nodes": [node, ...], "trainable": [key, ...]}
+    node := ["input", position, (), {}]          # x is input 0, y is input 1
+          | ["state", key, (), {}]               # an entry of the state dict
+          | ["value", None, (tensor,), {}]       # a constant tensor of the model
+          | ["call", operation, args, kwargs]    # an allow-listed operation
+          | ["output", None, (outputs,), {}]     # (loss, model output)
+
+where ``Ref(i)`` inside ``args`` and ``kwargs`` stands for the value of node ``i``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import operator
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+
+from . import _ops
+from ._exceptions import ForbiddenOperation, PlanError
+from ._messages import Ref
+
+__all__ = ["CompiledPlan", "Plan", "compile_plan", "state_entries", "trace"]
+
+FORMAT = 1
+#: More nodes than this is not a model a worker agreed to run.
+MAX_NODES = 100_000
+
+# Python operators fx records between tensors and sizes (``x.size(0) * 2``).
+_OPERATORS: dict[str, Callable[..., Any]] = {
+    f"operator.{name}": getattr(operator, name)
+    for name in (
+        "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "pos", "abs",
+        "eq", "ne", "lt", "le", "gt", "ge", "getitem", "matmul", "and_", "or_", "not_",
+    )
+}  # fmt: skip
+# Attributes a plan may read with ``getattr`` (fx records ``x.shape`` that way).
+_PLAN_ATTRIBUTES = frozenset({"shape", "dtype", "ndim", "T", "mT", "is_cuda"})
+
+
+def _plan_getattr(value: Any, name: str) -> Any:
+    return getattr(value, name)
+
+
+def _operation_name(node: torch.fx.Node) -> str:
+    """The allow-list name for what ``node`` calls; ForbiddenOperation if there is none."""
+    target = node.target
+    if node.op == "call_method":
+        assert isinstance(target, str)
+        name = f"Tensor.{target}"
+        if name in _ops.OPERATIONS and target not in _ops.ATTRIBUTES:
+            return name
+    elif target is builtins.getattr:
+        attribute = node.args[1] if len(node.args) > 1 else None
+        if attribute in _PLAN_ATTRIBUTES:
+            return "getattr"
+        raise ForbiddenOperation(
+            "ForbiddenOperation", f"a plan may not read the attribute {attribute!r}", "(plan)"
+        )
+    else:
+        found = _ops.FUNCTION_NAMES.get(target)
+        if found is None and getattr(target, "__module__", None) in {"_operator", "operator"}:
+            found = f"operator.{getattr(target, '__name__', '')}"
+        if found is not None and (found in _ops.OPERATIONS or found in _OPERATORS):
+            return found
+    shown = target if isinstance(target, str) else getattr(target, "__qualname__", repr(target))
+    raise ForbiddenOperation(
+        "ForbiddenOperation", f"operation {shown!r} is not allowed on a worker", "(plan)"
+    )
+
+
+class _PlanTracer(torch.fx.Tracer):
+    """Inlines every module (the worker has none of their code) and proxies buffers too."""
+
+    proxy_buffer_attributes = True
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        return False
+
+    def call_module(
+        self,
+        m: torch.nn.Module,
+        forward: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        if not hasattr(type(m), "_check_input_dim"):
+            return super().call_module(m, forward, args, kwargs)
+        # Batch and instance norms check their input's rank with an `if` on it,
+        # which symbolic tracing cannot follow; the check is validation only.
+        m.__dict__["_check_input_dim"] = _skip_check
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            del m.__dict__["_check_input_dim"]
+
+
+def _skip_check(_input: Any) -> None:
+    pass
+
+
+class _TrainingStep(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, loss: Callable[..., Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = loss
+
+    def forward(self, x: Any, y: Any) -> Any:
+        output = self.model(x)
+        return self.loss(output, y), output
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A traced training step: what :func:`trace` returns and a worker runs."""
+
+    #: The plan as wire values (see the module docstring).
+    wire: dict[str, Any]
+    #: The state-dict keys of the parameters training updates.
+    trainable: tuple[str, ...]
+    #: How many operations one step runs.
+    operations: int
+
+
+def trace(model: torch.nn.Module, loss: Callable[..., Any]) -> Plan:
+    """Trace ``loss(model(x), y)`` (in training mode) into a :class:`Plan`.
+
+    Raises :class:`ForbiddenOperation` if the model calls anything a worker
+    would refuse, and :class:`PlanError` if its control flow depends on data.
+    """
+    was_training = model.training
+    model.train()
+    step = _TrainingStep(model, loss)
+    try:
+        graph = _PlanTracer().trace(step)
+    except torch.fx.proxy.TraceError as exc:
+        raise PlanError(
+            f"cannot trace {type(model).__name__}: {exc} (a plan is a straight-line graph; "
+            "control flow may depend on the model's settings, not on tensor values)"
+        ) from exc
+    finally:
+        model.train(was_training)
+    # Parameters and buffers are found by identity, under their state-dict names.
+    state_names = {id(value): name for name, value in model.state_dict(keep_vars=True).items()}
+    qualified: dict[str, torch.Tensor] = dict(step.named_parameters(remove_duplicate=False))
+    qualified.update(step.named_buffers(remove_duplicate=False))
+    index: dict[torch.fx.Node, int] = {}
+    nodes: list[list[Any]] = []
+
+    def wire_arg(value: Any) -> Any:
+        if isinstance(value, torch.fx.Node):
+            return Ref(index[value])
+        if isinstance(value, (tuple, list)):
+            return type(value)(wire_arg(item) for item in value)
+        if isinstance(value, dict):
+            return {str(key): wire_arg(item) for key, item in value.items()}
+        if isinstance(value, torch.device):
+            return str(value)
+        if (
+            value is None
+            or isinstance(value, (bool, int, float, complex, str, slice, torch.dtype, torch.Tensor))
+            or value is Ellipsis
+        ):
+            return value
+        raise PlanError(
+            f"cannot trace {type(model).__name__}: a {type(value).__name__} constant "
+            "cannot travel in a plan"
+        )
+
+    inputs = 0
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            entry: list[Any] = ["input", inputs, (), {}]
+            inputs += 1
+        elif node.op == "get_attr":
+            assert isinstance(node.target, str)
+            tensor = qualified.get(node.target)
+            if tensor is None:
+                tensor = _fetch_attribute(step, node.target)
+            name = state_names.get(id(tensor))
+            if name is not None:
+                entry = ["state", name, (), {}]
+            elif isinstance(tensor, torch.Tensor):
+                entry = ["value", None, (tensor.detach().clone(),), {}]
+            else:
+                raise PlanError(f"cannot trace {type(model).__name__}: {node.target} is no tensor")
+        elif node.op in ("call_function", "call_method"):
+            entry = ["call", _operation_name(node), wire_arg(node.args), wire_arg(node.kwargs)]
+        elif node.op == "output":
+            entry = ["output", None, (wire_arg(node.args[0]),), {}]
+        else:  # call_module: is_leaf_module says never
+            raise PlanError(f"cannot trace {type(model).__name__}: unexpected {node.op} node")
+        index[node] = len(nodes)
+        nodes.append(entry)
+    trainable = tuple(
+        name
+        for name, value in model.state_dict(keep_vars=True).items()
+        if isinstance(value, torch.nn.Parameter) and value.requires_grad
+    )
+    wire = {"format": FORMAT, "nodes": nodes, "trainable": list(trainable)}
+    return Plan(wire, trainable, sum(1 for entry in nodes if entry[0] == "call"))
+
+
+def _fetch_attribute(root: torch.nn.Module, path: str) -> Any:
+    value: Any = root
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
+
+
+# -- the worker's side -----------------------------------------------------------------------------
+
+
+class CompiledPlan:
+    """A checked plan, ready to run one step on a batch."""
+
+    __slots__ = ("_output", "_steps", "state_keys", "trainable")
+
+    def __init__(
+        self,
+        steps: list[tuple[int, Any, Any, Any]],
+        output: Any,
+        trainable: tuple[str, ...],
+        state_keys: frozenset[str],
+    ) -> None:
+        self._steps = steps
+        self._output = output
+        self.trainable = trainable
+        self.state_keys = state_keys
+
+    def run(self, state: Mapping[str, torch.Tensor], *inputs: Any) -> Any:
+        """One step: the plan's outputs for ``inputs``, reading (and updating) ``state``."""
+        values: list[Any] = []
+        append = values.append
+        for kind, target, args, kwargs in self._steps:
+            if kind == 0:  # call
+                append(target(*_bind(values, args), **_bind(values, kwargs)))
+            elif kind == 1:
+                append(inputs[target])
+            elif kind == 2:
+                append(state[target])
+            else:
+                append(target)
+        return _bind(values, self._output)
+
+
+def _bind(values: list[Any], template: Any) -> Any:
+    kind = type(template)
+    if kind is Ref:
+        return values[template]
+    if kind is tuple:
+        return tuple([_bind(values, item) for item in template])
+    if kind is list:
+        return [_bind(values, item) for item in template]
+    if kind is dict:
+        return {key: _bind(values, item) for key, item in template.items()}
+    return template
+
+
+def compile_plan(wire: Any) -> CompiledPlan:
+    """Check a plan received from a client and make it runnable.
+
+    Every operation must be on the allow-list (else :class:`ForbiddenOperation`);
+    every ``Ref`` must name an earlier node (else :class:`PlanError`).
+    """
+    if not isinstance(wire, dict) or wire.get("format") != FORMAT:
+        raise PlanError(f"not a plan of format {FORMAT}")
+    nodes, trainable = wire.get("nodes"), wire.get("trainable")
+    if not isinstance(nodes, list) or not isinstance(trainable, list):
+        raise PlanError("a plan needs a list of nodes and a list of trainable keys")
+    if len(nodes) > MAX_NODES:
+        raise PlanError(f"a plan of {len(nodes)} nodes is over the limit of {MAX_NODES}")
+    steps: list[tuple[int, Any, Any, Any]] = []
+    state_keys: set[str] = set()
+    output: Any = None
+    for position, node in enumerate(nodes):
+        if not isinstance(node, (list, tuple)) or len(node) != 4:
+            raise PlanError(f"node {position} is not [kind, target, args, kwargs]")
+        kind, target, args, kwargs = node
+        if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
+            raise PlanError(f"node {position}: args must be a list and kwargs a dict")
+        _check_refs(args, position)
+        _check_refs(kwargs, position)
+        if output is not None:
+            raise PlanError("the output node must be the last")
+        if kind == "call":
+            func = _OPERATORS.get(target) if isinstance(target, str) else None
+            if target == "getattr":
+                if len(args) != 2 or not (isinstance(args[1], str) and args[1] in _PLAN_ATTRIBUTES):
+                    raise ForbiddenOperation(
+                        "ForbiddenOperation",
+                        f"a plan may not read the attribute {args[1:2]!r}",
+                        "(plan)",
+                    )
+                func = _plan_getattr
+            elif func is None:
+                func = _ops.OPERATIONS.get(target) if isinstance(target, str) else None
+                if func is None:
+                    raise ForbiddenOperation(
+                        "ForbiddenOperation", f"operation {target!r} is not allowed", "(plan)"
+                    )
+            steps.append((0, func, tuple(args), kwargs))
+        elif kind == "input":
+            if target not in (0, 1):
+                raise PlanError(f"node {position}: a plan has inputs 0 and 1 only")
+            steps.append((1, target, (), {}))
+        elif kind == "state":
+            if not isinstance(target, str):
+                raise PlanError(f"node {position}: a state key is a string")
+            state_keys.add(target)
+            steps.append((2, target, (), {}))
+        elif kind == "value":
+            if len(args) != 1 or not isinstance(args[0], torch.Tensor):
+                raise PlanError(f"node {position}: a value node holds one tensor")
+            steps.append((3, args[0], (), {}))
+        elif kind == "output":
+            if len(args) != 1:
+                raise PlanError("the output node holds one value")
+            output = args[0]
+        else:
+            raise PlanError(f"node {position}: unknown kind {kind!r}")
+    if output is None:
+        raise PlanError("a plan ends with an output node")
+    if not all(isinstance(key, str) and key in state_keys for key in trainable):
+        raise PlanError("every trainable key must be a state entry the plan reads")
+    return CompiledPlan(steps, output, tuple(trainable), frozenset(state_keys))
+
+
+def _check_refs(value: Any, position: int) -> None:
+    kind = type(value)
+    if kind is Ref:
+        if not 0 <= value < position:
+            raise PlanError(f"node {position} refers to node {int(value)}, which is not before it")
+    elif kind is tuple or kind is list:
+        for item in value:
+            _check_refs(item, position)
+    elif kind is dict:
+        for item in value.values():
+            _check_refs(item, position)
+
+
+def state_entries(plan: CompiledPlan, state: Any) -> dict[str, torch.Tensor]:
+    """``state`` checked against what ``plan`` reads: a dict of tensors with every key."""
+    if not isinstance(state, dict) or not all(
+        isinstance(value, torch.Tensor) for value in state.values()
+    ):
+        raise PlanError("a model state is a dict of tensors")
+    missing = plan.state_keys - state.keys()
+    if missing:
+        raise PlanError(f"the model state lacks {sorted(missing)}")
+    return state
