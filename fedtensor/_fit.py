@@ -269,8 +269,6 @@ async def fit(
         raise ValueError("min_workers must be at least 1")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}")
-    if len(data.shards) < min_workers:
-        raise ValueError(f"min_workers={min_workers} but the data is on {len(data.shards)} workers")
     strategy = strategy if strategy is not None else FedAvg()
     plan = trace(model, loss)
     parameters = set(plan.trainable)
@@ -282,6 +280,8 @@ async def fit(
             _restore, Path(checkpoint), model, strategy, history, seed
         )
         first_round = restored + 1
+    if len(data.shards) < min_workers:
+        raise ValueError(f"min_workers={min_workers} but the data is on {len(data.shards)} workers")
     stream: IO[str] | None = sys.stderr if progress is True else (progress or None)
     shown = _Progress(rounds, stream)
     hyperparameters: dict[str, Any] = {
