@@ -547,3 +547,15 @@ def test_the_demo_trains_on_worker_processes(ft_worker_processes: StartWorker) -
     assert result.returncode == 0, result.stderr
     assert "federated over 2 worker processes" in result.stdout
     assert re.search(r"^federated: \d+\.\d% held-out accuracy after 2 rounds", result.stdout, re.M)
+
+
+def test_the_federated_digits_example_runs() -> None:
+    example = Path(__file__).parent.parent / "examples" / "federated_digits.py"
+    result = subprocess.run(
+        [sys.executable, str(example), "--rounds", "2"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "<FederatedDataset 1437 examples; bob: 360, alice: 359" in result.stdout
+    assert re.search(r"^held-out accuracy: \d+\.\d%$", result.stdout, re.M)
+    assert "round 2/2: 4/4 workers" in result.stderr  # progress lines, not on a terminal
