@@ -260,6 +260,8 @@ async def fit(
     else). ``progress`` is ``True`` (standard error), ``False``, or a stream.
     With ``checkpoint``, the state after every round is saved there; with
     ``resume`` as well, a run starts after the round the file holds.
+    ``round_timeout`` bounds how long a round waits for updates (default: each
+    worker handle's own timeout, 60 s unless given to ``connect``).
     """
     if rounds < 0 or epochs < 1 or batch_size < 1:
         raise ValueError("rounds must be >= 0, epochs and batch_size >= 1")
@@ -380,12 +382,14 @@ async def _round(
     submitted = time.perf_counter()
 
     async def collect(index: int) -> tuple[int, dict[str, Any], float]:
-        reply = await results.pop(index)._fetch(free=True, timeout=None)
+        # No round_timeout: each worker handle's own timeout bounds the wait.
+        reply = await results.pop(index)._fetch(free=True, timeout=round_timeout)
         return index, reply, time.perf_counter() - submitted
 
     tasks = {asyncio.ensure_future(collect(index)): index for index in sampled}
     updates: list[tuple[int, dict[str, Any], float]] = []
     failed: dict[str, str] = {}
+    remote_errors: list[RemoteError] = []
     deadline = None if round_timeout is None else submitted + round_timeout
     pending = set(tasks)
     shown.update(round, 0, len(sampled))
@@ -405,10 +409,13 @@ async def _round(
                     failed[shards[index].worker.id] = f"unavailable: {exc}"
                     alive.remove(index)
                     plans.pop(index, None)
-                except (FedTimeoutError, RemoteError) as exc:
+                except FedTimeoutError as exc:
                     failed[shards[index].worker.id] = f"{type(exc).__name__}: {exc}"
-                    if isinstance(exc, RemoteError) and exc.remote_type in _PLAN_ERRORS:
+                except RemoteError as exc:
+                    failed[shards[index].worker.id] = f"{type(exc).__name__}: {exc}"
+                    if exc.remote_type in _PLAN_ERRORS:
                         raise  # the same plan fails on every worker: stop, do not skip
+                    remote_errors.append(exc)
             shown.update(round, len(updates), len(sampled))
     finally:
         for task in pending:
@@ -416,6 +423,10 @@ async def _round(
             failed[shards[tasks[task]].worker.id] = f"no update within {round_timeout} s"
         if pending:
             await asyncio.wait(pending)
+    if not updates and remote_errors:
+        # Training itself failed everywhere (a shape mismatch, a bad label): say so
+        # rather than skip round after round.
+        raise remote_errors[0]
     updates.sort(key=lambda item: item[0])
     completed = tuple(shards[index].worker.id for index, _, _ in updates)
     sampled_ids = tuple(shards[index].worker.id for index in sampled)

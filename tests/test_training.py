@@ -318,6 +318,17 @@ async def test_sampling_picks_a_fraction_of_workers_reproducibly(
     assert len(set(runs[0])) > 1  # different workers in different rounds
 
 
+async def test_training_that_fails_on_every_worker_raises(
+    ft_virtual_workers: WorkerFactory,
+) -> None:
+    bob = await ft_virtual_workers("bob")
+    x, _ = _data(20)
+    federated = ft.federate((x, torch.full((20,), 12)), [bob], seed=0)  # no class 12
+    with pytest.raises(ft.RemoteError, match="out of bounds"):
+        await ft.fit(_model(), federated, rounds=2, progress=False)
+    del federated
+
+
 async def test_a_worker_killed_during_a_round_is_dropped_and_the_run_goes_on(
     ft_worker_processes: StartWorker,
 ) -> None:
