@@ -8,6 +8,7 @@ Run from the repository root with ``python -m benchmarks`` or ``python benchmark
     python -m benchmarks --json out.json # JSON path (default benchmarks/results/latest.json)
     python -m benchmarks --profile chain # cProfile of one row's fedtensor hot path, top entries
     python -m benchmarks --network       # worker processes over websockets (benchmarks/network.py)
+    python -m benchmarks --federated     # ft.fit vs local torch training (benchmarks/federated.py)
 
 Rows (each timed for fedtensor and, in the same run and interleaved with it, for plain torch):
 
@@ -672,11 +673,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--json", type=Path, default=DEFAULT_JSON, help=f"where to write results ({DEFAULT_JSON})"
     )
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop if installed")
-    parser.add_argument(
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument(
         "--network",
         action="store_true",
         help="instead: worker processes over websockets vs raw websockets and torch.rpc "
         "(see benchmarks/network.py; JSON under the key 'network')",
+    )
+    modes.add_argument(
+        "--federated",
+        action="store_true",
+        help="instead: ft.fit on virtual workers and worker processes vs plain torch "
+        "training (see benchmarks/federated.py; JSON under the key 'federated')",
     )
     parser.add_argument(
         "--profile",
@@ -694,6 +702,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from benchmarks.network import run_from_args
 
         return run_from_args(args)
+    if args.federated:
+        from benchmarks.federated import run_from_args as run_federated_from_args
+
+        return run_federated_from_args(args)
     if args.profile:
         print(profile_row(args.profile, args.encode, args.uvloop, args.top))
         return 0

@@ -112,6 +112,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME=FILE",
         help="hold the data set in FILE (torch.save of {'data': ..., 'targets': ...}) as NAME",
     )
+    worker.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch's intra-op threads (default: torch's, one per core); give each of "
+        "several workers on one machine its share of the cores",
+    )
     worker.add_argument("--ping-interval", type=float, default=20.0, help="seconds (default 20)")
     worker.add_argument("--ping-timeout", type=float, default=20.0, help="seconds (default 20)")
     worker.add_argument(
@@ -189,7 +196,9 @@ async def _run_worker(server: WorkerServer, host: str, port: int) -> None:
     async with anyio.create_task_group() as task_group:
         url = await task_group.start(server.serve, host, port)
         print(f"fedtensor worker {server.id} ready on {url}", flush=True)
-        logging.getLogger("fedtensor.server").info("worker %s ready on %s", server.id, url)
+        logging.getLogger("fedtensor.server").info(
+            "worker %s ready on %s (torch threads: %d)", server.id, url, torch.get_num_threads()
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -212,6 +221,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_pending=args.max_pending,
         )
         datasets = _datasets(args.dataset)
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ConfigurationError("--threads must be at least 1")
+            torch.set_num_threads(args.threads)
         if args.max_message_size < 64:
             raise ConfigurationError("--max-message-size must be at least 64 bytes")
     except ConfigurationError as exc:

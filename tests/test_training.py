@@ -332,7 +332,11 @@ async def test_training_that_fails_on_every_worker_raises(
 async def test_a_worker_killed_during_a_round_is_dropped_and_the_run_goes_on(
     ft_worker_processes: StartWorker,
 ) -> None:
-    processes = [ft_worker_processes(name, "--log-level", "DEBUG") for name in ("a", "b", "c")]
+    # Three workers on one machine: each gets one of its cores (--threads 1).
+    processes = [
+        ft_worker_processes(name, "--threads", "1", "--log-level", "DEBUG")
+        for name in ("a", "b", "c")
+    ]
     doomed = processes[1]
     async with contextlib.AsyncExitStack() as stack:
         workers = [
@@ -375,7 +379,7 @@ async def test_a_worker_killed_during_a_round_is_dropped_and_the_run_goes_on(
 async def test_a_straggler_times_out_and_too_few_updates_skip_the_round(
     ft_worker_processes: StartWorker,
 ) -> None:
-    processes = [ft_worker_processes(name) for name in ("fast", "slow")]
+    processes = [ft_worker_processes(name, "--threads", "1") for name in ("fast", "slow")]
     async with contextlib.AsyncExitStack() as stack:
         workers = [
             await stack.enter_async_context(ft.connect(p.url, token=p.token, timeout=120))
@@ -492,7 +496,10 @@ async def test_a_worker_process_loads_a_data_set_file(
     x, y = _data(30)
     path = tmp_path / "mine.pt"
     torch.save({"data": x, "targets": y}, path)
-    process = ft_worker_processes("holder", "--dataset", f"mine={path}")
+    process = ft_worker_processes(
+        "holder", "--dataset", f"mine={path}", "--threads", "1", "--log-level", "INFO"
+    )
+    assert "(torch threads: 1)" in process.log()
     async with ft.connect(process.url, token=process.token) as holder:
         federated = await ft.load_dataset([holder], "mine")
         assert torch.equal(await federated.shards[0].targets, y)
@@ -518,6 +525,13 @@ def test_a_worker_refuses_to_start_with_an_unreadable_data_set(tmp_path: Path) -
     )  # fmt: skip
     assert bad.returncode == 2
     assert "must hold a dict of tensors 'data' and 'targets'" in bad.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "fedtensor", "worker", "--id", "x", "--threads", "0"],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "FEDTENSOR_TOKEN": "t"},
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert "--threads must be at least 1" in bad.stderr
 
 
 # -- the blocking facade and the demo --------------------------------------------------------------
@@ -546,9 +560,9 @@ def test_the_demo_prints_rounds_and_both_accuracies() -> None:
 
 
 def test_the_demo_trains_on_worker_processes(ft_worker_processes: StartWorker) -> None:
-    first = ft_worker_processes("d1")
+    first = ft_worker_processes("d1", "--threads", "1")
     token = first.token
-    urls = [first.url, ft_worker_processes("d2", token=token).url]
+    urls = [first.url, ft_worker_processes("d2", "--threads", "1", token=token).url]
     result = subprocess.run(
         [sys.executable, "-m", "fedtensor", "demo", "--workers", *urls, "--rounds", "2",
          "--no-central"],
