@@ -31,7 +31,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -319,7 +319,7 @@ async def fit(
             )
             if eval_data is not None:
                 eval_loss, eval_accuracy = evaluate(model, *eval_data, loss)
-                metrics = _replace(metrics, eval_loss=eval_loss, eval_accuracy=eval_accuracy)
+                metrics = replace(metrics, eval_loss=eval_loss, eval_accuracy=eval_accuracy)
             history.append(metrics)
             shown.finished(metrics)
             if checkpoint is not None:
@@ -331,13 +331,6 @@ async def fit(
     finally:
         plans.clear()  # the pointers go: the plans are released on the workers
     return history
-
-
-def _replace(metrics: RoundMetrics, **changes: Any) -> RoundMetrics:
-    values = asdict(metrics)
-    values.update(changes)
-    values["sampled"], values["completed"] = tuple(values["sampled"]), tuple(values["completed"])
-    return RoundMetrics(**values)
 
 
 async def _round(
