@@ -362,7 +362,7 @@ async def test_a_worker_killed_during_a_round_is_dropped_and_the_run_goes_on(
                 _model(),
                 federated,
                 rounds=3,
-                epochs=20,
+                epochs=100,  # a round long enough for the kill to land inside it
                 batch_size=8,
                 min_workers=1,
                 progress=False,
