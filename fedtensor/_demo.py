@@ -118,8 +118,8 @@ def _parser() -> argparse.ArgumentParser:
         "--virtual", type=int, default=4, metavar="N", help="virtual workers (default 4)"
     )
     parser.add_argument("--token", help="the workers' token (default: $FEDTENSOR_TOKEN)")
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--epochs", type=int, default=1, help="local epochs per round")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=2, help="local epochs per round")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=0.2)
     parser.add_argument("--split", choices=("iid", "dirichlet", "shards"), default="iid")

@@ -292,11 +292,12 @@ async def test_federated_digits_reach_centralized_accuracy(
     federated = ft.federate(train, workers, split="iid", seed=0)
     model = _model(DigitsCNN)
     history = await ft.fit(
-        model, federated, rounds=15, batch_size=16, lr=0.2, eval_data=test, progress=False
-    )
+        model, federated, rounds=10, epochs=2, batch_size=16, lr=0.2, eval_data=test,
+        progress=False,
+    )  # fmt: skip
     del federated
     central = _model(DigitsCNN)
-    train_centrally(central, train, epochs=15, lr=0.2, batch_size=16)
+    train_centrally(central, train, epochs=20, lr=0.2, batch_size=16)
     _, central_accuracy = ft.evaluate(central, *test)
     assert central_accuracy > 0.95
     assert history[-1].eval_accuracy >= central_accuracy - 0.02
@@ -551,7 +552,7 @@ def test_the_demo_prints_rounds_and_both_accuracies() -> None:
     from fedtensor._demo import main
 
     out = io.StringIO()
-    assert main(["--rounds", "3", "--virtual", "2"], out=out) == 0
+    assert main(["--rounds", "3", "--epochs", "1", "--virtual", "2"], out=out) == 0
     text = out.getvalue()
     assert "federated over 2 in-process virtual workers" in text
     assert re.search(r"^\s+3\s+2/2\s", text, re.M)
