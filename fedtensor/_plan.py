@@ -51,13 +51,59 @@ FORMAT = 1
 #: More nodes than this is not a model a worker agreed to run.
 MAX_NODES = 100_000
 
-# Python operators fx records between tensors and sizes (``x.size(0) * 2``).
+#: Python ints, and tuples or lists, that a plan's operators make stay this small: on
+#: plain Python objects, ``2 ** 10**9`` or a list doubled at every node would hold the
+#: worker's interpreter (and every client's event loop with it) for minutes.
+MAX_INT_BITS = 4096
+MAX_SEQUENCE = 4096
+
+
+def _bounded(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function`` on Python operands only when neither operands nor result are huge.
+
+    Tensors pass through untouched (their operations are bounded by their sizes).
+    """
+
+    def checked(*operands: Any) -> Any:
+        for operand in operands:
+            if type(operand) is int and operand.bit_length() > MAX_INT_BITS:
+                raise PlanError(f"a plan's Python ints stay within {MAX_INT_BITS} bits")
+            if isinstance(operand, (str, bytes)):
+                raise PlanError("a plan's operators take tensors and numbers, not strings")
+        if (
+            function is operator.pow
+            and all(type(o) is int for o in operands)
+            and not 0 <= operands[1] <= 64
+        ):
+            raise PlanError("a plan raises Python ints to powers from 0 to 64 only")
+        if function is operator.mul and any(isinstance(o, (tuple, list)) for o in operands):
+            count = next((o for o in operands if type(o) is int), 0)
+            sequence = next(o for o in operands if isinstance(o, (tuple, list)))
+            if count * len(sequence) > MAX_SEQUENCE:
+                raise PlanError(f"a plan's sequences stay within {MAX_SEQUENCE} items")
+        result = function(*operands)
+        if type(result) is int and result.bit_length() > MAX_INT_BITS:
+            raise PlanError(f"a plan's Python ints stay within {MAX_INT_BITS} bits")
+        if isinstance(result, (tuple, list)) and len(result) > MAX_SEQUENCE:
+            raise PlanError(f"a plan's sequences stay within {MAX_SEQUENCE} items")
+        return result
+
+    return checked
+
+
+# Python operators fx records between tensors and sizes (``x.size(0) * 2``). Comparisons
+# and getitem cannot grow anything; arithmetic is bounded on Python operands.
 _OPERATORS: dict[str, Callable[..., Any]] = {
-    f"operator.{name}": getattr(operator, name)
-    for name in (
-        "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "pos", "abs",
-        "eq", "ne", "lt", "le", "gt", "ge", "getitem", "matmul", "and_", "or_", "not_",
-    )
+    **{
+        f"operator.{name}": getattr(operator, name)
+        for name in ("eq", "ne", "lt", "le", "gt", "ge", "getitem", "not_", "neg", "pos", "abs")
+    },
+    **{
+        f"operator.{name}": _bounded(getattr(operator, name))
+        for name in (
+            "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and_", "or_",
+        )
+    },
 }  # fmt: skip
 # Attributes a plan may read with ``getattr`` (fx records ``x.shape`` that way).
 _PLAN_ATTRIBUTES = frozenset({"shape", "dtype", "ndim", "T", "mT", "is_cuda"})

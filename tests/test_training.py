@@ -176,6 +176,34 @@ def test_compile_checks_every_operation_and_reference() -> None:
         compile_plan({"nodes": []})
 
 
+def _arithmetic_plan(operation: str, left: Any, right: Any) -> dict[str, Any]:
+    return {
+        "format": 1,
+        "trainable": [],
+        "nodes": [
+            ["input", 0, (), {}],
+            ["call", operation, (left, right), {}],
+            ["output", None, ((Ref(1), Ref(0)),), {}],
+        ],
+    }
+
+
+def test_plan_arithmetic_on_python_objects_is_bounded() -> None:
+    x = torch.ones(2)
+    run = lambda *plan: compile_plan(_arithmetic_plan(*plan)).run({}, x, x)  # noqa: E731
+    assert run("operator.pow", 2, 10)[0] == 1024
+    assert run("operator.add", (1, 2), (3,))[0] == (1, 2, 3)
+    assert torch.equal(run("operator.mul", Ref(0), 3)[0], torch.full((2,), 3.0))
+    with pytest.raises(ft.PlanError, match="powers from 0 to 64"):
+        run("operator.pow", 10, 10**9)  # would hold the interpreter for minutes
+    with pytest.raises(ft.PlanError, match="4096 items"):
+        run("operator.mul", [0], 10**9)
+    with pytest.raises(ft.PlanError, match="4096 bits"):
+        run("operator.mul", 1 << 4000, 1 << 4000)
+    with pytest.raises(ft.PlanError, match="not strings"):
+        run("operator.mul", "ab", 3)
+
+
 async def test_a_worker_refuses_a_forbidden_plan_and_keeps_serving(ft_worker: Any) -> None:
     client = ft_worker.client
     x, y = ft.send(torch.ones(2, 3), ft_worker), ft.send(torch.zeros(2), ft_worker)
