@@ -117,7 +117,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--virtual", type=int, default=4, metavar="N", help="virtual workers (default 4)"
     )
-    parser.add_argument("--token", help="the workers' token (default: $FEDTENSOR_TOKEN)")
+    parser.add_argument(
+        "--token-env",
+        default="FEDTENSOR_TOKEN",
+        metavar="NAME",
+        help="environment variable holding the workers' token (default FEDTENSOR_TOKEN; "
+        "never on the command line, where other users could read it)",
+    )
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=2, help="local epochs per round")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -141,7 +147,7 @@ async def _run(options: argparse.Namespace, out: Any) -> int:
     async with contextlib.AsyncExitStack() as stack:
         workers: list[WorkerHandle]
         if options.workers:
-            token = options.token or os.environ.get("FEDTENSOR_TOKEN")
+            token = os.environ.get(options.token_env)
             workers = [
                 await stack.enter_async_context(connect(url, token=token))
                 for url in options.workers
