@@ -272,7 +272,7 @@ async def fit(
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}")
     strategy = strategy if strategy is not None else FedAvg()
-    plan = trace(model, loss)
+    plan = trace(model, loss, await _example_batch(data))
     parameters = set(plan.trainable)
     history = History()
     first_round = 1
@@ -461,6 +461,20 @@ async def _round(
         bytes_sent=state_bytes * len(sampled),
         bytes_received=sum(_nbytes(reply["state"]) for _, reply, _ in updates),
     )
+
+
+async def _example_batch(data: FederatedDataset) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Tensors shaped like a batch of ``data`` (for tracing): known locally, or one example."""
+    if not data.shards:
+        return None
+    shard = data.shards[0]
+    parts = []
+    for pointer in (shard.data, shard.targets):
+        if pointer.shape is not None and pointer.dtype is not None:
+            parts.append(torch.empty(pointer.shape, dtype=pointer.dtype, device="meta"))
+        else:  # a data set the worker held: bring one example to learn its shape
+            parts.append(await pointer[:1]._fetch(free=True, timeout=None))
+    return parts[0], parts[1]
 
 
 # Remote failures that are the plan's or the hyperparameters' fault, not the worker's.

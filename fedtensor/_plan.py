@@ -14,9 +14,17 @@ functions and tensor methods: ``nn.Conv2d`` becomes ``torch.conv2d`` on the
 ``"conv.weight"`` entry of the state dict, ``nn.CrossEntropyLoss`` becomes
 ``torch.nn.functional.cross_entropy``. Parameters and buffers are named by their
 ``state_dict`` keys, so the state that travels is exactly ``model.state_dict()``.
-A forward pass whose control flow depends on tensor values cannot be traced and
-raises :class:`PlanError`; normalisation layers, whose only such branch checks
-the rank of their input, are traced with that check skipped.
+Given an example batch (:func:`fedtensor.fit` takes the shapes of the data on the
+workers), every traced value also has example values, computed on shape-only
+("meta") tensors for two batch sizes: an ``if`` on a rank or a shape, as in
+``nn.LSTM`` or attention layers, is then settled while tracing, and the
+straight line taken is the plan. A branch on tensor values, or on anything that
+differs between the two batch sizes, cannot be settled and raises
+:class:`PlanError`. Normalisation layers, whose only branch checks the rank of
+their input, are traced with that check skipped even without an example;
+``assert`` statements on traced values are dropped (they held for the examples).
+Plans may also call a few factories (``torch.zeros`` and friends, for a
+recurrent layer's initial state) that single commands cannot.
 
 The wire form of a plan is a dict::
 
@@ -106,7 +114,15 @@ _OPERATORS: dict[str, Callable[..., Any]] = {
     },
 }  # fmt: skip
 # Attributes a plan may read with ``getattr`` (fx records ``x.shape`` that way).
-_PLAN_ATTRIBUTES = frozenset({"shape", "dtype", "ndim", "T", "mT", "is_cuda"})
+_PLAN_ATTRIBUTES = frozenset(
+    {"shape", "dtype", "device", "ndim", "T", "mT", "is_cuda", "is_nested", "requires_grad"}
+)
+# Factories a plan may call (a recurrent layer's zero state), though a single command
+# cannot: they take no tensor, so there is no pointer to send them with. Their
+# memory is initialised.
+_PLAN_FACTORIES: dict[str, Callable[..., Any]] = {
+    f"torch.{name}": getattr(torch, name) for name in ("zeros", "ones", "full", "arange", "eye")
+}
 
 
 def _plan_getattr(value: Any, name: str) -> Any:
@@ -132,7 +148,11 @@ def _operation_name(node: torch.fx.Node) -> str:
         found = _ops.FUNCTION_NAMES.get(target)
         if found is None and getattr(target, "__module__", None) in {"_operator", "operator"}:
             found = f"operator.{getattr(target, '__name__', '')}"
-        if found is not None and (found in _ops.OPERATIONS or found in _OPERATORS):
+        if found is None:
+            found = next((name for name, f in _PLAN_FACTORIES.items() if f is target), None)
+        if found is not None and (
+            found in _ops.OPERATIONS or found in _OPERATORS or found in _PLAN_FACTORIES
+        ):
             return found
     shown = target if isinstance(target, str) else getattr(target, "__qualname__", repr(target))
     raise ForbiddenOperation(
@@ -140,10 +160,96 @@ def _operation_name(node: torch.fx.Node) -> str:
     )
 
 
+_EXAMPLES = "fedtensor_examples"
+#: The two batch sizes a traced model runs on, on the meta device, to settle control flow.
+EXAMPLE_BATCHES = (2, 3)
+
+
+class _Unknown(Exception):
+    """A node whose example values cannot be computed."""
+
+
 class _PlanTracer(torch.fx.Tracer):
-    """Inlines every module (the worker has none of their code) and proxies buffers too."""
+    """Inlines every module (the worker has none of their code) and proxies buffers too.
+
+    Given example inputs, every node also gets example values: the node run on
+    shape-only ("meta") tensors twice, once per batch size of
+    :data:`EXAMPLE_BATCHES`. An ``if`` on a traced value (``x.dim() == 3``, a
+    shape check) is then settled at trace time when both examples agree and the
+    value is not a tensor's data; otherwise tracing fails as without examples.
+    """
 
     proxy_buffer_attributes = True
+
+    def __init__(self, examples: tuple[tuple[torch.Tensor, ...], ...] | None) -> None:
+        super().__init__()
+        self._examples = examples  # per batch size: the meta inputs
+        self._placeholders = 0
+        self._tensors: dict[str, torch.Tensor] | None = None
+
+    def create_node(
+        self, kind: Any, target: Any, args: Any, kwargs: Any, *rest: Any, **options: Any
+    ) -> Any:
+        node = super().create_node(kind, target, args, kwargs, *rest, **options)
+        if kind == "placeholder":
+            node.meta["position"] = self._placeholders
+            self._placeholders += 1
+        if self._examples is not None:
+            # No example (an op without a meta kernel, an unknown input): an `if` on
+            # this node fails as it would without examples.
+            try:
+                node.meta[_EXAMPLES] = tuple(
+                    self._example(node, variant) for variant in range(len(self._examples))
+                )
+            except Exception as exc:
+                node.meta["why_no_example"] = f"{type(exc).__name__}: {exc}"
+        return node
+
+    def _example(self, node: torch.fx.Node, variant: int) -> Any:
+        assert self._examples is not None
+        kind, target, args, kwargs = node.op, node.target, node.args, node.kwargs
+        if kind == "placeholder":
+            return self._examples[variant][node.meta["position"]]
+        if kind == "get_attr":
+            # Not getattr: while tracing, a module's attributes are proxies.
+            if self._tensors is None:
+                self._tensors = dict(self.root.named_parameters(remove_duplicate=False))
+                self._tensors.update(self.root.named_buffers(remove_duplicate=False))
+            return _to_meta(self._tensors[str(target)])
+
+        def example_of(value: Any) -> Any:
+            if isinstance(value, torch.fx.Node):
+                found = value.meta.get(_EXAMPLES)
+                if found is None:
+                    raise _Unknown(value.name)
+                return found[variant]
+            if isinstance(value, (tuple, list)):
+                return type(value)(example_of(item) for item in value)
+            if isinstance(value, dict):
+                return {key: example_of(item) for key, item in value.items()}
+            return _to_meta(value)
+
+        # Outside tracing's own hooks: the examples are plain meta tensors.
+        with torch.no_grad(), torch._C.DisableTorchFunction():
+            if kind == "call_function":
+                assert callable(target)
+                return target(*example_of(args), **example_of(kwargs))
+            if kind == "call_method":
+                receiver, *rest = example_of(args)
+                return getattr(receiver, str(target))(*rest, **example_of(kwargs))
+        raise _Unknown(kind)  # the output node: nothing to compute
+
+    def to_bool(self, obj: torch.fx.Proxy) -> bool:
+        found = obj.node.meta.get(_EXAMPLES)
+        if found is None:
+            return super().to_bool(obj)
+        if any(isinstance(value, torch.Tensor) for value in found):
+            raise torch.fx.proxy.TraceError(
+                "control flow depends on the values in a tensor, which a plan cannot follow"
+            )
+        if any(value != found[0] for value in found):
+            raise torch.fx.proxy.TraceError("control flow depends on the batch size")
+        return bool(found[0])
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         return False
@@ -170,6 +276,12 @@ def _skip_check(_input: Any) -> None:
     pass
 
 
+def _to_meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return torch.empty_like(value, device="meta")
+    return value
+
+
 class _TrainingStep(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, loss: Callable[..., Any]) -> None:
         super().__init__()
@@ -193,17 +305,34 @@ class Plan:
     operations: int
 
 
-def trace(model: torch.nn.Module, loss: Callable[..., Any]) -> Plan:
+def trace(
+    model: torch.nn.Module,
+    loss: Callable[..., Any],
+    example: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> Plan:
     """Trace ``loss(model(x), y)`` (in training mode) into a :class:`Plan`.
 
-    Raises :class:`ForbiddenOperation` if the model calls anything a worker
-    would refuse, and :class:`PlanError` if its control flow depends on data.
+    ``example`` is an ``(x, y)`` batch, or tensors shaped like one (only their
+    shapes past the first dimension and their dtypes are used): with it, control
+    flow on shapes and ranks (the checks in ``nn.LSTM``, attention layers) is
+    settled while tracing. Raises :class:`ForbiddenOperation` if the model
+    calls anything a worker would refuse, and :class:`PlanError` if its control
+    flow depends on tensor values (or, with an example, on the batch size).
     """
     was_training = model.training
     model.train()
     step = _TrainingStep(model, loss)
+    examples = None
+    if example is not None:
+        examples = tuple(
+            tuple(
+                torch.empty((batch, *value.shape[1:]), dtype=value.dtype, device="meta")
+                for value in example
+            )
+            for batch in EXAMPLE_BATCHES
+        )
     try:
-        graph = _PlanTracer().trace(step)
+        graph = _PlanTracer(examples).trace(step)
     except torch.fx.proxy.TraceError as exc:
         raise PlanError(
             f"cannot trace {type(model).__name__}: {exc} (a plan is a straight-line graph; "
@@ -221,8 +350,11 @@ def trace(model: torch.nn.Module, loss: Callable[..., Any]) -> Plan:
     def wire_arg(value: Any) -> Any:
         if isinstance(value, torch.fx.Node):
             return Ref(index[value])
-        if isinstance(value, (tuple, list)):
-            return type(value)(wire_arg(item) for item in value)
+        # Plain containers: fx's own (immutable_list, immutable_dict) do not travel.
+        if isinstance(value, tuple):
+            return tuple(wire_arg(item) for item in value)
+        if isinstance(value, list):
+            return [wire_arg(item) for item in value]
         if isinstance(value, dict):
             return {str(key): wire_arg(item) for key, item in value.items()}
         if isinstance(value, torch.device):
@@ -255,6 +387,8 @@ def trace(model: torch.nn.Module, loss: Callable[..., Any]) -> Plan:
                 entry = ["value", None, (tensor.detach().clone(),), {}]
             else:
                 raise PlanError(f"cannot trace {type(model).__name__}: {node.target} is no tensor")
+        elif node.op == "call_function" and node.target is torch._assert:
+            continue  # an `assert` on traced values, true for the examples: validation only
         elif node.op in ("call_function", "call_method"):
             entry = ["call", _operation_name(node), wire_arg(node.args), wire_arg(node.kwargs)]
         elif node.op == "output":
@@ -355,7 +489,11 @@ def compile_plan(wire: Any) -> CompiledPlan:
         if output is not None:
             raise PlanError("the output node must be the last")
         if kind == "call":
-            func = _OPERATORS.get(target) if isinstance(target, str) else None
+            func = (
+                _OPERATORS.get(target) or _PLAN_FACTORIES.get(target)
+                if isinstance(target, str)
+                else None
+            )
             if target == "getattr":
                 if len(args) != 2 or not (isinstance(args[1], str) and args[1] in _PLAN_ATTRIBUTES):
                     raise ForbiddenOperation(

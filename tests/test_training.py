@@ -131,6 +131,59 @@ def test_a_user_module_traces_to_a_plan_that_computes_what_the_module_does() -> 
     assert int(state["norm.num_batches_tracked"]) == 1
 
 
+class Recurrent(nn.Module):
+    """An LSTM: its forward checks ranks and shapes with `if`s, settled by an example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(4, 12, batch_first=True)
+        self.head = nn.Linear(12, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, (_h, _c) = self.lstm(x)
+        return self.head(out[:, -1])  # type: ignore[no-any-return]
+
+
+class Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1, batch_first=True)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x)).mean(1))  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("kind", [Recurrent, Attention])
+def test_recurrent_and_attention_layers_trace_given_an_example_batch(
+    kind: type[nn.Module],
+) -> None:
+    model = _model(kind)
+    x, y = torch.randn(6, 5, 4), torch.randint(0, 10, (6,))
+    with pytest.raises(ft.PlanError, match="control flow"):
+        ft.trace(model, F.cross_entropy)  # without an example, the shape checks stop it
+    plan = ft.trace(model, F.cross_entropy, (x[:1], y[:1]))
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    with torch.random.fork_rng():
+        torch.manual_seed(2)
+        _, output = compile_plan(plan.wire).run(state, x, y)  # another batch size
+    model.train()
+    with torch.random.fork_rng():
+        torch.manual_seed(2)
+        expected = model(x)
+    assert torch.allclose(output, expected, atol=1e-6)
+
+
+def test_control_flow_on_the_batch_size_is_refused() -> None:
+    class ByBatch(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2 if x.size(0) > 2 else x
+
+    with pytest.raises(ft.PlanError, match="depends on the batch size"):
+        ft.trace(ByBatch(), F.mse_loss, (torch.ones(1, 3), torch.ones(1, 3)))
+
+
 def test_tracing_refuses_forbidden_operations_and_data_dependent_control_flow() -> None:
     class Peeks(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,6 +197,8 @@ def test_tracing_refuses_forbidden_operations_and_data_dependent_control_flow() 
         ft.trace(Peeks(), F.mse_loss)
     with pytest.raises(ft.PlanError, match="control flow"):
         ft.trace(Branches(), F.mse_loss)
+    with pytest.raises(ft.PlanError, match="values in a tensor"):
+        ft.trace(Branches(), F.mse_loss, (torch.ones(1, 3), torch.ones(1, 3)))
 
 
 def _forbidden_plan(operation: str) -> dict[str, Any]:
@@ -241,6 +296,22 @@ async def test_fedavg_on_one_worker_equals_plain_local_training(ft_workers: Work
     assert _close(model.state_dict(), local.state_dict())
     assert [m.completed for m in history] == [("bob",)] * 3
     assert history[0].bytes_sent == sum(v.numel() * 4 for v in model.state_dict().values())
+
+
+async def test_an_lstm_trains_federatedly_as_it_does_locally(
+    ft_virtual_workers: WorkerFactory,
+) -> None:
+    bob = await ft_virtual_workers("bob")
+    generator = torch.Generator().manual_seed(0)
+    data = torch.randn(40, 5, 4, generator=generator), torch.randint(0, 10, (40,))
+    federated = ft.federate(data, [bob], seed=0)
+    model = _model(Recurrent)
+    await ft.fit(model, federated, rounds=2, batch_size=16, lr=0.1, seed=4, progress=False)
+    del federated
+    local = _model(Recurrent)
+    for round in (1, 2):
+        _train_locally(local, data, seed=worker_seed(4, round, 0), epochs=1, lr=0.1, batch_size=16)
+    assert _close(model.state_dict(), local.state_dict())
 
 
 async def test_fedavg_weights_updates_by_examples(ft_virtual_workers: WorkerFactory) -> None:
