@@ -418,6 +418,23 @@ async def test_sampling_picks_a_fraction_of_workers_reproducibly(
     assert len(set(runs[0])) > 1  # different workers in different rounds
 
 
+async def test_fit_checks_its_arguments(ft_virtual_workers: WorkerFactory) -> None:
+    bob = await ft_virtual_workers("bob")
+    federated = ft.federate(_data(20), [bob], seed=0)
+    for bad, message in [
+        ({"fraction": 0.0}, "fraction"),
+        ({"min_workers": 2}, "min_workers=2 but the data is on 1 workers"),
+        ({"optimizer": "lbfgs"}, "optimizer must be one of sgd, adam"),
+        ({"epochs": 0}, "epochs"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            await ft.fit(_model(), federated, rounds=1, progress=False, **bad)
+    # What only the worker checks comes back as the worker's PlanError, not a skipped round.
+    with pytest.raises(ft.RemoteError, match=r"PlanError.*lr finite"):
+        await ft.fit(_model(), federated, rounds=1, lr=float("nan"), progress=False)
+    del federated
+
+
 async def test_training_that_fails_on_every_worker_raises(
     ft_virtual_workers: WorkerFactory,
 ) -> None:
