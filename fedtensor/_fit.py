@@ -375,7 +375,7 @@ async def _round(
     submitted = time.perf_counter()
 
     async def collect(index: int) -> tuple[int, dict[str, Any], float]:
-        # No round_timeout: each worker handle's own timeout bounds the wait.
+        # round_timeout None: each worker handle's own timeout bounds the wait.
         reply = await results.pop(index)._fetch(free=True, timeout=round_timeout)
         return index, reply, time.perf_counter() - submitted
 
