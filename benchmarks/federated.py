@@ -51,10 +51,8 @@ if str(_REPO) not in sys.path:
 import argparse
 import asyncio
 import contextlib
-import datetime
 import gc
 import io
-import json
 import math
 import os
 import statistics
@@ -70,7 +68,7 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 import torch
 
 import fedtensor as ft
-from benchmarks.run import _error_text, _fmt_load, _run, machine_facts
+from benchmarks.run import _error_text, _fmt_load, _run, machine_facts, report
 from fedtensor._demo import DigitsCNN, load_digits, train_centrally
 from fedtensor.testing import WorkerProcess, start_worker_process
 
@@ -596,42 +594,25 @@ def run_from_args(args: argparse.Namespace) -> int:
         rows = [row]
     elapsed = time.perf_counter() - started
     print(render(rows, label, facts, env), end="")
-    loop_errors: list[str] = env.get("loop_errors", [])
-    if loop_errors:
-        print(f"event-loop errors reported during the run: {len(loop_errors)} (see JSON)")
-    print(f"total time {elapsed:.1f} s")
-    result = {
-        "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "mode": "quick" if cfg.quick else "full",
-        "event_loop": label,
-        "machine": facts,
-        "config": asdict(cfg),
-        "hyperparameters": {"lr": LR, "batch_size": BATCH_SIZE, "seed": SEED},
-        "elapsed_s": elapsed,
-        "phases_s": env.get("phases_s"),
-        "few_threads": env.get("few_threads"),
-        "cpu_during_timing": env.get("cpu_during_timing"),
-        "pids": env.get("pids"),
-        "ratio_convention": "ratio = seconds / baseline (train_centrally) seconds, same run",
-        "rows": [asdict(row) for row in rows],
-        "missed": [row.key for row in rows if row.status == "MISS"],
-        "errors": [row.key for row in rows if row.status == "ERROR"],
-        "loop_errors": loop_errors,
-        "loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
-    path: Path = args.json
-    try:
-        existing: dict[str, Any] = {}
-        if path.exists():
-            with contextlib.suppress(ValueError):
-                loaded = json.loads(path.read_text())
-                existing = loaded if isinstance(loaded, dict) else {}
-        existing["federated"] = result
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(existing, indent=2) + "\n")
-        print(f"results written to {path} (key 'federated')")
-    except OSError as exc:
-        print(f"could not write {path}: {exc}")
+    report(
+        args.json,
+        "federated",
+        quick=cfg.quick,
+        loop_label=label,
+        facts=facts,
+        config=asdict(cfg),
+        rows=rows,
+        elapsed=elapsed,
+        loop_errors=env.get("loop_errors", []),
+        extra={
+            "hyperparameters": {"lr": LR, "batch_size": BATCH_SIZE, "seed": SEED},
+            "phases_s": env.get("phases_s"),
+            "few_threads": env.get("few_threads"),
+            "cpu_during_timing": env.get("cpu_during_timing"),
+            "pids": env.get("pids"),
+            "ratio_convention": "ratio = seconds / baseline (train_centrally) seconds, same run",
+        },
+    )
     return 0
 
 

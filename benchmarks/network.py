@@ -98,12 +98,10 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
-import datetime
 import functools
 import gc
 import importlib.metadata
 import io
-import json
 import os
 import pstats
 import queue
@@ -142,6 +140,7 @@ from benchmarks.run import (
     _now,
     _run,
     machine_facts,
+    report,
     timed_chain,
     timed_roundtrips,
 )
@@ -969,40 +968,23 @@ def run_from_args(args: argparse.Namespace) -> int:
         rows = [row]
     elapsed = time.perf_counter() - started
     print(render(rows, label, facts, env), end="")
-    loop_errors: list[str] = env.get("loop_errors", [])
-    if loop_errors:
-        print(f"event-loop errors reported during the run: {len(loop_errors)} (see JSON)")
-    print(f"total time {elapsed:.1f} s")
-    result = {
-        "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "mode": "quick" if cfg.quick else "full",
-        "event_loop": label,
-        "machine": facts,
-        "websockets": _WEBSOCKETS_VERSION,
-        "config": asdict(cfg),
-        "elapsed_s": elapsed,
-        "startup_s": env.get("startup_s"),
-        "rpc": env.get("rpc"),
-        "ratio_convention": "ratio = fedtensor / first baseline in each row's unit",
-        "rows": [asdict(row) for row in rows],
-        "missed": [row.key for row in rows if row.status == "MISS"],
-        "errors": [row.key for row in rows if row.status == "ERROR"],
-        "loop_errors": loop_errors,
-        "loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
-    path: Path = args.json
-    try:
-        existing: dict[str, Any] = {}
-        if path.exists():
-            with contextlib.suppress(ValueError):
-                loaded = json.loads(path.read_text())
-                existing = loaded if isinstance(loaded, dict) else {}
-        existing["network"] = result
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(existing, indent=2) + "\n")
-        print(f"results written to {path} (key 'network')")
-    except OSError as exc:
-        print(f"could not write {path}: {exc}")
+    report(
+        args.json,
+        "network",
+        quick=cfg.quick,
+        loop_label=label,
+        facts=facts,
+        config=asdict(cfg),
+        rows=rows,
+        elapsed=elapsed,
+        loop_errors=env.get("loop_errors", []),
+        extra={
+            "websockets": _WEBSOCKETS_VERSION,
+            "startup_s": env.get("startup_s"),
+            "rpc": env.get("rpc"),
+            "ratio_convention": "ratio = fedtensor / first baseline in each row's unit",
+        },
+    )
     return 0
 
 

@@ -716,17 +716,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows, loop_label = _run(run_all(cfg, loop_errors), args.uvloop)
     elapsed = time.perf_counter() - started
     print(render(rows, loop_label, facts, args.quick), end="")
+    report(
+        args.json,
+        None,
+        quick=args.quick,
+        loop_label=loop_label,
+        facts=facts,
+        config=asdict(cfg),
+        rows=rows,
+        elapsed=elapsed,
+        loop_errors=loop_errors,
+        extra={"ratio_convention": "ratio = fedtensor / local in each row's unit"},
+    )
+    return 0
+
+
+def report(
+    path: Path,
+    key: str | None,
+    *,
+    quick: bool,
+    loop_label: str,
+    facts: dict[str, Any],
+    config: dict[str, Any],
+    rows: Sequence[Any],
+    elapsed: float,
+    loop_errors: list[str],
+    extra: dict[str, Any],
+) -> None:
+    """Print the end of a run and merge its results into the JSON file at ``path``.
+
+    The in-memory run writes at the top level (``key`` None), the network and
+    federated runs under their own key, so one file keeps the latest of each.
+    Every row has ``key`` and ``status`` (PASS, MISS, INFO or ERROR).
+    """
     if loop_errors:
         print(f"event-loop errors reported during the run: {len(loop_errors)} (see JSON)")
     print(f"total time {elapsed:.1f} s")
     result = {
         "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "mode": "quick" if args.quick else "full",
+        "mode": "quick" if quick else "full",
         "event_loop": loop_label,
         "machine": facts,
-        "config": asdict(cfg),
+        "config": config,
         "elapsed_s": elapsed,
-        "ratio_convention": "ratio = fedtensor / local in each row's unit",
+        **extra,
         "rows": [asdict(row) for row in rows],
         "missed": [row.key for row in rows if row.status == "MISS"],
         "errors": [row.key for row in rows if row.status == "ERROR"],
@@ -734,12 +768,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     try:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"results written to {args.json}")
+        existing: dict[str, Any] = {}
+        if path.exists():
+            with contextlib.suppress(ValueError):
+                loaded = json.loads(path.read_text())
+                existing = loaded if isinstance(loaded, dict) else {}
+        if key is None:
+            existing.update(result)
+        else:
+            existing[key] = result
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(existing, indent=2) + "\n")
+        print(f"results written to {path}" + (f" (key {key!r})" if key else ""))
     except OSError as exc:
-        print(f"could not write {args.json}: {exc}")
-    return 0
+        print(f"could not write {path}: {exc}")
 
 
 if __name__ == "__main__":
