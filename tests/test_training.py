@@ -625,28 +625,24 @@ async def test_a_worker_process_loads_a_data_set_file(
         del federated
 
 
-def test_a_worker_refuses_to_start_with_an_unreadable_data_set(tmp_path: Path) -> None:
-    bad = subprocess.run(
-        [sys.executable, "-m", "fedtensor", "worker", "--id", "x", "--dataset", f"m={tmp_path}/no"],
+def _worker_command(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fedtensor", "worker", "--id", "x", *args],
         capture_output=True, text=True, timeout=120, check=False,
         env={**os.environ, "FEDTENSOR_TOKEN": "t"},
     )  # fmt: skip
+
+
+def test_a_worker_refuses_to_start_with_an_unreadable_data_set(tmp_path: Path) -> None:
+    bad = _worker_command("--dataset", f"m={tmp_path}/no")
     assert bad.returncode == 2
     assert "cannot load the data set 'm'" in bad.stderr
     junk = tmp_path / "junk.pt"
     torch.save([1, 2], junk)
-    bad = subprocess.run(
-        [sys.executable, "-m", "fedtensor", "worker", "--id", "x", "--dataset", f"m={junk}"],
-        capture_output=True, text=True, timeout=120, check=False,
-        env={**os.environ, "FEDTENSOR_TOKEN": "t"},
-    )  # fmt: skip
+    bad = _worker_command("--dataset", f"m={junk}")
     assert bad.returncode == 2
     assert "must hold a dict of tensors 'data' and 'targets'" in bad.stderr
-    bad = subprocess.run(
-        [sys.executable, "-m", "fedtensor", "worker", "--id", "x", "--threads", "0"],
-        capture_output=True, text=True, timeout=120, check=False,
-        env={**os.environ, "FEDTENSOR_TOKEN": "t"},
-    )  # fmt: skip
+    bad = _worker_command("--threads", "0")
     assert bad.returncode == 2
     assert "--threads must be at least 1" in bad.stderr
 
