@@ -47,6 +47,7 @@ from ._local_update import OPTIMIZERS
 from ._plan import Plan, trace
 from ._pointer import PointerBase, call_on
 from ._strategies import FedAvg, Strategy, Update
+from ._worker import tensor_bytes
 
 __all__ = ["History", "RoundMetrics", "evaluate", "fit", "worker_seed"]
 
@@ -185,10 +186,6 @@ def evaluate(
         model.train(was_training)
     count = max(len(data), 1)
     return total_loss / count, correct / count
-
-
-def _nbytes(state: dict[str, torch.Tensor]) -> int:
-    return sum(value.numel() * value.element_size() for value in state.values())
 
 
 class _Progress:
@@ -355,7 +352,7 @@ async def _round(
     order = torch.randperm(len(alive), generator=_sampling_generator(seed, round)).tolist()
     sampled = sorted(alive[position] for position in order[:count])
     state = {key: value.detach() for key, value in model.state_dict().items()}
-    state_bytes = _nbytes(state)
+    state_bytes = tensor_bytes(state)
     shards = data.shards
     results: dict[int, PointerBase] = {}
     for index in sampled:
@@ -459,7 +456,7 @@ async def _round(
             else 0.0
         ),
         bytes_sent=state_bytes * len(sampled),
-        bytes_received=sum(_nbytes(reply["state"]) for _, reply, _ in updates),
+        bytes_received=sum(tensor_bytes(reply["state"]) for _, reply, _ in updates),
     )
 
 

@@ -38,7 +38,7 @@ from ._local_update import local_update
 from ._messages import Call, Failure, Fetch, ListObjects, Message, Ref, Release, Reply, Store
 from ._ops import OPERATIONS, WORKER_OPERATIONS
 
-__all__ = ["Failed", "Session", "WorkerActor", "in_process_workers", "snapshot"]
+__all__ = ["Failed", "Session", "WorkerActor", "in_process_workers", "snapshot", "tensor_bytes"]
 
 # Workers running in this process, by id: what ``memory://ID`` URLs name.
 _in_process: dict[str, WorkerActor] = {}
@@ -382,13 +382,13 @@ class WorkerActor:
             kind = type(message)
             if kind is Call or kind is Store:
                 id_ = message.id  # type: ignore[union-attr]
-                session.memory_used -= _nbytes(objects.pop(id_, None))
+                session.memory_used -= tensor_bytes(objects.pop(id_, None))
                 value = (
                     self._call(objects, message)  # type: ignore[arg-type]
                     if kind is Call
                     else message.value  # type: ignore[union-attr]
                 )
-                size = _nbytes(value)
+                size = tensor_bytes(value)
                 if session.memory_used + size > quota:
                     value = Failed(
                         "limit",
@@ -401,10 +401,10 @@ class WorkerActor:
                 session.memory_used += size
             elif kind is Release:
                 for id_ in message.ids:  # type: ignore[union-attr]
-                    session.memory_used -= _nbytes(objects.pop(id_, None))
+                    session.memory_used -= tensor_bytes(objects.pop(id_, None))
             elif kind is Fetch:
                 if message.free:  # type: ignore[union-attr]
-                    session.memory_used -= _nbytes(objects.get(message.id))  # type: ignore[union-attr]
+                    session.memory_used -= tensor_bytes(objects.get(message.id))  # type: ignore[union-attr]
                 replies.append(self._fetch(session, message))  # type: ignore[arg-type]
             elif kind is ListObjects:
                 replies.append(Reply(message.request, sorted(objects)))  # type: ignore[union-attr]
@@ -449,17 +449,20 @@ class WorkerActor:
 _MISSING: Any = object()
 
 
-def _nbytes(value: Any) -> int:
-    """The bytes of tensor data in ``value``, for memory quotas (views count in full)."""
+def tensor_bytes(value: Any) -> int:
+    """The bytes of tensor data in ``value`` (grads included; views count in full).
+
+    What memory quotas count, and what a federated round reports it moved.
+    """
     if isinstance(value, torch.Tensor):
         size = value.numel() * value.element_size()
         if value.is_leaf and value.grad is not None:
             size += value.grad.numel() * value.grad.element_size()
         return size
     if type(value) is list or type(value) is tuple:
-        return sum(_nbytes(item) for item in value)
+        return sum(tensor_bytes(item) for item in value)
     if type(value) is dict:
-        return sum(_nbytes(item) for item in value.values())
+        return sum(tensor_bytes(item) for item in value.values())
     return 0
 
 

@@ -72,29 +72,6 @@ def _model(kind: type[nn.Module] = Tiny, seed: int = 0) -> nn.Module:
     return kind()
 
 
-def _train_locally(
-    model: nn.Module,
-    data: tuple[torch.Tensor, torch.Tensor],
-    *,
-    seed: int,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-) -> None:
-    """What a worker's local update does, written in plain torch."""
-    examples, labels = data
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    order = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        permutation = torch.randperm(len(examples), generator=order)
-        for start in range(0, len(examples), batch_size):
-            batch = permutation[start : start + batch_size]
-            loss = F.cross_entropy(model(examples[batch]), labels[batch])
-            optimizer.zero_grad()
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-
-
 def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-6) -> bool:
     return a.keys() == b.keys() and all(
         torch.allclose(a[key].double(), b[key].double(), atol=atol) for key in a
@@ -292,7 +269,7 @@ async def test_fedavg_on_one_worker_equals_plain_local_training(ft_workers: Work
     local = _model()
     for round in range(1, 4):
         seed = worker_seed(7, round, 0)
-        _train_locally(local, data, seed=seed, epochs=2, lr=0.1, batch_size=16)
+        train_centrally(local, data, seed=seed, epochs=2, lr=0.1, batch_size=16)
     assert _close(model.state_dict(), local.state_dict())
     assert [m.completed for m in history] == [("bob",)] * 3
     assert history[0].bytes_sent == sum(v.numel() * 4 for v in model.state_dict().values())
@@ -310,7 +287,7 @@ async def test_an_lstm_trains_federatedly_as_it_does_locally(
     del federated
     local = _model(Recurrent)
     for round in (1, 2):
-        _train_locally(local, data, seed=worker_seed(4, round, 0), epochs=1, lr=0.1, batch_size=16)
+        train_centrally(local, data, seed=worker_seed(4, round, 0), epochs=1, lr=0.1, batch_size=16)
     assert _close(model.state_dict(), local.state_dict())
 
 
@@ -330,7 +307,7 @@ async def test_fedavg_weights_updates_by_examples(ft_virtual_workers: WorkerFact
     trained = []
     for index, part in enumerate(parts):
         local = _model()
-        _train_locally(local, part, seed=worker_seed(3, 1, index), epochs=1, lr=0.1, batch_size=10)
+        train_centrally(local, part, seed=worker_seed(3, 1, index), epochs=1, lr=0.1, batch_size=10)
         trained.append(local.state_dict())
     weighted = {key: (100 * trained[0][key] + 30 * trained[1][key]) / 130 for key in trained[0]}
     unweighted = {key: (trained[0][key] + trained[1][key]) / 2 for key in trained[0]}
