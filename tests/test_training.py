@@ -438,17 +438,20 @@ async def test_a_worker_killed_during_a_round_is_dropped_and_the_run_goes_on(
         ]
         federated = ft.federate(_data(600), workers, seed=0)
         first_round_done = asyncio.Event()
+        frames_in_round_one: list[int] = []
 
         async def kill_during_round_two() -> None:
             await first_round_done.wait()
-            before = doomed.log().count("received")
             # Another process's log offers no event to wait on: poll it, with a deadline.
-            while doomed.log().count("received") == before:  # noqa: ASYNC110
+            while doomed.log().count("received") == frames_in_round_one[0]:  # noqa: ASYNC110
                 await anyio.sleep(0.01)
             doomed.kill()  # round 2's update has reached it: it dies mid-round
 
         def on_round(metrics: ft.RoundMetrics) -> None:
-            first_round_done.set()
+            if metrics.round == 1:
+                # Counted before round 2's commands even exist: its frame is the next one.
+                frames_in_round_one.append(doomed.log().count("received"))
+                first_round_done.set()
 
         with anyio.fail_after(60):
             killer = asyncio.ensure_future(kill_during_round_two())
