@@ -79,14 +79,30 @@ class Reassembler:
         self._buffer: memoryview | None = None
         self._view: memoryview | None = None
         self._filled = 0
+        self._placed: memoryview | None = None
 
     @property
     def pending(self) -> int:
         """Bytes of the frame being reassembled that are still to come."""
         return 0 if self._buffer is None else len(self._buffer) - self._filled
 
+    def destination(self, length: int) -> memoryview | None:
+        """Where the next message, of ``length`` bytes, can be received in place.
+
+        Only while a split frame has room for it; the message must then be fed
+        as the very view returned, which :meth:`feed` takes without copying.
+        """
+        if self._view is None or self._filled + length > len(self._view):
+            return None
+        self._placed = self._view[self._filled : self._filled + length]
+        return self._placed
+
     def feed(self, message: Buffer) -> memoryview | None:
         """Take one message; return a complete frame, or ``None`` while one is partial."""
+        if message is self._placed and self._placed is not None:
+            self._placed = None
+            return self._advance(len(message))
+        self._placed = None
         view = memoryview(message).cast("B")
         if self._buffer is not None:
             return self._append(view)
@@ -122,8 +138,12 @@ class Reassembler:
         if end > len(self._buffer):
             raise ProtocolError("a split frame carried more bytes than it declared")
         self._view[self._filled : end] = data
-        self._filled = end
-        if end < len(self._buffer):
+        return self._advance(len(data))
+
+    def _advance(self, size: int) -> memoryview | None:
+        assert self._buffer is not None
+        self._filled += size
+        if self._filled < len(self._buffer):
             return None
         frame = self._buffer
         self._buffer = self._view = None

@@ -195,10 +195,11 @@ async def _run_worker(server: WorkerServer, host: str, port: int) -> None:
         loop.add_signal_handler(signum, server.shutdown)
     async with anyio.create_task_group() as task_group:
         url = await task_group.start(server.serve, host, port)
-        print(f"fedtensor worker {server.id} ready on {url}", flush=True)
+        # Logged before the ready line: whoever waits for that line may read the log.
         logging.getLogger("fedtensor.server").info(
             "worker %s ready on %s (torch threads: %d)", server.id, url, torch.get_num_threads()
         )
+        print(f"fedtensor worker {server.id} ready on {url}", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,14 +16,16 @@ Per connection:
   names a session (``X-Fedtensor-Session``) keeps it for ``session_ttl``
   seconds after a disconnection and gets it back when it reconnects with the
   same name; a name already attached to a live connection is refused (409).
-- A reader turns messages into frames (:mod:`fedtensor._chunks`) and frames
-  into commands (:mod:`fedtensor._codec`) and submits them. Bytes that are not
-  a valid frame close the connection with a reason (1007; 1009 for a frame over
-  the size limit; 1008 for a message that is not a command). Commands beyond
-  the pending limit are not run: their results become ``LimitExceeded`` errors.
+- Frames are read and written by a :class:`~fedtensor._wsio.WebSocketPeer`
+  (this module's :class:`_ServerPeer`) on the event loop. Each complete frame
+  is decoded into commands (:mod:`fedtensor._codec`) and submitted in the same
+  call that received it. Bytes that are not a valid frame close the
+  connection with a reason (1007; 1009 for a frame over the size limit; 1008
+  for a message that is not a command). Commands beyond the pending limit are
+  not run: their results become ``LimitExceeded`` errors.
 - Replies are encoded on the actor's thread (so a value that cannot be encoded
-  fails its own fetch) and written by a writer task, split into messages of at
-  most ``max_message`` bytes.
+  fails its own fetch) and handed to the event loop, which writes them split
+  into messages of at most ``max_message`` bytes.
 
 Shutdown (:meth:`WorkerServer.shutdown`, on SIGINT/SIGTERM in the CLI) stops
 accepting connections, lets the actor finish every command already received,
@@ -44,17 +46,14 @@ from http import HTTPStatus
 import anyio
 import anyio.abc
 import torch
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed
-from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
+from websockets.server import ServerProtocol
 
-from ._chunks import Reassembler, split_frame
-from ._codec import Chunk, decode_frame, encode_frame
+from ._codec import decode_frame, encode_frame
 from ._exceptions import LimitExceeded, ProtocolError
 from ._messages import Call, Fetch, ListObjects, Message, Release, Store
 from ._worker import Failed, Session, WorkerActor
+from ._wsio import WebSocketPeer
 
 __all__ = ["Limits", "WorkerServer"]
 
@@ -66,6 +65,16 @@ _COMMANDS = (Store, Call, Fetch, Release, ListObjects)
 WORKER_HEADER = "X-Fedtensor-Worker"
 #: The HTTP header in which a client names a session that outlives its connection.
 SESSION_HEADER = "X-Fedtensor-Session"
+
+#: Seconds a client has to complete the handshake, and to answer a close.
+_OPEN_TIMEOUT = 10.0
+_CLOSE_TIMEOUT = 10.0
+
+# Close codes (RFC 6455 section 7.4.1).
+_GOING_AWAY = 1001
+_INVALID_DATA = 1007
+_POLICY_VIOLATION = 1008
+_MESSAGE_TOO_BIG = 1009
 
 
 @dataclass(frozen=True)
@@ -80,16 +89,6 @@ class Limits:
     memory_quota: int | None = None
     #: Commands one client may have received and not yet run.
     max_pending: int = 100_000
-
-
-class _Link:
-    """One client connection: its session and its queue of outgoing frames."""
-
-    def __init__(self, connection: ServerConnection, session: Session) -> None:
-        self.connection = connection
-        self.session = session
-        # Encoded reply frames to write; None: close the connection (going away).
-        self.outgoing: asyncio.Queue[list[Chunk] | None] = asyncio.Queue()
 
 
 class WorkerServer:
@@ -113,17 +112,20 @@ class WorkerServer:
         self.actor = WorkerActor(id, threaded=True, datasets=datasets)
         self._token = token.encode() if token is not None else None
         self._ssl = ssl
-        self._ping_interval = ping_interval
-        self._ping_timeout = ping_timeout
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
         self._grace = grace
-        self._links: set[_Link] = set()
+        self._peers: set[_ServerPeer] = set()
         self._session_ttl = session_ttl
         self._attached: set[str] = set()  # named sessions with a live connection
         self._detached: dict[str, tuple[Session, asyncio.TimerHandle]] = {}
-        self._server: Server | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = asyncio.Event()
         self.url: str | None = None
+        max_frame = self.limits.max_frame
+        if self.limits.memory_quota is not None:
+            # A frame is stored data: none may be larger than what the client may store.
+            max_frame = min(max_frame, self.limits.memory_quota + self.limits.max_message)
+        self.max_frame = max_frame
 
     # -- life cycle --------------------------------------------------------------------------------
 
@@ -135,26 +137,14 @@ class WorkerServer:
         task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Listen on ``host:port`` (0: any free port) until :meth:`shutdown`."""
-        self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         thread = threading.Thread(
             target=self.actor.serve_in_thread, name=f"fedtensor-worker-{self.id}", daemon=True
         )
         thread.start()
         try:
-            async with serve(
-                self._handle,
-                host,
-                port,
-                process_request=self._authenticate,
-                process_response=self._name_worker,
-                compression=None,  # permessage-deflate moves tensors at ~25 MB/s
-                max_size=self.limits.max_message + 16,  # room for the chunk header
-                ping_interval=self._ping_interval,
-                ping_timeout=self._ping_timeout,
-                ssl=self._ssl,
-                server_header=None,
-            ) as server:
-                self._server = server
+            server = await loop.create_server(lambda: _ServerPeer(self), host, port, ssl=self._ssl)
+            async with server:
                 bound = server.sockets[0].getsockname()
                 scheme = "wss" if self._ssl is not None else "ws"
                 self.url = f"{scheme}://{bound[0]}:{bound[1]}"
@@ -162,6 +152,8 @@ class WorkerServer:
                 await self._stopping.wait()
                 await self._drain_and_close(server)
         finally:
+            for peer in list(self._peers):
+                peer.abort("the worker stopped")
             for _session, expiry in self._detached.values():
                 expiry.cancel()
             self._detached.clear()
@@ -172,22 +164,28 @@ class WorkerServer:
         """Finish in-flight commands, close every connection, and return from :meth:`serve`."""
         self._stopping.set()
 
-    async def _drain_and_close(self, server: Server) -> None:
-        server.close(close_connections=False)  # no new connections
+    async def _drain_and_close(self, server: asyncio.Server) -> None:
+        server.close()  # no new connections
         finished = asyncio.Event()
         loop = asyncio.get_running_loop()
-        # Everything received before this point runs before the barrier is reached.
+        # Everything received before this point runs before the barrier is reached;
+        # its replies are handed to the loop before ``finished`` is set.
         self.actor.barrier(lambda: _call_soon(loop, finished.set))
         with anyio.move_on_after(self._grace):
             await finished.wait()
-        for link in list(self._links):
-            link.outgoing.put_nowait(None)  # after the replies already queued
+        peers = list(self._peers)
+        for peer in peers:
+            peer.close(_GOING_AWAY, "worker shutting down")  # after the queued replies
         with anyio.move_on_after(self._grace):
-            await server.wait_closed()
+            for peer in peers:
+                await peer.closed
 
     # -- handshake ---------------------------------------------------------------------------------
 
-    def _authenticate(self, connection: ServerConnection, request: Request) -> Response | None:
+    def _authenticate(
+        self, peer: _ServerPeer, protocol: ServerProtocol, request: Request
+    ) -> Response | None:
+        """A response refusing the handshake, or None to accept it."""
         if self._token is not None:
             given = request.headers.get("Authorization", "")
             scheme, _, credentials = given.partition(" ")
@@ -196,73 +194,55 @@ class WorkerServer:
                 credentials.encode(), self._token
             ):
                 _log.warning(
-                    "refused a handshake from %s: bad or missing token", connection.remote_address
+                    "refused a handshake from %s: bad or missing token", peer.remote_address
                 )
-                response = connection.respond(HTTPStatus.UNAUTHORIZED, "missing or invalid token\n")
+                response = protocol.reject(HTTPStatus.UNAUTHORIZED, "missing or invalid token\n")
                 response.headers["WWW-Authenticate"] = 'Bearer realm="fedtensor"'
                 return response
         name = request.headers.get(SESSION_HEADER)
         if name is not None and name in self._attached:
-            return connection.respond(HTTPStatus.CONFLICT, "that session is in use\n")
+            return protocol.reject(HTTPStatus.CONFLICT, "that session is in use\n")
         return None
-
-    def _name_worker(
-        self, connection: ServerConnection, request: Request, response: Response
-    ) -> Response:
-        headers: Headers = response.headers
-        headers[WORKER_HEADER] = self.id
-        return response
 
     # -- one connection ----------------------------------------------------------------------------
 
-    async def _handle(self, connection: ServerConnection) -> None:
+    def _connected(self, peer: _ServerPeer, name: str | None) -> None:
         loop = asyncio.get_running_loop()
-        link: _Link | None = None
 
         def deliver(replies: list[Message]) -> None:
             # On the actor's thread: encoding here lets a value that cannot be
             # encoded fail its own fetch (the actor retries reply by reply).
             chunks = encode_frame(replies)
-            loop.call_soon_threadsafe(outgoing_put, chunks)
+            loop.call_soon_threadsafe(peer.send_frame, chunks)
 
         def lost(exc: BaseException) -> None:
-            loop.call_soon_threadsafe(outgoing_put, None)
+            loop.call_soon_threadsafe(peer.close, _GOING_AWAY, "worker shutting down")
 
-        def outgoing_put(chunks: list[Chunk] | None) -> None:
-            if link is not None:
-                link.outgoing.put_nowait(chunks)
+        peer.name = name
+        peer.session = self._attach(name, deliver, lost)
+        self._peers.add(peer)
+        _log.info("client %s connected (session %s)", peer.remote_address, name)
 
-        assert connection.request is not None
-        name = connection.request.headers.get(SESSION_HEADER)
-        session = self._attach(name, deliver, lost)
-        link = _Link(connection, session)
-        self._links.add(link)
-        _log.info("client %s connected (session %s)", connection.remote_address, name)
-        try:
-            async with anyio.create_task_group() as task_group:
-                task_group.start_soon(self._write, link)
-                await self._read(link)
-                # The reader ended (the client left, or was closed for bad input).
-                task_group.cancel_scope.cancel()
-        finally:
-            self._links.discard(link)
-            count = len(session.objects)
-            if name is None:
-                session.close()
-                _log.info(
-                    "client %s disconnected; its %d objects are freed",
-                    connection.remote_address,
-                    count,
-                )
-            else:
-                self._detach(name, session)
-                _log.info(
-                    "client %s disconnected; session %s keeps its %d objects for %g s",
-                    connection.remote_address,
-                    name,
-                    count,
-                    self._session_ttl,
-                )
+    def _disconnected(self, peer: _ServerPeer) -> None:
+        self._peers.discard(peer)
+        session, name = peer.session, peer.name
+        if session is None:
+            return
+        count = len(session.objects)
+        if name is None:
+            session.close()
+            _log.info(
+                "client %s disconnected; its %d objects are freed", peer.remote_address, count
+            )
+        else:
+            self._detach(name, session)
+            _log.info(
+                "client %s disconnected; session %s keeps its %d objects for %g s",
+                peer.remote_address,
+                name,
+                count,
+                self._session_ttl,
+            )
 
     def _attach(
         self,
@@ -297,60 +277,81 @@ class WorkerServer:
             kept[0].close()
             _log.info("session %s expired; its objects are freed", name)
 
-    async def _read(self, link: _Link) -> None:
-        connection, session, limits = link.connection, link.session, self.limits
-        max_frame = limits.max_frame
-        if limits.memory_quota is not None:
-            # A frame is stored data: none may be larger than what the client may store.
-            max_frame = min(max_frame, limits.memory_quota + limits.max_message)
-        reassembler = Reassembler(max_frame)
+    def _frame_received(self, peer: _ServerPeer, frame: memoryview) -> None:
+        session, limits = peer.session, self.limits
+        assert session is not None
         try:
-            async for message in connection:
-                if isinstance(message, str):
-                    await _close(connection, CloseCode.UNSUPPORTED_DATA, "text is not a frame")
-                    return
-                try:
-                    frame = reassembler.feed(message)
-                    if frame is None:
-                        continue
-                    batch = decode_frame(frame)
-                except LimitExceeded as exc:
-                    await _close(connection, CloseCode.MESSAGE_TOO_BIG, str(exc))
-                    return
-                except ProtocolError as exc:
-                    await _close(connection, CloseCode.INVALID_DATA, f"bad frame: {exc}")
-                    return
-                stray = next((m for m in batch if not isinstance(m, _COMMANDS)), None)
-                if stray is not None:
-                    reason = f"{type(stray).__name__} is not a command"
-                    await _close(connection, CloseCode.POLICY_VIOLATION, reason)
-                    return
-                if session.pending + len(batch) > limits.max_pending:
-                    if session.pending > 2 * limits.max_pending:
-                        # Refusing costs queue space too: a client that keeps
-                        # flooding is cut off rather than allowed to grow it.
-                        reason = f"over {limits.max_pending} pending commands"
-                        await _close(connection, CloseCode.POLICY_VIOLATION, reason)
-                        return
-                    batch = _refuse(batch, limits.max_pending)
-                session.submit(batch)
-                _log.debug("received %d commands from %s", len(batch), connection.remote_address)
-        except ConnectionClosed:
-            pass
+            batch = decode_frame(frame)
+        except LimitExceeded as exc:
+            peer.fail(_MESSAGE_TOO_BIG, str(exc))
+            return
+        except ProtocolError as exc:
+            peer.fail(_INVALID_DATA, f"bad frame: {exc}")
+            return
+        stray = next((m for m in batch if not isinstance(m, _COMMANDS)), None)
+        if stray is not None:
+            peer.fail(_POLICY_VIOLATION, f"{type(stray).__name__} is not a command")
+            return
+        if session.pending + len(batch) > limits.max_pending:
+            if session.pending > 2 * limits.max_pending:
+                # Refusing costs queue space too: a client that keeps
+                # flooding is cut off rather than allowed to grow it.
+                peer.fail(_POLICY_VIOLATION, f"over {limits.max_pending} pending commands")
+                return
+            batch = _refuse(batch, limits.max_pending)
+        session.submit(batch)
+        _log.debug("received %d commands from %s", len(batch), peer.remote_address)
 
-    async def _write(self, link: _Link) -> None:
-        connection, outgoing = link.connection, link.outgoing
-        max_message = self.limits.max_message
-        try:
-            while True:
-                chunks = await outgoing.get()
-                if chunks is None:
-                    await connection.close(CloseCode.GOING_AWAY, "worker shutting down")
-                    return
-                for message in split_frame(chunks, max_message):
-                    await connection.send(message)
-        except ConnectionClosed:
-            pass
+
+class _ServerPeer(WebSocketPeer):
+    """The worker's end of one client's connection."""
+
+    client = False
+
+    def __init__(self, server: WorkerServer) -> None:
+        super().__init__(
+            max_message=server.limits.max_message,
+            max_frame=server.max_frame,
+            ping_interval=server.ping_interval,
+            ping_timeout=server.ping_timeout,
+            open_timeout=_OPEN_TIMEOUT,
+            close_timeout=_CLOSE_TIMEOUT,
+        )
+        self.server = server
+        self.session: Session | None = None
+        self.name: str | None = None
+
+    def handshake_received(self, head: bytes) -> bool:
+        assert self.transport is not None
+        protocol = ServerProtocol(logger=_log)
+        protocol.receive_data(head)
+        events = protocol.events_received()
+        request = events[0] if events else None
+        if not isinstance(request, Request) or protocol.handshake_exc is not None:
+            response = protocol.reject(HTTPStatus.BAD_REQUEST, "not a websocket handshake\n")
+        else:
+            response = self.server._authenticate(self, protocol, request) or protocol.accept(
+                request
+            )
+        if response.status_code == 101:
+            response.headers[WORKER_HEADER] = self.server.id
+        protocol.send_response(response)
+        for data in protocol.data_to_send():
+            if data:
+                self.transport.write(data)
+        if response.status_code != 101:
+            self.transport.close()
+            return False
+        assert isinstance(request, Request)
+        self.opened()
+        self.server._connected(self, request.headers.get(SESSION_HEADER))
+        return True
+
+    def frame_received(self, frame: memoryview) -> None:
+        self.server._frame_received(self, frame)
+
+    def connection_closed(self) -> None:
+        self.server._disconnected(self)
 
 
 def _drop_replies(replies: list[Message]) -> None:
@@ -375,10 +376,3 @@ def _refuse(batch: Sequence[Message], max_pending: int) -> list[Message]:
         else:
             refused.append(message)
     return refused
-
-
-async def _close(connection: ServerConnection, code: CloseCode, reason: str) -> None:
-    # A close reason must fit in a control frame: 123 bytes of UTF-8.
-    encoded = reason.encode()[:123]
-    _log.warning("closing %s: %s", connection.remote_address, reason)
-    await connection.close(code, encoded.decode(errors="ignore"))

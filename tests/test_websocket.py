@@ -457,7 +457,7 @@ def _drop_connection(worker: ft.RemoteWorker) -> None:
     """Cut the TCP connection under the client, as a network failure would."""
     connection = worker.client._connection
     assert connection is not None
-    connection._websocket.transport.abort()  # type: ignore[attr-defined]
+    connection.transport.abort()  # type: ignore[attr-defined]
 
 
 async def test_a_named_session_survives_a_lost_connection(worker: WorkerProcess) -> None:

@@ -22,9 +22,10 @@
     thread of its own, so it answers pings during long operations: a timeout
     means the worker, its host or the network is gone.
 
-Commands are encoded when the client flushes its outbox, and a writer task
-sends them in order; a reader task decodes replies. Both stop when the
-connection closes, and every pending wait then fails with
+Commands are encoded and written when the client flushes its outbox; replies
+are decoded and handed to the client in the call that received them (see
+:mod:`fedtensor._wsio`: no reader or writer task stands in between). When the
+connection ends, every pending wait fails with
 :class:`~fedtensor.WorkerUnavailable` (or :class:`~fedtensor.LimitExceeded`
 when the worker closed the connection for crossing a limit).
 """
@@ -38,13 +39,12 @@ import ssl as ssl_module
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from websockets.asyncio.client import ClientConnection
-from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
-from websockets.frames import CloseCode
+from websockets.client import ClientProtocol
+from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.http11 import Response
+from websockets.uri import parse_uri
 
-from fedtensor._chunks import Reassembler, split_frame
-from fedtensor._codec import Chunk, decode_frame, encode_frame
+from fedtensor._codec import decode_frame, encode_frame
 from fedtensor._exceptions import (
     AuthenticationFailed,
     FedTensorError,
@@ -54,6 +54,7 @@ from fedtensor._exceptions import (
 )
 from fedtensor._messages import Command
 from fedtensor._server import SESSION_HEADER, WORKER_HEADER
+from fedtensor._wsio import WebSocketPeer
 from fedtensor.abc import Connection, ReplySink, Transport
 
 __all__ = ["WebSocketConnection", "WebSocketTransport"]
@@ -61,89 +62,128 @@ __all__ = ["WebSocketConnection", "WebSocketTransport"]
 DEFAULT_MAX_MESSAGE = 1 << 20
 DEFAULT_MAX_FRAME = 16 << 30
 
+_MESSAGE_TOO_BIG = 1009
+
+
+class _ClientPeer(WebSocketPeer):
+    """The client's end of a connection to a worker process."""
+
+    client = True
+
+    def __init__(self, protocol: ClientProtocol, headers: list[tuple[str, str]], **options: Any):
+        super().__init__(**options)
+        self.protocol = protocol
+        self.headers = headers
+        self.handshake: asyncio.Future[Response] = self.loop.create_future()
+        self.connection: WebSocketConnection | None = None
+        self._fed = 0  # handshake bytes given to the protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        request = self.protocol.connect()
+        for name, value in self.headers:
+            request.headers[name] = value
+        request.headers["User-Agent"] = "fedtensor"
+        self.protocol.send_request(request)
+        for data in self.protocol.data_to_send():
+            if data:
+                self.transport.write(data)  # type: ignore[union-attr]
+
+    def handshake_received(self, head: bytes) -> bool:
+        # A refusal's body follows its head: read on until the response is whole.
+        received = bytes(self.handshake_bytes)
+        self.protocol.receive_data(received[self._fed :])
+        self._fed = len(received)
+        return self._check_response()
+
+    def _check_response(self) -> bool:
+        response = next(
+            (e for e in self.protocol.events_received() if isinstance(e, Response)), None
+        )
+        if response is None:
+            return False
+        if self.protocol.handshake_exc is not None:
+            self._fail_handshake(self.protocol.handshake_exc)
+            return False
+        self.opened()
+        if not self.handshake.done():
+            self.handshake.set_result(response)
+        return True
+
+    def _fail_handshake(self, exc: BaseException) -> None:
+        if not self.handshake.done():
+            self.handshake.set_exception(exc)
+        if self.transport is not None:
+            self.transport.close()
+
+    def frame_received(self, frame: memoryview) -> None:
+        assert self.connection is not None
+        try:
+            replies = decode_frame(frame)
+        except ProtocolError as exc:
+            self.connection.error = exc
+            self.fail(1002, "bad frame")
+            return
+        self.connection.sink.replies_received(replies)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.state == "connecting" and not self.handshake.done():
+            # A refusal ends with its body: the parser may be waiting for EOF.
+            self.protocol.receive_eof()
+            if not self._check_response() and not self.handshake.done():
+                self.handshake.set_exception(
+                    ConnectionError(
+                        self.local_reason or "the connection closed during the handshake"
+                    )
+                )
+        super().connection_lost(exc)
+
+    def connection_closed(self) -> None:
+        if self.connection is not None:
+            self.connection.closed()
+
 
 class WebSocketConnection(Connection):
     """A client's connection to one worker process."""
 
-    def __init__(
-        self,
-        websocket: ClientConnection,
-        sink: ReplySink,
-        *,
-        max_message: int,
-        max_frame: int,
-        close_timeout: float,
-    ) -> None:
-        self._websocket = websocket
-        self._sink = sink
-        self._max_message = max_message
-        self._reassembler = Reassembler(max_frame)
-        self._close_timeout = close_timeout
+    def __init__(self, peer: _ClientPeer, sink: ReplySink, response: Response) -> None:
+        self._peer = peer
+        self.sink = sink
+        self.error: FedTensorError | None = None
         self._closing = False
-        # Encoded frames to write, in order; None: flush and stop.
-        self._outgoing: asyncio.Queue[list[Chunk] | None] = asyncio.Queue()
-        self.worker_id = (
-            websocket.response.headers.get(WORKER_HEADER) if websocket.response else None
-        )
-        self._writer = asyncio.create_task(self._write(), name="fedtensor-ws-writer")
-        self._reader = asyncio.create_task(self._read(), name="fedtensor-ws-reader")
+        self.worker_id = response.headers.get(WORKER_HEADER)
+        peer.connection = self
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self._peer.transport
 
     def send(self, batch: Sequence[Command]) -> None:
         # Encoded now: the values in commands are the client's own copies, so the
-        # chunks may point into them until the writer has sent them.
-        self._outgoing.put_nowait(encode_frame(batch))
+        # chunks may point into them until they are written.
+        self._peer.send_frame(encode_frame(batch))
 
-    async def _write(self) -> None:
-        websocket, outgoing = self._websocket, self._outgoing
-        try:
-            while (chunks := await outgoing.get()) is not None:
-                for message in split_frame(chunks, self._max_message):
-                    await websocket.send(message)
-        except ConnectionClosed:
-            pass  # the reader reports why
-
-    async def _read(self) -> None:
-        error: FedTensorError | None = None
-        try:
-            async for message in self._websocket:
-                if isinstance(message, str):
-                    raise ProtocolError("the worker sent text, not a frame")
-                frame = self._reassembler.feed(message)
-                if frame is not None:
-                    self._sink.replies_received(decode_frame(frame))
-        except ConnectionClosed:
-            pass
-        except (ProtocolError, LimitExceeded) as exc:
-            error = exc
-            await self._websocket.close(CloseCode.PROTOCOL_ERROR, str(exc)[:120])
-        if error is None:
-            error = _closed_error(self._websocket)
+    def closed(self) -> None:
         if not self._closing:
-            self._writer.cancel()  # nothing more can be sent
-            self._sink.connection_lost(error)
+            self.sink.connection_lost(self.error or _closed_error(self._peer))
 
     async def aclose(self) -> None:
         self._closing = True
-        self._outgoing.put_nowait(None)
+        self._peer.close()
         with contextlib.suppress(builtins.TimeoutError):
-            async with asyncio.timeout(self._close_timeout):
-                await self._writer
-        self._writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._writer
-        await self._websocket.close()
-        with contextlib.suppress(builtins.TimeoutError, asyncio.CancelledError):
-            async with asyncio.timeout(self._close_timeout):
-                await self._reader
+            async with asyncio.timeout(self._peer._close_timeout + 1.0):
+                await asyncio.shield(self._peer.closed)
+        self._peer.abort("closed by the client")
 
 
-def _closed_error(websocket: ClientConnection) -> FedTensorError:
-    code = websocket.close_code
-    reason = websocket.close_reason or "no reason given"
-    if code == CloseCode.MESSAGE_TOO_BIG:
+def _closed_error(peer: WebSocketPeer) -> FedTensorError:
+    code = peer.close_code
+    reason = peer.close_reason or "no reason given"
+    if code == _MESSAGE_TOO_BIG:
         return LimitExceeded(f"the worker closed the connection: {reason}")
-    if code is None or code == CloseCode.ABNORMAL_CLOSURE:
-        return WorkerUnavailable("the connection to the worker broke (no close frame)")
+    if code is None or code == 1006:
+        why = f": {peer.local_reason}" if peer.local_reason else " (no close frame)"
+        return WorkerUnavailable(f"the connection to the worker broke{why}")
     return WorkerUnavailable(f"the worker closed the connection (code {code}: {reason})")
 
 
@@ -164,26 +204,41 @@ class WebSocketTransport(Transport):
         ping_timeout: float | None = options.pop("ping_timeout", 20.0)
         if options:
             raise TypeError(f"unknown options for {url}: {', '.join(sorted(options))}")
+        try:
+            uri = parse_uri(url)
+        except InvalidURI as exc:
+            raise WorkerUnavailable(f"cannot reach a worker at {url}: {exc}") from exc
         headers = [("Authorization", f"Bearer {token}")] if token is not None else []
         if session is not None:
             headers.append((SESSION_HEADER, session))
         # wss:// verifies the worker's certificate against the system's trust store
         # unless a context is given; ws:// takes none.
-        tls: dict[str, Any] = {"ssl": ssl} if ssl is not None and url.startswith("wss:") else {}
-        try:
-            websocket = await ws_connect(
-                url,
-                additional_headers=headers,
-                compression=None,  # permessage-deflate moves tensors at ~25 MB/s
-                max_size=max_message + 16,  # room for the chunk header
-                open_timeout=timeout,
-                close_timeout=min(timeout, 10.0),
+        tls = (ssl or ssl_module.create_default_context()) if uri.secure else None
+        loop = asyncio.get_running_loop()
+
+        def make_peer() -> _ClientPeer:
+            return _ClientPeer(
+                ClientProtocol(uri, max_size=None),
+                headers,
+                max_message=max_message,
+                max_frame=max_frame,
                 ping_interval=ping_interval,
                 ping_timeout=ping_timeout,
-                **tls,
-                proxy=None,
-                user_agent_header="fedtensor",
+                open_timeout=timeout,
+                close_timeout=min(timeout, 10.0),
             )
+
+        peer: _ClientPeer | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                _, peer = await loop.create_connection(
+                    make_peer,
+                    uri.host,
+                    uri.port,
+                    ssl=tls,
+                    server_hostname=uri.host if tls else None,
+                )
+                response = await peer.handshake
         except InvalidStatus as exc:
             status = exc.response.status_code
             if status == 409:
@@ -196,12 +251,8 @@ class WebSocketTransport(Transport):
                     "missing or wrong token"
                 ) from exc
             raise WorkerUnavailable(f"the worker at {url} answered HTTP {status}") from exc
-        except (OSError, InvalidHandshake, InvalidURI, builtins.TimeoutError) as exc:
+        except (OSError, InvalidHandshake, builtins.TimeoutError) as exc:
+            if peer is not None:
+                peer.abort("the handshake failed")
             raise WorkerUnavailable(f"cannot reach a worker at {url}: {exc}") from exc
-        return WebSocketConnection(
-            websocket,
-            sink,
-            max_message=max_message,
-            max_frame=max_frame,
-            close_timeout=min(timeout, 10.0),
-        )
+        return WebSocketConnection(peer, sink, response)

@@ -1,0 +1,420 @@
+"""Websocket framing (RFC 6455, section 5), sans I/O: bytes in, events out.
+
+Theory of operation
+-------------------
+fedtensor's worker and client speak real websockets, but drive the frames
+themselves rather than through the ``websockets`` library's connection
+classes. Those classes serve any application well; fedtensor's traffic has two
+shapes they are not built for, and both are measured in ``benchmarks/``:
+
+* **Small frames, one at a time.** A round trip of one small command should
+  cost little more than the loopback itself. The I/O layer that drives this
+  parser (:mod:`fedtensor._wsio`) hands a frame to the application in the same
+  call that received its bytes: no reader task, no queue in between.
+* **Large frames.** A tensor of hundreds of megabytes must not be copied on
+  its way through. The parser lets the kernel write a large payload straight
+  into its final place (:meth:`Parser.get_buffer` hands out the destination,
+  which the owner chooses through ``allocate``: for fedtensor, the tensor's
+  slot in the frame being reassembled), and unmasks it there, in place, with
+  a vectorised XOR.
+
+What the parser accepts: binary messages, possibly fragmented, each at most
+``max_message`` bytes (:class:`Violation` with 1009 beyond it, checked on the
+header, before any allocation); ping, pong and close control frames. What it
+refuses, with the close code the peer is owed: reserved bits (no extension
+is ever negotiated), unknown opcodes, control frames that are fragmented or
+longer than 125 bytes, a continuation without a start, unmasked frames from a
+client or masked frames from a server, and a close frame with a malformed
+code or reason. Text messages are delivered (as :class:`Message` with
+``text=True``) for the owner to refuse.
+
+The builders (:func:`header`, :func:`control_frame`, :func:`masked`) make the
+bytes to send. Nothing here does I/O or knows about an event loop.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+try:  # the C version: the pure Python one is ~100x slower
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - websockets built without its extension
+    from websockets.utils import apply_mask
+
+from ._codec import _memory_of
+
+__all__ = [
+    "OP_BINARY",
+    "OP_CLOSE",
+    "OP_PING",
+    "OP_PONG",
+    "Close",
+    "Event",
+    "Message",
+    "Parser",
+    "Ping",
+    "Pong",
+    "Violation",
+    "close_frame",
+    "control_frame",
+    "header",
+    "masked",
+    "unmask",
+]
+
+OP_CONTINUATION = 0x0
+OP_TEXT = 0x1
+OP_BINARY = 0x2
+OP_CLOSE = 0x8
+OP_PING = 0x9
+OP_PONG = 0xA
+
+_DATA_OPCODES = (OP_CONTINUATION, OP_TEXT, OP_BINARY)
+_CONTROL_OPCODES = (OP_CLOSE, OP_PING, OP_PONG)
+
+#: Payloads at least this long are received straight into their destination;
+#: shorter ones are copied out of the receive buffer (cheaper than a switch).
+DIRECT_THRESHOLD = 64 << 10
+
+#: Close codes a peer may send (RFC 6455 section 7.4, plus the 3000-4999 range).
+_SENDABLE_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013))
+
+_U16 = struct.Struct(">H")
+_U64 = struct.Struct(">Q")
+_CLOSE_CODE = struct.Struct(">H")
+
+Buffer = bytes | bytearray | memoryview
+
+
+class Violation(Exception):
+    """The peer broke the protocol or a limit: close the connection with ``code``."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A complete data message (its fragments joined)."""
+
+    data: memoryview
+    text: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """A close frame: ``code`` 1005 when it carried none."""
+
+    code: int
+    reason: str
+
+
+Event = Message | Ping | Pong | Close
+
+
+# -- building frames ------------------------------------------------------------------------------
+
+
+def header(opcode: int, length: int, mask: bytes | None = None, *, fin: bool = True) -> bytes:
+    """The head of a frame carrying ``length`` payload bytes (masked with ``mask`` if given)."""
+    first = (0x80 if fin else 0) | opcode
+    bit = 0x80 if mask is not None else 0
+    if length < 126:
+        head = bytes((first, bit | length))
+    elif length < 1 << 16:
+        head = bytes((first, bit | 126)) + _U16.pack(length)
+    else:
+        head = bytes((first, bit | 127)) + _U64.pack(length)
+    return head if mask is None else head + mask
+
+
+def control_frame(opcode: int, payload: bytes, *, mask: bool) -> bytes:
+    """A whole control frame (ping, pong, close): at most 125 payload bytes."""
+    assert opcode in _CONTROL_OPCODES
+    assert len(payload) <= 125
+    if not mask:
+        return header(opcode, len(payload)) + payload
+    key = os.urandom(4)
+    return header(opcode, len(payload), key) + apply_mask(payload, key)
+
+
+def close_frame(code: int, reason: str, *, mask: bool) -> bytes:
+    """A close frame; the reason is cut to fit a control frame (123 bytes of UTF-8)."""
+    text = reason.encode()[:123].decode(errors="ignore").encode()
+    return control_frame(OP_CLOSE, _CLOSE_CODE.pack(code) + text, mask=mask)
+
+
+def masked(payload: Buffer, key: bytes, *, in_place: bool) -> Buffer:
+    """``payload`` masked with ``key``: in place when allowed (and writable), else a copy."""
+    view = memoryview(payload).cast("B")
+    if in_place and not view.readonly:
+        unmask(view, key)  # masking and unmasking are the same XOR
+        return view
+    if len(view) < 4096:
+        return apply_mask(view, key)
+    copy = _memory_of(torch.empty(len(view), dtype=torch.uint8))
+    copy[:] = view
+    unmask(copy, key)
+    return copy
+
+
+def unmask(view: memoryview, key: bytes) -> None:
+    """XOR ``view`` with the 4-byte ``key`` repeated, in place."""
+    n = len(view)
+    if n < 4096:
+        view[:] = apply_mask(view, key)
+        return
+    words = n // 8
+    # Eight bytes at a time: the key repeated twice, read as the little-endian
+    # int64 that the bytes of each word form in memory.
+    torch.frombuffer(view, dtype=torch.int64, count=words).bitwise_xor_(
+        int.from_bytes(key * 2, "little", signed=True)
+    )
+    tail = words * 8  # a multiple of 4: the key restarts there
+    if tail < n:
+        view[tail:] = apply_mask(view[tail:], key)
+
+
+# -- parsing frames -------------------------------------------------------------------------------
+
+
+def _fresh_buffer(length: int) -> memoryview:
+    return memoryview(bytearray(length))
+
+
+class Parser:
+    """Turns the bytes of one direction of a websocket connection into events.
+
+    ``masked``: whether frames must be masked (frames a server receives) or must
+    not be (frames a client receives). ``allocate(length)`` gives the writable
+    buffer that a large unfragmented binary message is received into.
+
+    Feed it as an :class:`asyncio.BufferedProtocol` is fed: write into
+    :meth:`get_buffer`, report with :meth:`buffer_updated`. Or call
+    :meth:`receive` with bytes. Each event goes to ``handle`` as soon as it is
+    parsed (before the next frame is even looked at, so that ``allocate`` sees
+    the effects of every earlier message); without ``handle``, events collect
+    in :attr:`events`.
+    """
+
+    def __init__(
+        self,
+        *,
+        masked: bool,
+        max_message: int,
+        allocate: Callable[[int], memoryview] = _fresh_buffer,
+        handle: Callable[[Event], None] | None = None,
+    ) -> None:
+        self.masked = masked
+        self.max_message = max_message
+        self._allocate = allocate
+        self._buffer = bytearray(max(4 * DIRECT_THRESHOLD, 256 << 10))
+        self._view = memoryview(self._buffer)
+        self._start = 0  # unparsed bytes are _buffer[_start:_end]
+        self._end = 0
+        # The payload being received straight into its destination, if any.
+        self._direct: memoryview | None = None
+        self._direct_filled = 0
+        self._direct_key: bytes | None = None
+        self._direct_fin = True
+        self._direct_opcode = OP_BINARY
+        # A fragmented message so far: its opcode and pieces.
+        self._fragments: list[Buffer] | None = None
+        self._fragments_size = 0
+        self._fragments_text = False
+        self.events: list[Event] = []
+        self._emit = handle or self.events.append
+
+    # -- input --------------------------------------------------------------------------------
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Where the next received bytes go (non-empty)."""
+        if self._direct is not None:
+            return self._direct[self._direct_filled :]
+        if len(self._buffer) - self._end < 4096 or self._start > len(self._buffer) // 2:
+            self._compact()
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written at the start of the last :meth:`get_buffer`."""
+        if self._direct is not None:
+            self._direct_filled += nbytes
+            if self._direct_filled == len(self._direct):
+                self._finish_direct()
+            return
+        self._end += nbytes
+        self._parse()
+
+    def receive(self, data: Buffer) -> None:
+        """Feed ``data`` (handshake leftovers, tests)."""
+        source = memoryview(data).cast("B")
+        while source:
+            target = self.get_buffer()
+            n = min(len(target), len(source))
+            target[:n] = source[:n]
+            source = source[n:]
+            self.buffer_updated(n)
+
+    def take_events(self) -> list[Event]:
+        """The events collected so far (without ``handle``)."""
+        events = self.events[:]
+        self.events.clear()
+        return events
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _compact(self) -> None:
+        size = self._end - self._start
+        if self._start:
+            self._view[:size] = self._view[self._start : self._end]
+        self._start, self._end = 0, size
+
+    def _parse(self) -> None:
+        view = self._view
+        while True:
+            start = self._start
+            available = self._end - start
+            if available < 2:
+                break
+            first, second = view[start], view[start + 1]
+            fin = bool(first & 0x80)
+            opcode = first & 0x0F
+            if first & 0x70:
+                raise Violation(1002, "reserved bits are set (no extension was negotiated)")
+            if opcode not in _DATA_OPCODES and opcode not in _CONTROL_OPCODES:
+                raise Violation(1002, f"unknown opcode {opcode:#x}")
+            if bool(second & 0x80) != self.masked:
+                raise Violation(
+                    1002,
+                    "a client's frames must be masked"
+                    if self.masked
+                    else "a server's frames must not be masked",
+                )
+            length = second & 0x7F
+            head = (
+                2 + (2 if length == 126 else 8 if length == 127 else 0) + (4 if self.masked else 0)
+            )
+            if available < head:
+                break
+            if length == 126:
+                (length,) = _U16.unpack_from(view, start + 2)
+            elif length == 127:
+                (length,) = _U64.unpack_from(view, start + 2)
+                if length >> 63:
+                    raise Violation(1002, "the length's top bit is set")
+            key = bytes(view[start + head - 4 : start + head]) if self.masked else None
+            if opcode >= OP_CLOSE:
+                if not fin:
+                    raise Violation(1002, "a control frame cannot be fragmented")
+                if length > 125:
+                    raise Violation(1002, "a control frame carries at most 125 bytes")
+            else:
+                self._check_data_frame(opcode, length)
+            body = start + head
+            if available - head >= length:
+                payload = bytearray(view[body : body + length])
+                if key is not None and length:
+                    unmask(memoryview(payload), key)
+                self._start = body + length
+                self._frame(fin, opcode, memoryview(payload))
+                continue
+            if length >= DIRECT_THRESHOLD:
+                # Large: the rest goes straight to the destination (see get_buffer).
+                if fin and opcode == OP_BINARY:
+                    destination = self._allocate(length)
+                else:
+                    destination = _fresh_buffer(length)
+                have = available - head
+                destination[:have] = view[body : self._end]
+                self._start = self._end = 0
+                self._direct = destination
+                self._direct_filled = have
+                self._direct_key, self._direct_fin, self._direct_opcode = key, fin, opcode
+                break
+            if body + length > len(self._buffer):
+                self._compact()  # the buffer holds 4 * DIRECT_THRESHOLD: the frame fits
+            break
+        if self._start == self._end:
+            self._start = self._end = 0
+
+    def _check_data_frame(self, opcode: int, length: int) -> None:
+        if opcode == OP_CONTINUATION:
+            if self._fragments is None:
+                raise Violation(1002, "a continuation frame without a message to continue")
+            total = self._fragments_size + length
+        else:
+            if self._fragments is not None:
+                raise Violation(1002, "a new message began before the last one ended")
+            total = length
+        if total > self.max_message:
+            raise Violation(
+                1009, f"a message of {total} bytes exceeds the limit of {self.max_message}"
+            )
+
+    def _finish_direct(self) -> None:
+        payload = self._direct
+        assert payload is not None
+        self._direct = None
+        if self._direct_key is not None:
+            unmask(payload, self._direct_key)
+        self._frame(self._direct_fin, self._direct_opcode, payload)
+        self._parse()  # nothing is buffered, but keeps one exit path
+
+    def _frame(self, fin: bool, opcode: int, payload: memoryview) -> None:
+        if opcode == OP_CLOSE:
+            self._emit(_close_event(payload))
+        elif opcode == OP_PING:
+            self._emit(Ping(bytes(payload)))
+        elif opcode == OP_PONG:
+            self._emit(Pong(bytes(payload)))
+        elif opcode == OP_CONTINUATION:
+            assert self._fragments is not None
+            self._fragments.append(payload)
+            self._fragments_size += len(payload)
+            if fin:
+                joined = bytearray(self._fragments_size)
+                position = 0
+                for piece in self._fragments:
+                    joined[position : position + len(piece)] = piece
+                    position += len(piece)
+                self._emit(Message(memoryview(joined), self._fragments_text))
+                self._fragments = None
+                self._fragments_size = 0
+        elif fin:
+            self._emit(Message(payload, opcode == OP_TEXT))
+        else:
+            self._fragments = [payload]
+            self._fragments_size = len(payload)
+            self._fragments_text = opcode == OP_TEXT
+
+
+def _close_event(payload: memoryview) -> Close:
+    if len(payload) == 0:
+        return Close(1005, "")
+    if len(payload) == 1:
+        raise Violation(1002, "a close frame's code must be 2 bytes")
+    (code,) = _CLOSE_CODE.unpack_from(payload)
+    if code not in _SENDABLE_CODES and not 3000 <= code < 5000:
+        raise Violation(1002, f"close code {code} cannot be sent")
+    try:
+        reason = bytes(payload[2:]).decode()
+    except UnicodeDecodeError as exc:
+        raise Violation(1007, "a close reason must be UTF-8") from exc
+    return Close(code, reason)
