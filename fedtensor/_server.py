@@ -208,12 +208,17 @@ class WorkerServer:
 
     def _connected(self, peer: _ServerPeer, name: str | None) -> None:
         loop = asyncio.get_running_loop()
+        loop_thread = threading.get_ident()
 
         def deliver(replies: list[Message]) -> None:
-            # On the actor's thread: encoding here lets a value that cannot be
-            # encoded fail its own fetch (the actor retries reply by reply).
+            # On the actor's thread, or on this one for commands run inline.
+            # Encoding here lets a value that cannot be encoded fail its own
+            # fetch (the actor retries reply by reply).
             chunks = encode_frame(replies)
-            loop.call_soon_threadsafe(peer.send_frame, chunks)
+            if threading.get_ident() == loop_thread:
+                peer.send_frame(chunks)
+            else:
+                loop.call_soon_threadsafe(peer.send_frame, chunks)
 
         def lost(exc: BaseException) -> None:
             loop.call_soon_threadsafe(peer.close, _GOING_AWAY, "worker shutting down")
@@ -299,7 +304,7 @@ class WorkerServer:
                 peer.fail(_POLICY_VIOLATION, f"over {limits.max_pending} pending commands")
                 return
             batch = _refuse(batch, limits.max_pending)
-        session.submit(batch)
+        self.actor.run_inline(session, batch)
         _log.debug("received %d commands from %s", len(batch), peer.remote_address)
 
 

@@ -15,6 +15,15 @@ were sent and a pipelined chain is correct without waiting. Executing a batch
 (:meth:`WorkerActor.execute`) is plain synchronous code with no I/O: it is what
 the unit tests drive directly.
 
+A worker serving a network runs its mailbox on a thread of its own, so that
+its event loop stays free for I/O while an operation computes. Handing a batch
+to that thread and its replies back costs about 120 microseconds here, more
+than a small operation itself, so :meth:`WorkerActor.run_inline` runs the
+commands that are provably cheap (see :func:`_is_cheap`) on the caller's
+thread instead, when the actor is idle: nothing queued, nothing running. The
+order of commands is kept: the first command that is not cheap, and every
+command after it, goes through the mailbox.
+
 A command that fails stores a :class:`Failed` marker under its result id; any
 later command reading that id fails with the same marker, and a fetch of it is
 answered with a :class:`~fedtensor._messages.Failure`. The worker itself never
@@ -26,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeAlias
 
@@ -184,13 +194,13 @@ class Session:
         if self.closed:
             return
         self.submitted += len(batch)
-        self._actor._mailbox.put_nowait((self, batch))
+        self._actor._post(self, batch)
 
     def close(self) -> None:
         """End the session: its objects are freed once queued batches ran."""
         if not self.closed:
             self.closed = True
-            self._actor._mailbox.put_nowait((self, None))
+            self._actor._post(self, None)
 
 
 class WorkerActor:
@@ -213,6 +223,11 @@ class WorkerActor:
         self.closed = False
         self._sessions: set[Session] = set()
         self._mailbox: _Mailbox = queue.SimpleQueue() if threaded else asyncio.Queue()
+        # Mail posted (by the submitting thread) and mail run (by the actor's
+        # thread, holding _running): equal while the actor is idle.
+        self._posted = 0
+        self._finished = 0
+        self._running = threading.Lock()
         #: Data sets this worker holds itself, by name: (examples, labels).
         self.datasets: dict[str, tuple[torch.Tensor, torch.Tensor]] = dict(datasets or {})
         # Operations of fedtensor's own (see _ops.WORKER_OPERATIONS), bound to this worker.
@@ -257,7 +272,7 @@ class WorkerActor:
         if self.closed:
             return
         self.closed = True
-        self._mailbox.put_nowait((None, None))
+        self._post(None, None)
         error = WorkerUnavailable(f"worker {self.id!r} closed")
         sessions, self._sessions = self._sessions, set()
         for session in sessions:
@@ -294,8 +309,50 @@ class WorkerActor:
         assert isinstance(mailbox, queue.SimpleQueue)
         while not self.closed:
             session, batch = mailbox.get()
-            self._run(session, batch)
+            with self._running:
+                self._run(session, batch)
+                self._finished += 1
             del session, batch
+
+    def run_inline(self, session: Session, batch: Sequence[Message]) -> None:
+        """Run ``batch`` for ``session``: its cheap commands now, if the actor is idle.
+
+        Called on the thread that submits (a threaded actor's event loop). The
+        commands from the first one that is not cheap onwards, or all of them
+        while the actor has anything queued or running, are submitted.
+        """
+        done = 0
+        if not session.closed and self._running.acquire(blocking=False):
+            try:
+                if self._posted == self._finished and not self.closed:
+                    done = self._run_cheap_prefix(session, batch)
+            finally:
+                self._running.release()
+        if done < len(batch):
+            session.submit(batch[done:] if done else batch)
+
+    def _run_cheap_prefix(self, session: Session, batch: Sequence[Message]) -> int:
+        objects = session.objects
+        replies: list[Message] = []
+        done = 0
+        try:
+            for message in batch[:_INLINE_MAX_COMMANDS]:
+                if not _is_cheap(objects, message):
+                    break
+                replies += self.execute(session, (message,))
+                done += 1
+            if replies and not session.closed:
+                self._deliver(session, replies)
+        except Exception:
+            _log.exception("worker %r failed on a batch from a client", self.id)
+            return len(batch)  # as the actor's loop does: the batch is not retried
+        return done
+
+    def _post(
+        self, session: Session | None, item: Sequence[Message] | Callable[[], None] | None
+    ) -> None:
+        self._posted += 1
+        self._mailbox.put_nowait((session, item))
 
     def drain(self) -> None:
         """Run every batch already in the mailbox, now, in order.
@@ -310,7 +367,7 @@ class WorkerActor:
 
     def barrier(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (on the actor's thread) once everything queued before has run."""
-        self._mailbox.put_nowait((None, callback))
+        self._post(None, callback)
 
     def _run(
         self, session: Session | None, batch: Sequence[Message] | Callable[[], None] | None
@@ -447,6 +504,70 @@ class WorkerActor:
 
 
 _MISSING: Any = object()
+
+# -- what runs inline -----------------------------------------------------------------------------
+
+#: Operations whose cost grows with the size of their tensor inputs and no
+#: other argument: elementwise arithmetic and math, comparisons, reductions,
+#: views, indexing, and products (matmul's work is at most the product of
+#: its inputs' sizes). Never: operations whose integer arguments set the size
+#: of the result (``repeat``, ``expand``, ``unfold``), autograd, plans.
+_INLINE_NAMES = frozenset(
+    {
+        "abs", "add", "addcdiv", "addcmul", "all", "amax", "amin", "any", "argmax", "argmin",
+        "bitwise_and", "bitwise_not", "bitwise_or", "bitwise_xor", "ceil", "clamp", "clip",
+        "clone", "contiguous", "cos", "cumsum", "detach", "div", "dot", "double", "eq", "exp",
+        "flatten", "float", "floor", "fmod", "ge", "gelu", "gt", "int", "isfinite", "isnan",
+        "le", "lerp", "log", "log1p", "log_softmax", "logical_and", "logical_not",
+        "logical_or", "long", "lt", "matmul", "max", "maximum", "mean", "min", "minimum",
+        "mm", "mul", "mv", "ne", "neg", "norm", "permute", "pow", "prod", "reciprocal",
+        "relu", "remainder", "reshape", "round", "rsqrt", "sigmoid", "sign", "silu", "sin",
+        "softmax", "sqrt", "square", "squeeze", "std", "sub", "sum", "t", "tanh",
+        "transpose", "true_divide", "unsqueeze", "var", "view", "where",
+        "add_", "clamp_", "div_", "mul_", "sub_", "zero_", "fill_",
+        "__abs__", "__add__", "__and__", "__eq__", "__floordiv__", "__ge__", "__getitem__",
+        "__gt__", "__iadd__", "__imul__", "__invert__", "__isub__", "__itruediv__", "__le__",
+        "__lt__", "__matmul__", "__mod__", "__mul__", "__ne__", "__neg__", "__or__",
+        "__pos__", "__pow__", "__radd__", "__rmatmul__", "__rmul__", "__rpow__", "__rsub__",
+        "__rtruediv__", "__setitem__", "__sub__", "__truediv__", "__xor__",
+    }
+)  # fmt: skip
+_INLINE_OPERATIONS = frozenset(
+    name for name in OPERATIONS if name.rpartition(".")[2] in _INLINE_NAMES
+)
+#: A cheap call's tensor inputs hold at most this many elements, multiplied
+#: together (which bounds a broadcast result and a matrix product's work): a
+#: few tens of microseconds at most.
+_INLINE_MAX_ELEMENTS = 1 << 16
+#: A cheap fetch replies with at most this many bytes of tensors.
+_INLINE_MAX_FETCH_BYTES = 1 << 16
+#: Commands run inline per frame, at most: a long pipelined burst goes to the actor.
+_INLINE_MAX_COMMANDS = 64
+
+
+def _is_cheap(objects: Mapping[int, Any], message: Message) -> bool:
+    """Whether ``message`` surely runs in microseconds, given the store ``objects``."""
+    kind = type(message)
+    if kind is Call:
+        if message.op not in _INLINE_OPERATIONS:  # type: ignore[union-attr]
+            return False
+        work = 1
+        for arg in (*message.args, *message.kwargs.values()):  # type: ignore[union-attr]
+            for item in arg if type(arg) is tuple or type(arg) is list else (arg,):
+                value = objects.get(item) if type(item) is Ref else item
+                if isinstance(value, torch.Tensor):
+                    work *= max(value.numel(), 1)
+                elif type(value) is tuple or type(value) is list:
+                    return False  # nested deeper than cost accounting looks
+        return work <= _INLINE_MAX_ELEMENTS
+    if kind is Store or kind is Release:
+        return True
+    if kind is Fetch:
+        value = objects.get(message.id)  # type: ignore[union-attr]
+        if isinstance(value, torch.Tensor):
+            return value.nbytes <= _INLINE_MAX_FETCH_BYTES and value.grad is None
+        return value is None or type(value) in (int, float, bool, Failed)
+    return False
 
 
 def tensor_bytes(value: Any) -> int:
