@@ -382,11 +382,11 @@ def _alignment_plan(
 _RAW_TYPES: dict[int, type[ctypes.Array[ctypes.c_char]]] = {}
 
 
-def _memory_of(tensor: torch.Tensor) -> memoryview:
+def _memory_of(tensor: torch.Tensor, owner: object = None) -> memoryview:
     """A read-write view of a contiguous CPU tensor's bytes, without a copy.
 
     The view keeps the tensor alive: it holds the ctypes array that holds the
-    tensor.
+    tensor (or ``owner``, which must hold the tensor).
     """
     nbytes = tensor.nbytes
     size = 1 << (nbytes - 1).bit_length()
@@ -394,7 +394,7 @@ def _memory_of(tensor: torch.Tensor) -> memoryview:
     if raw_type is None:
         raw_type = _RAW_TYPES[size] = ctypes.c_char * size
     raw = raw_type.from_address(tensor.data_ptr())
-    raw._fedtensor_tensor = tensor  # type: ignore[attr-defined]  # keeps the memory alive
+    raw._fedtensor_tensor = tensor if owner is None else owner  # type: ignore[attr-defined]
     # Only the first nbytes are ever read: the slice is the whole exported view.
     return memoryview(raw).cast("B")[:nbytes]
 
