@@ -28,7 +28,9 @@ copies as possible:
   directly over the buffer: no copy; the tensors share memory with the buffer
   and keep it alive (and un-resizable). Over read-only ``bytes`` each tensor
   is copied once, since torch must not alias memory Python considers
-  immutable.
+  immutable. A vector of at most 1 KiB is copied anyway: a copy of a few
+  bytes costs less than the two torch calls of a shaped view, and the small
+  tensors of a round trip then do not keep the frame's buffer alive.
 
 So that a tensor can alias the receive buffer, the encoder places every tensor
 payload at an offset that is a multiple of 8 bytes from the start of the frame
@@ -380,6 +382,10 @@ def _alignment_plan(
 # ~16 us while a cached one is free, so a payload view is cut from an array of
 # the next power of two instead of making a type for every payload size.
 _RAW_TYPES: dict[int, type[ctypes.Array[ctypes.c_char]]] = {}
+
+
+#: Vectors of at most this many bytes are decoded into memory of their own.
+_SMALL_TENSOR = 1024
 
 
 def _memory_of(tensor: torch.Tensor, owner: object = None) -> memoryview:
@@ -1122,6 +1128,14 @@ class _Decoder:
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
         tensor = None
+        if nbytes <= _SMALL_TENSOR and not big_endian and len(shape) == 1:
+            # A small vector gets memory of its own: one copy of a few bytes costs
+            # less than the views below, and leaves the frame free to go.
+            with memoryview(self.data) as view:
+                tensor = torch.frombuffer(bytearray(view[offset:end]), dtype=dtype)
+            if dtype is torch.bool and bool((tensor.view(torch.uint8) > 1).any()):
+                self.fail("a bool tensor holds a byte other than 0 or 1")
+            return tensor
         if self.writable and not big_endian:
             tensor = torch.frombuffer(
                 self.data, dtype=dtype, count=nbytes // itemsize, offset=offset

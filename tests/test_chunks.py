@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import gc
+import threading
+
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fedtensor as ft
-from fedtensor._chunks import START, WHOLE, Reassembler, split_frame
+from fedtensor._chunks import START, WHOLE, BufferPool, Reassembler, split_frame
+from fedtensor._codec import decode_frame, frame_bytes
+from fedtensor._messages import Store
 
 
 @settings(max_examples=200, deadline=None)
@@ -65,3 +71,73 @@ def test_bad_messages(messages: list[bytes], error: type[Exception], words: str)
         assert reassembler.feed(message) is None
     with pytest.raises(error, match=words):
         reassembler.feed(refused)
+
+
+# -- destinations and the buffer pool -------------------------------------------------------------
+
+
+def test_a_data_message_received_in_place_is_not_copied() -> None:
+    reassembler = Reassembler(max_frame=1000)
+    assert reassembler.destination(4) is None  # no split frame in progress
+    assert reassembler.feed(bytes([START]) + (6).to_bytes(8, "big")) is None
+    place = reassembler.destination(4)
+    assert place is not None
+    place[:] = b"abcd"  # as the kernel would write it
+    assert reassembler.feed(place) is None
+    assert reassembler.pending == 2
+    assert reassembler.destination(3) is None  # more than the frame has room for
+    frame = reassembler.feed(b"ef")
+    assert frame is not None
+    assert bytes(frame) == b"abcdef"
+
+
+def test_pooled_buffer_comes_back_when_the_last_tensor_over_it_dies() -> None:
+    pool = BufferPool(min_size=64, max_bytes=1 << 20)
+    tensor = torch.arange(1024.0)  # not small: decoded as a view of the frame
+    view = pool.take(len(frame_bytes([Store(1, tensor)])))
+    view[:] = frame_bytes([Store(1, tensor)])
+    [store] = decode_frame(view)
+    assert isinstance(store, Store)
+    address = store.value.data_ptr()
+    del view
+    gc.collect()
+    assert pool.held == 0  # the decoded tensor still uses the memory
+    assert torch.equal(store.value, tensor)
+    size = store.value.untyped_storage().nbytes()
+    del store
+    gc.collect()
+    assert pool.held > 0
+    again = pool.take(len(frame_bytes([Store(1, tensor)])))
+    assert pool.held == 0
+    [other] = decode_frame(again)  # the same memory, read again
+    assert isinstance(other, Store)
+    assert other.value.data_ptr() == address
+    assert size > 0
+
+
+def test_pool_keeps_at_most_max_bytes_and_serves_small_sizes_fresh() -> None:
+    pool = BufferPool(min_size=100, max_bytes=250)
+    views = [pool.take(100) for _ in range(3)]
+    small = pool.take(10)
+    del views, small
+    gc.collect()
+    assert pool.held == 200  # the third buffer would pass 250
+    pool.clear()
+    assert pool.held == 0
+
+
+def test_pool_takes_buffers_back_from_other_threads() -> None:
+    pool = BufferPool(min_size=16, max_bytes=1 << 20)
+    views = [pool.take(32) for _ in range(8)]
+    done = threading.Event()
+
+    def drop() -> None:
+        views.clear()
+        gc.collect()
+        done.set()
+
+    thread = threading.Thread(target=drop)
+    thread.start()
+    assert done.wait(10)
+    thread.join(10)
+    assert pool.held == 8 * 32

@@ -641,11 +641,30 @@ def test_large_tensor_zero_copy() -> None:
 
 
 def test_writable_memoryview_decodes_in_place() -> None:
-    frame = frame_bytes([Store(1, torch.arange(16.0))])
+    frame = frame_bytes([Store(1, torch.arange(1024.0))])
     start, end = buffer_range(frame)
     [store] = decode_frame(memoryview(frame))
     assert isinstance(store, Store)
     assert start <= store.value.data_ptr() < end
+
+
+def test_small_vectors_get_memory_of_their_own() -> None:
+    # Up to 1 KiB, a vector is copied out of the frame (cheaper than a view of it);
+    # a larger one, or a small tensor of another rank, is a view of the frame.
+    small, large, matrix = torch.arange(256.0), torch.arange(257.0), torch.ones(2, 2)
+    frame = frame_bytes([Store(1, small), Store(2, large), Store(3, matrix)])
+    start, end = buffer_range(frame)
+    decoded = decode_frame(memoryview(frame))
+    values = [message.value for message in decoded if isinstance(message, Store)]
+    assert [torch.equal(a, b) for a, b in zip(values, (small, large, matrix), strict=True)] == [
+        True,
+        True,
+        True,
+    ]
+    assert not start <= values[0].data_ptr() < end
+    assert values[0]._base is None
+    assert start <= values[1].data_ptr() < end
+    assert start <= values[2].data_ptr() < end
 
 
 def test_misaligned_buffer_is_copied() -> None:

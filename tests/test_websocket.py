@@ -103,6 +103,94 @@ async def test_tls_end_to_end_with_certificate_verification(
         await ft.connect(process.url, token=process.token)
 
 
+# -- the transport's own framing ------------------------------------------------------------------
+
+
+async def test_large_tensors_round_trip_bit_exact(worker: WorkerProcess) -> None:
+    # An odd size: the last websocket message is short and the payload is not a
+    # multiple of the 4-byte mask. Twice, so the second lands in recycled buffers.
+    async with ft.connect(worker.url, token=worker.token) as client:
+        for seed in (1, 2):
+            big = torch.randn(2_500_003, generator=torch.Generator().manual_seed(seed))
+            back = await ft.send(big, client).get()
+            assert torch.equal(back, big)
+            assert back.data_ptr() != big.data_ptr()
+
+
+def test_a_client_on_uvloop(worker: WorkerProcess) -> None:
+    # uvloop's transports are not asyncio.Transport subclasses; the client takes them.
+    async def main() -> tuple[torch.Tensor, torch.Tensor]:
+        async with ft.connect(worker.url, token=worker.token) as client:
+            small = await (ft.send(torch.arange(4.0), client) * 3).get()
+            large = await ft.send(torch.arange(600_000.0), client).get()
+            return small, large
+
+    small, large = anyio.run(main, backend_options={"use_uvloop": True})
+    assert torch.equal(small, torch.arange(4.0) * 3)
+    assert torch.equal(large, torch.arange(600_000.0))
+
+
+async def _raw_upgrade(process: WorkerProcess) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TCP connection past the websocket handshake, for writing frames by hand."""
+    host, port = process.url.removeprefix("ws://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        f"GET / HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        f"Authorization: Bearer {process.token}\r\n\r\n".encode()
+    )
+    with anyio.fail_after(10):
+        head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101")
+    return reader, writer
+
+
+BAD_FRAMES = {
+    "reserved bits": bytes([0xC2, 0x80]) + b"mask",
+    "unknown opcode": bytes([0x83, 0x80]) + b"mask",
+    "unmasked": bytes([0x82, 0x01, 0x00]),
+    "long control frame": bytes([0x89, 0xFE, 0x00, 0x80]) + b"mask" + b"x" * 128,
+    "continuation first": bytes([0x80, 0x80]) + b"mask",
+    "huge length": bytes([0x82, 0xFF]) + (1 << 62).to_bytes(8, "big") + b"mask",
+}
+
+
+@pytest.mark.parametrize("frame", BAD_FRAMES.values(), ids=BAD_FRAMES.keys())
+async def test_bad_websocket_frames_close_that_connection_only(
+    strict_worker: WorkerProcess, frame: bytes
+) -> None:
+    reader, writer = await _raw_upgrade(strict_worker)
+    try:
+        writer.write(frame)
+        with anyio.fail_after(10):
+            head = await reader.readexactly(2)  # the worker's close frame (unmasked)
+            reply = await reader.readexactly(head[1])
+            writer.write(bytes([0x88, 0x80]) + b"\0\0\0\0")  # our close, masked with zeros
+            assert await reader.read() == b""  # then the worker closes TCP
+    finally:
+        writer.close()
+    assert head[0] == 0x88
+    code = int.from_bytes(reply[:2], "big")
+    assert code == (1009 if frame[1] & 0x7F == 127 else 1002)
+    await _still_serves(strict_worker)
+
+
+async def test_a_handshake_without_an_end_is_cut_off(worker: WorkerProcess) -> None:
+    host, port = worker.url.removeprefix("ws://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nX-Long: " + b"a" * (20 << 10))
+        with anyio.fail_after(10):
+            try:
+                answer = await reader.read()
+            except ConnectionResetError:  # aborted with data unread: a reset
+                answer = b""
+        assert answer == b""  # closed without an answer
+    finally:
+        writer.close()
+    await _still_serves(worker)
+
+
 # -- limits ----------------------------------------------------------------------------------------
 
 
