@@ -20,11 +20,9 @@ each data message into place: the only copy on the receiving side. The
 reassembled buffer is a writable memoryview holding the frame alone, so the
 codec can build tensors over it without copying.
 
-Large frame buffers are recycled (:class:`BufferPool`): a fresh buffer of
-64 MiB costs its page faults, which here take three times as long as the
-copy into it. A buffer goes back to the pool when the last tensor decoded
-over it dies, and a recycled buffer is written whole by the next frame before
-anything reads it, so no data crosses from one frame (or client) to another.
+Large frame buffers come from :data:`fedtensor._pool.POOL`, and a recycled
+buffer is written whole by the next frame before anything reads it, so no
+data crosses from one frame (or client) to another.
 
 Nothing here does I/O: :func:`split_frame` turns the codec's chunks into
 messages and :class:`Reassembler` turns messages back into frames.
@@ -33,15 +31,12 @@ messages and :class:`Reassembler` turns messages back into frames.
 from __future__ import annotations
 
 import struct
-import threading
 from collections.abc import Iterator, Sequence
 
-import torch
-
-from ._codec import _memory_of
 from ._exceptions import LimitExceeded, ProtocolError
+from ._pool import POOL
 
-__all__ = ["START", "WHOLE", "BufferPool", "Reassembler", "split_frame"]
+__all__ = ["START", "WHOLE", "Reassembler", "split_frame"]
 
 WHOLE = 0x00
 START = 0x01
@@ -49,71 +44,6 @@ START = 0x01
 _START_HEAD = struct.Struct(">BQ")
 
 Buffer = bytes | bytearray | memoryview
-
-
-class BufferPool:
-    """Frame buffers of at least ``min_size`` bytes, recycled up to ``max_bytes`` held.
-
-    :meth:`take` gives a writable view; once the view and everything built over
-    it (tensors from :func:`torch.frombuffer`) are gone, the memory comes back
-    here, whichever thread drops the last reference.
-    """
-
-    def __init__(self, *, min_size: int = 1 << 20, max_bytes: int = 256 << 20) -> None:
-        self.min_size = min_size
-        self.max_bytes = max_bytes
-        self._free: dict[int, list[torch.Tensor]] = {}
-        self._held = 0
-        self._lock = threading.Lock()
-
-    @property
-    def held(self) -> int:
-        """Bytes of free buffers the pool keeps."""
-        return self._held
-
-    def take(self, size: int) -> memoryview:
-        """A view of ``size`` bytes of memory that may hold an earlier frame's bytes."""
-        if size < self.min_size:
-            return _memory_of(torch.empty(size, dtype=torch.uint8))
-        tensor = None
-        with self._lock:
-            stack = self._free.get(size)
-            if stack:
-                tensor = stack.pop()
-                self._held -= size
-        if tensor is None:
-            # torch.empty: unlike bytearray(size), the memory is not zeroed first.
-            tensor = torch.empty(size, dtype=torch.uint8)
-        return _memory_of(tensor, _Lease(self, tensor))
-
-    def _give_back(self, tensor: torch.Tensor) -> None:
-        size = tensor.numel()
-        with self._lock:
-            if self._held + size <= self.max_bytes:
-                self._free.setdefault(size, []).append(tensor)
-                self._held += size
-
-    def clear(self) -> None:
-        with self._lock:
-            self._free.clear()
-            self._held = 0
-
-
-class _Lease:
-    """Returns its tensor's memory to the pool when the last view of it is gone."""
-
-    __slots__ = ("pool", "tensor")
-
-    def __init__(self, pool: BufferPool, tensor: torch.Tensor) -> None:
-        self.pool = pool
-        self.tensor = tensor
-
-    def __del__(self) -> None:
-        self.pool._give_back(self.tensor)
-
-
-#: The process's pool of large receive buffers.
-RECEIVE_POOL = BufferPool()
 
 
 def split_frame(chunks: Sequence[Buffer], max_message: int) -> Iterator[Buffer]:
@@ -195,7 +125,7 @@ class Reassembler:
                 raise LimitExceeded(f"frame of {total} bytes exceeds the limit of {self.max_frame}")
             if total == 0:
                 raise ProtocolError("a split frame cannot be empty")
-            self._buffer = RECEIVE_POOL.take(total)
+            self._buffer = POOL.take(total)
             self._view = self._buffer
             self._filled = 0
             return None

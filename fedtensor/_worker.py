@@ -47,6 +47,7 @@ from ._exceptions import ForbiddenOperation, ProtocolError, WorkerUnavailable
 from ._local_update import local_update
 from ._messages import Call, Failure, Fetch, ListObjects, Message, Ref, Release, Reply, Store
 from ._ops import OPERATIONS, WORKER_OPERATIONS
+from ._pool import pooled_copy
 
 __all__ = ["Failed", "Session", "WorkerActor", "in_process_workers", "snapshot", "tensor_bytes"]
 
@@ -95,7 +96,7 @@ def snapshot(value: Any) -> Any:
     ``grad``: an autograd graph does not cross a worker boundary.
     """
     if isinstance(value, torch.Tensor):
-        copy = value.detach().clone()
+        copy = pooled_copy(value)
         if value.requires_grad:
             copy.requires_grad_(True)
         if (value.is_leaf or value.retains_grad) and value.grad is not None:

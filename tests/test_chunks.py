@@ -11,9 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fedtensor as ft
-from fedtensor._chunks import START, WHOLE, BufferPool, Reassembler, split_frame
+from fedtensor._chunks import START, WHOLE, Reassembler, split_frame
 from fedtensor._codec import decode_frame, frame_bytes
 from fedtensor._messages import Store
+from fedtensor._pool import BufferPool, pooled_copy
 
 
 @settings(max_examples=200, deadline=None)
@@ -141,3 +142,24 @@ def test_pool_takes_buffers_back_from_other_threads() -> None:
     assert done.wait(10)
     thread.join(10)
     assert pool.held == 8 * 32
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        torch.arange(300_000.0).reshape(600, 500),
+        torch.arange(300_000.0).reshape(600, 500).t(),  # not contiguous
+        torch.ones(300_000, dtype=torch.bool),
+        torch.arange(10.0),  # small: a plain clone
+    ],
+    ids=["matrix", "transposed", "bool", "small"],
+)
+def test_pooled_copy_is_an_independent_copy(tensor: torch.Tensor) -> None:
+    copy = pooled_copy(tensor)
+    assert torch.equal(copy, tensor)
+    assert copy.dtype == tensor.dtype
+    assert copy._base is None
+    assert copy.untyped_storage().data_ptr() != tensor.untyped_storage().data_ptr()
+    before = tensor.clone()
+    copy.zero_()
+    assert torch.equal(tensor, before)
