@@ -566,7 +566,9 @@ def _is_cheap(objects: Mapping[int, Any], message: Message) -> bool:
     if kind is Fetch:
         value = objects.get(message.id)  # type: ignore[union-attr]
         if isinstance(value, torch.Tensor):
-            return value.nbytes <= _INLINE_MAX_FETCH_BYTES and value.grad is None
+            # A grad travels too: only a leaf's (or a retained one) is read, as snapshot does.
+            has_grad = (value.is_leaf or value.retains_grad) and value.grad is not None
+            return value.nbytes <= _INLINE_MAX_FETCH_BYTES and not has_grad
         return value is None or type(value) in (int, float, bool, Failed)
     return False
 
