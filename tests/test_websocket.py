@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import pickle
 import re
+import signal
 import socket
 import ssl
 import subprocess
@@ -444,6 +446,40 @@ async def test_heartbeats_tolerate_a_long_operation(ft_worker_processes: StartWo
         assert time.perf_counter() - started > 1.0  # twice the ping timeout, at least
         assert result.shape == (1500, 1500)
         del x
+
+
+async def test_heartbeats_detect_a_frozen_worker(ft_worker_processes: StartWorker) -> None:
+    process = ft_worker_processes("frozen")
+    async with ft.connect(
+        process.url, token=process.token, ping_interval=0.2, ping_timeout=0.5, timeout=60
+    ) as client:
+        x = ft.send(torch.ones(3), client)
+        assert torch.equal(await x, torch.ones(3))
+        os.kill(process.process.pid, signal.SIGSTOP)
+        try:
+            # Well before the fetch's own 60 s timeout: the missing pong gives it away.
+            with anyio.fail_after(10), pytest.raises(ft.WorkerUnavailable, match="ping"):
+                await x
+        finally:
+            os.kill(process.process.pid, signal.SIGCONT)
+        del x
+
+
+async def test_heartbeats_detect_a_silent_client(ft_worker_processes: StartWorker) -> None:
+    process = ft_worker_processes("pinger", "--ping-interval", "0.2", "--ping-timeout", "0.5")
+    reader, writer = await _raw_upgrade(process)  # a client that never answers pings
+    try:
+        with anyio.fail_after(10):
+            head = await reader.readexactly(2)
+            assert head[0] == 0x89  # a ping
+            try:
+                while await reader.read(100):  # more pings, then the worker gives up
+                    pass
+            except ConnectionResetError:
+                pass  # aborted: a reset
+    finally:
+        writer.close()
+    await _still_serves(process)
 
 
 # -- the command line ------------------------------------------------------------------------------
