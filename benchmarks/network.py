@@ -28,7 +28,7 @@ Rows:
    resolves it with ``local_value()``), then ``to_here()``. Target: <= 10 ms.
 5. fan-out: ``ft.send(t, *workers)`` + ``await m.get()`` of 5 elements to 8 worker
    processes vs to 1 (median ms). Target: 8 workers <= 2 x 1 worker. For scale, the same
-   for a 32-byte websockets echo to 8 echo processes vs 1 (the transport's own ratio here).
+   for a 32-byte websockets echo to 8 echo processes vs 1 (a bare websocket's own ratio here).
 
 torch.distributed's start-up exchanges device maps with ``all_gather_object``, which
 reads bytes through numpy; numpy is not installed here, so both rpc processes replace that

@@ -81,9 +81,6 @@ _JOIN_BELOW = 64 << 10
 
 CONNECTING, OPEN, CLOSING, CLOSED = "connecting", "open", "closing", "closed"
 
-#: Marks the place of a close frame in the outgoing queue.
-_CLOSE = object()
-
 
 class WebSocketPeer(asyncio.BufferedProtocol):
     """One end of a websocket connection carrying fedtensor frames."""
@@ -119,7 +116,7 @@ class WebSocketPeer(asyncio.BufferedProtocol):
         #: What was received before the connection opened.
         self.handshake_bytes = bytearray()
         self._head_buffer = memoryview(bytearray(MAX_HANDSHAKE))
-        self._outgoing: collections.deque[Iterator[Chunk] | object] = collections.deque()
+        self._outgoing: collections.deque[Iterator[Chunk] | tuple[int, str]] = collections.deque()
         self._paused = False
         self._timer: asyncio.TimerHandle | None = self.loop.call_later(
             open_timeout, self._handshake_timed_out
@@ -215,6 +212,7 @@ class WebSocketPeer(asyncio.BufferedProtocol):
         if not self.handshake_received(head) or self.state is not OPEN:
             return
         self.handshake_bytes = bytearray()
+        self._head_buffer = memoryview(b"")  # not needed again: 16 KiB per connection
         if rest:
             try:
                 self._parser.receive(rest)
@@ -294,8 +292,7 @@ class WebSocketPeer(asyncio.BufferedProtocol):
             return
         self.local_reason = self.local_reason or reason
         self.state = CLOSING
-        self._outgoing.append((code, reason))
-        self._outgoing.append(_CLOSE)
+        self._outgoing.append((code, reason))  # the close frame's place in the queue
         if not self._paused:
             self._pump()
 
@@ -319,8 +316,7 @@ class WebSocketPeer(asyncio.BufferedProtocol):
         outgoing = self._outgoing
         while outgoing and not self._paused:
             item = outgoing[0]
-            if isinstance(item, tuple):  # (code, reason), then _CLOSE
-                outgoing.popleft()
+            if isinstance(item, tuple):  # (code, reason): the close frame
                 outgoing.popleft()
                 code, reason = item
                 self._write(close_frame(code, reason, mask=self.client))
@@ -331,7 +327,7 @@ class WebSocketPeer(asyncio.BufferedProtocol):
                     assert self.transport is not None
                     self._timer = self.loop.call_later(self._close_timeout, self.transport.abort)
                 return
-            message = next(item, None)  # type: ignore[call-overload]
+            message = next(item, None)
             if message is None:
                 outgoing.popleft()
                 continue
