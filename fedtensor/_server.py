@@ -66,6 +66,12 @@ WORKER_HEADER = "X-Fedtensor-Worker"
 #: The HTTP header in which a client names a session that outlives its connection.
 SESSION_HEADER = "X-Fedtensor-Session"
 
+#: Bytes the worker holds for one client before it stops reading from it: frames
+#: received and waiting for the actor, or replies waiting to be sent. TCP then
+#: slows the client down; the worker reads on once the actor, or the client,
+#: has caught up. (The pending-command limit bounds commands, not bytes.)
+READ_AHEAD = 64 << 20
+
 #: Seconds a client has to complete the handshake, and to answer a close.
 _OPEN_TIMEOUT = 10.0
 _CLOSE_TIMEOUT = 10.0
@@ -304,7 +310,13 @@ class WorkerServer:
                 peer.fail(_POLICY_VIOLATION, f"over {limits.max_pending} pending commands")
                 return
             batch = _refuse(batch, limits.max_pending)
-        self.actor.run_inline(session, batch)
+        if self.actor.run_inline(session, batch):
+            peer.queued += len(frame)
+            if peer.queued > READ_AHEAD and "queued" not in peer.holds:
+                # Read on once the actor has run everything queued so far.
+                peer.hold("queued")
+                loop = asyncio.get_running_loop()
+                self.actor.barrier(lambda: _call_soon(loop, peer.actor_caught_up))
         _log.debug("received %d commands from %s", len(batch), peer.remote_address)
 
 
@@ -325,6 +337,10 @@ class _ServerPeer(WebSocketPeer):
         self.server = server
         self.session: Session | None = None
         self.name: str | None = None
+        #: Bytes of frames queued for the actor since it last caught up.
+        self.queued = 0
+        #: Why reading from this client is paused ("queued", "unsent"); empty: reading.
+        self.holds: set[str] = set()
 
     def handshake_received(self, head: bytes) -> bool:
         assert self.transport is not None
@@ -354,6 +370,29 @@ class _ServerPeer(WebSocketPeer):
 
     def frame_received(self, frame: memoryview) -> None:
         self.server._frame_received(self, frame)
+
+    def hold(self, reason: str) -> None:
+        if not self.holds and self.transport is not None:
+            _log.debug("stop reading from %s: %s", self.remote_address, reason)
+            self.transport.pause_reading()
+        self.holds.add(reason)
+
+    def release(self, reason: str) -> None:
+        if reason in self.holds:
+            self.holds.discard(reason)
+            if not self.holds and self.transport is not None and not self.transport.is_closing():
+                _log.debug("read from %s again", self.remote_address)
+                self.transport.resume_reading()
+
+    def actor_caught_up(self) -> None:
+        self.queued = 0
+        self.release("queued")
+
+    def unsent_changed(self) -> None:
+        if self.unsent > READ_AHEAD:
+            self.hold("unsent")
+        elif self.holds:
+            self.release("unsent")
 
     def connection_closed(self) -> None:
         self.server._disconnected(self)

@@ -315,12 +315,13 @@ class WorkerActor:
                 self._finished += 1
             del session, batch
 
-    def run_inline(self, session: Session, batch: Sequence[Message]) -> None:
+    def run_inline(self, session: Session, batch: Sequence[Message]) -> bool:
         """Run ``batch`` for ``session``: its cheap commands now, if the actor is idle.
 
         Called on the thread that submits (a threaded actor's event loop). The
         commands from the first one that is not cheap onwards, or all of them
-        while the actor has anything queued or running, are submitted.
+        while the actor has anything queued or running, are submitted. Returns
+        whether any were.
         """
         done = 0
         if not session.closed and self._running.acquire(blocking=False):
@@ -331,6 +332,8 @@ class WorkerActor:
                 self._running.release()
         if done < len(batch):
             session.submit(batch[done:] if done else batch)
+            return True
+        return False
 
     def _run_cheap_prefix(self, session: Session, batch: Sequence[Message]) -> int:
         objects = session.objects

@@ -44,6 +44,7 @@ import collections
 import logging
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import ClassVar, cast
 
 import torch
@@ -82,6 +83,14 @@ _JOIN_BELOW = 64 << 10
 CONNECTING, OPEN, CLOSING, CLOSED = "connecting", "open", "closing", "closed"
 
 
+@dataclass(frozen=True, slots=True)
+class _Closing:
+    """The place of the close frame in the outgoing queue."""
+
+    code: int
+    reason: str
+
+
 class WebSocketPeer(asyncio.BufferedProtocol):
     """One end of a websocket connection carrying fedtensor frames."""
 
@@ -116,7 +125,12 @@ class WebSocketPeer(asyncio.BufferedProtocol):
         #: What was received before the connection opened.
         self.handshake_bytes = bytearray()
         self._head_buffer = memoryview(bytearray(MAX_HANDSHAKE))
-        self._outgoing: collections.deque[Iterator[Chunk] | tuple[int, str]] = collections.deque()
+        # Frames to send (their messages, and their size), and where a close frame goes.
+        self._outgoing: collections.deque[tuple[Iterator[Chunk], int] | _Closing] = (
+            collections.deque()
+        )
+        #: Bytes of frames handed to send_frame and not yet all written to the transport.
+        self.unsent = 0
         self._paused = False
         self._timer: asyncio.TimerHandle | None = self.loop.call_later(
             open_timeout, self._handshake_timed_out
@@ -142,6 +156,9 @@ class WebSocketPeer(asyncio.BufferedProtocol):
 
     def connection_closed(self) -> None:
         """The connection ended (once, after ``close_code`` is set)."""
+
+    def unsent_changed(self) -> None:
+        """:attr:`unsent` changed (a frame was queued, or all of one written)."""
 
     @property
     def remote_address(self) -> object:
@@ -187,7 +204,7 @@ class WebSocketPeer(asyncio.BufferedProtocol):
             self._ping_handle.cancel()
         if self.close_code is None:
             self.close_code = 1006
-        self._outgoing.clear()
+        self._drop_outgoing()
         if not self.closed.done():
             self.closed.set_result(None)
         self.connection_closed()
@@ -260,7 +277,7 @@ class WebSocketPeer(asyncio.BufferedProtocol):
         self.close_code, self.close_reason = event.code, event.reason
         if self.state is OPEN:
             # Answer with the same code (none if it sent none), after what is queued.
-            self._outgoing.clear()  # the peer reads nothing more
+            self._drop_outgoing()  # the peer reads nothing more
             payload = b"" if event.code == 1005 else event.code.to_bytes(2, "big")
             self._write(control_frame(OP_CLOSE, payload, mask=self.client))
             self.state = CLOSING
@@ -280,9 +297,13 @@ class WebSocketPeer(asyncio.BufferedProtocol):
         """Send one fedtensor frame (dropped once the connection is closing)."""
         if self.state is not OPEN:
             return
-        self._outgoing.append(split_frame(chunks, self.max_message))
+        size = sum(memoryview(chunk).nbytes for chunk in chunks)
+        self.unsent += size
+        self._outgoing.append((split_frame(chunks, self.max_message), size))
         if not self._paused:
             self._pump()
+        if self.unsent:
+            self.unsent_changed()
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         """Start the closing handshake after the messages already queued."""
@@ -292,7 +313,7 @@ class WebSocketPeer(asyncio.BufferedProtocol):
             return
         self.local_reason = self.local_reason or reason
         self.state = CLOSING
-        self._outgoing.append((code, reason))  # the close frame's place in the queue
+        self._outgoing.append(_Closing(code, reason))  # the close frame's place in the queue
         if not self._paused:
             self._pump()
 
@@ -303,7 +324,7 @@ class WebSocketPeer(asyncio.BufferedProtocol):
             self.abort(reason)
             return
         self.local_reason = reason
-        self._outgoing.clear()
+        self._drop_outgoing()
         self._paused = False
         self.close(code, reason)
 
@@ -316,9 +337,9 @@ class WebSocketPeer(asyncio.BufferedProtocol):
         outgoing = self._outgoing
         while outgoing and not self._paused:
             item = outgoing[0]
-            if isinstance(item, tuple):  # (code, reason): the close frame
+            if type(item) is _Closing:
                 outgoing.popleft()
-                code, reason = item
+                code, reason = item.code, item.reason
                 self._write(close_frame(code, reason, mask=self.client))
                 self._cancel_timer()
                 if self.close_code is not None:
@@ -327,11 +348,18 @@ class WebSocketPeer(asyncio.BufferedProtocol):
                     assert self.transport is not None
                     self._timer = self.loop.call_later(self._close_timeout, self.transport.abort)
                 return
-            message = next(item, None)
+            messages, size = item  # type: ignore[misc]
+            message = next(messages, None)
             if message is None:
                 outgoing.popleft()
+                self.unsent -= size
+                self.unsent_changed()
                 continue
             self._write_message(message)
+
+    def _drop_outgoing(self) -> None:
+        self._outgoing.clear()
+        self.unsent = 0
 
     def _write_message(self, message: Chunk) -> None:
         transport = self.transport

@@ -17,7 +17,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import anyio
 import pytest
@@ -30,6 +30,7 @@ import fedtensor as ft
 import fedtensor.sync as sy
 from fedtensor._codec import frame_bytes
 from fedtensor._messages import Call, Fetch, Ref, Reply, Store
+from fedtensor._server import WorkerServer, _ServerPeer
 from fedtensor.testing import WorkerProcess, start_worker_process
 
 pytestmark = pytest.mark.anyio
@@ -480,6 +481,73 @@ async def test_heartbeats_detect_a_silent_client(ft_worker_processes: StartWorke
     finally:
         writer.close()
     await _still_serves(process)
+
+
+@pytest.fixture
+async def in_process_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[tuple[WorkerServer, list[str], asyncio.Event]]:
+    """A worker served in this process, and the reasons it stopped reading from a client."""
+    holds: list[str] = []
+    held = asyncio.Event()
+    hold = _ServerPeer.hold
+
+    def spy(peer: _ServerPeer, reason: str) -> None:
+        hold(peer, reason)
+        holds.append(reason)
+        held.set()
+
+    monkeypatch.setattr(_ServerPeer, "hold", spy)
+    server = WorkerServer("local", token="t", grace=5.0)
+    async with anyio.create_task_group() as task_group:
+        await task_group.start(server.serve, "127.0.0.1", 0)
+        yield server, holds, held
+        server.shutdown()
+
+
+async def test_a_worker_stops_reading_while_a_client_has_too_much_queued(
+    in_process_server: tuple[WorkerServer, list[str], asyncio.Event],
+) -> None:
+    server, holds, held = in_process_server
+    assert server.url is not None
+    local = torch.randn(1000, 1000) / 30
+    async with ft.connect(server.url, token="t") as client:
+        busy = _heavy_chain(ft.send(local, client), _steps_lasting(1.0, local))
+        parts = [torch.full((5 << 20,), float(i)) for i in range(4)]  # 4 x 20 MiB, queued
+        pointers = [ft.send(part, client) for part in parts]
+        with anyio.fail_after(30):
+            await held.wait()
+            assert holds == ["queued"]
+            for pointer, part in zip(pointers, parts, strict=True):
+                assert torch.equal(await pointer, part)
+            await busy
+        [peer] = server._peers
+        assert peer.holds == set()  # reading again
+        del busy, pointers
+
+
+async def test_a_worker_stops_reading_from_a_client_that_does_not_read_its_replies(
+    in_process_server: tuple[WorkerServer, list[str], asyncio.Event],
+) -> None:
+    server, holds, held = in_process_server
+    assert server.url is not None
+    big = torch.randn(4 << 20)  # 16 MiB
+    async with ft.connect(server.url, token="t") as client:
+        x = ft.send(big, client)
+        assert torch.equal(await x, big)
+        transport = client.client._connection.transport  # type: ignore[union-attr]
+        transport.pause_reading()  # replies pile up on the worker
+        fetches = [asyncio.ensure_future(x.value()) for _ in range(8)]  # 128 MiB of replies
+        with anyio.fail_after(30):
+            await held.wait()
+            assert holds == ["unsent"]
+            transport.resume_reading()
+            for value in await asyncio.gather(*fetches):
+                assert torch.equal(value, big)
+        [peer] = server._peers
+        assert peer.holds == set()
+        assert peer.unsent == 0
+        del x
 
 
 # -- the command line ------------------------------------------------------------------------------
