@@ -23,6 +23,10 @@ Per connection:
   connection with a reason (1007; 1009 for a frame over the size limit; 1008
   for a message that is not a command). Commands beyond the pending limit are
   not run: their results become ``LimitExceeded`` errors.
+- Memory held for one client is bounded in bytes as well: beyond
+  :data:`READ_AHEAD` bytes of frames waiting for the actor, or of replies
+  the client has not taken yet, the worker stops reading from that client
+  until the actor (or the client) has caught up; TCP slows the client down.
 - Replies are encoded on the actor's thread (so a value that cannot be encoded
   fails its own fetch) and handed to the event loop, which writes them split
   into messages of at most ``max_message`` bytes.
