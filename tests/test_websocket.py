@@ -100,6 +100,8 @@ async def test_tls_end_to_end_with_certificate_verification(
     async with ft.connect(process.url, token=process.token, ssl=trusting) as client:
         x = ft.send(torch.ones(3), client)
         assert torch.equal(await (x + 1).get(), torch.full((3,), 2.0))
+        big = torch.randn(1_500_001)  # split into messages, received in place through TLS
+        assert torch.equal(await ft.send(big, client).get(), big)
         del x
     # The client verifies certificates by default: an unknown authority is refused.
     with pytest.raises(ft.WorkerUnavailable, match="CERTIFICATE_VERIFY_FAILED"):

@@ -700,3 +700,39 @@ def test_any_split_of_the_traffic_gives_the_same_payloads(
         parser.receive(wire[previous:cut])
         previous = cut
     assert messages(parser.take_events()) == [(payload, False) for payload in payloads]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.binary(max_size=2000),
+    st.booleans(),
+    st.lists(st.integers(min_value=1, max_value=300), max_size=20),
+)
+def test_arbitrary_bytes_give_events_or_a_violation_and_nothing_else(
+    data: bytes, masked_side: bool, cuts: list[int]
+) -> None:
+    # The parser is the trust boundary of a worker: any input ends in events or a
+    # Violation (closed with its code), and never allocates more than max_message.
+    allocated: list[int] = []
+
+    def allocate(length: int) -> memoryview:
+        allocated.append(length)
+        return memoryview(bytearray(length))
+
+    parser = Parser(masked=masked_side, max_message=512, allocate=allocate)
+    pieces, position = [], 0
+    for cut in cuts:
+        pieces.append(data[position : position + cut])
+        position += cut
+    pieces.append(data[position:])
+    code = None
+    try:
+        for piece in pieces:
+            parser.receive(piece)
+    except Violation as exc:
+        code = exc.code
+    assert code in (None, 1002, 1007, 1009)
+    assert all(length <= 512 for length in allocated)
+    for event in parser.take_events():
+        if isinstance(event, Message):
+            assert len(event.data) <= 512
