@@ -5,6 +5,7 @@ Run from the repository root::
     python -m benchmarks --network            # full run (~1-2 minutes on 2 cores)
     python -m benchmarks --network --quick    # smoke run (~30 s)
     python -m benchmarks.network profile roundtrip [--server] [--top 25]
+    python -m benchmarks.network idle-cost    # Python right after a wait, vs hot
 
 Every party is a separate process on 127.0.0.1, started and stopped by the benchmark:
 eight ``fedtensor worker`` processes (:func:`fedtensor.testing.start_worker_process`), eight
@@ -107,6 +108,7 @@ import pstats
 import queue
 import selectors
 import socket
+import statistics
 import subprocess
 import tempfile
 import threading
@@ -1106,6 +1108,47 @@ def profile(name: str, server_side: bool, top: int) -> None:
 # -- entry point for helper roles and profiles -----------------------------------------------------
 
 
+def idle_cost(reps: int = 2000) -> None:
+    """How much slower Python runs right after a wait (what a round trip's every step pays).
+
+    Times decoding one round trip's request frame (a store, an add, a release and a
+    fetch) back to back, then after each of a sleep and a busy wait: the sleep is what
+    a process waiting for the network does.
+    """
+    from fedtensor._codec import decode_frame, frame_bytes
+    from fedtensor._messages import Call, Fetch, Ref, Release, Store
+
+    frame = memoryview(
+        frame_bytes(
+            [
+                Store(1, torch.ones(5)),
+                Call(2, "Tensor.__add__", (Ref(1), 1), {}),
+                Release((1,)),
+                Fetch(1, 2, True),
+            ]
+        )
+    )
+    print(f"decoding a round trip's request frame, median of {reps} (us):")
+    for label, gap, spin in (
+        ("back to back", 0.0, False),
+        ("after a 0.3 ms sleep", 0.0003, False),
+        ("after a 2 ms sleep", 0.002, False),
+        ("after a 0.3 ms busy wait", 0.0003, True),
+    ):
+        samples = []
+        for _ in range(reps):
+            if spin:
+                until = time.perf_counter() + gap
+                while time.perf_counter() < until:
+                    pass
+            elif gap:
+                time.sleep(gap)
+            start = _now()
+            decode_frame(frame)
+            samples.append(_now() - start)
+        print(f"  {label:<26} {statistics.median(samples) / 1e3:8.1f}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.network",
@@ -1120,8 +1163,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     prof.add_argument("row", choices=PROFILES)
     prof.add_argument("--server", action="store_true", help="an in-process WorkerServer too")
     prof.add_argument("--top", type=int, default=20)
+    roles.add_parser("idle-cost", help="how much slower Python runs right after a wait")
     args = parser.parse_args(argv)
-    if args.role == "echo":
+    if args.role == "idle-cost":
+        idle_cost()
+    elif args.role == "echo":
         echo_role()
     elif args.role == "rpc-peer":
         _rpc_peer(args.port)
