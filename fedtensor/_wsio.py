@@ -47,11 +47,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar, cast
 
-import torch
-
 from ._chunks import Reassembler, split_frame
-from ._codec import Chunk, _memory_of
+from ._codec import Chunk
 from ._exceptions import LimitExceeded, ProtocolError
+from ._pool import POOL
 from ._wsframes import (
     OP_BINARY,
     OP_CLOSE,
@@ -70,7 +69,7 @@ from ._wsframes import (
     masked,
 )
 
-__all__ = ["MAX_HANDSHAKE", "WebSocketPeer"]
+__all__ = ["CLOSED", "CLOSING", "CONNECTING", "MAX_HANDSHAKE", "OPEN", "WebSocketPeer"]
 
 _log = logging.getLogger("fedtensor.websocket")
 
@@ -240,8 +239,7 @@ class WebSocketPeer(asyncio.BufferedProtocol):
         in_place = self._reassembler.destination(length)
         if in_place is not None:
             return in_place
-        # torch.empty: unlike bytearray(length), the memory is not zeroed first.
-        return _memory_of(torch.empty(length, dtype=torch.uint8))
+        return POOL.take(length)
 
     def _handle_event(self, event: Event) -> None:
         if self.state is not OPEN and self.close_code is None and type(event) is not Close:

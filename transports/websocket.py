@@ -54,7 +54,7 @@ from fedtensor._exceptions import (
 )
 from fedtensor._messages import Command
 from fedtensor._server import SESSION_HEADER, WORKER_HEADER
-from fedtensor._wsio import WebSocketPeer
+from fedtensor._wsio import CONNECTING, WebSocketPeer
 from fedtensor.abc import Connection, ReplySink, Transport
 
 __all__ = ["WebSocketConnection", "WebSocketTransport"]
@@ -127,7 +127,7 @@ class _ClientPeer(WebSocketPeer):
         self.connection.sink.replies_received(replies)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.state == "connecting" and not self.handshake.done():
+        if self.state is CONNECTING and not self.handshake.done():
             # A refusal ends with its body: the parser may be waiting for EOF.
             self.protocol.receive_eof()
             if not self._check_response() and not self.handshake.done():
