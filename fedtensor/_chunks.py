@@ -101,7 +101,7 @@ class Reassembler:
 
     def feed(self, message: Buffer) -> memoryview | None:
         """Take one message; return a complete frame, or ``None`` while one is partial."""
-        if message is self._placed and self._placed is not None:
+        if message is self._placed:
             self._placed = None
             return self._advance(len(message))
         self._placed = None

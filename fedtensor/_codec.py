@@ -388,6 +388,18 @@ _RAW_TYPES: dict[int, type[ctypes.Array[ctypes.c_char]]] = {}
 _SMALL_TENSOR = 1024
 
 
+def _shaped(flat: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """A contiguous tensor of ``shape`` over ``flat``'s memory, from its storage offset.
+
+    Not ``flat.view(shape)``: a view would keep ``flat`` as its ``_base``, and a
+    worker treats a tensor with a ``_base`` as sharing memory (it copies it before
+    handing it over). ``set_`` gives a tensor of its own over the same storage.
+    """
+    shaped = torch.empty(0, dtype=flat.dtype)
+    shaped.set_(flat.untyped_storage(), flat.storage_offset(), shape, _strides(list(shape)))
+    return shaped
+
+
 def _memory_of(tensor: torch.Tensor, owner: object = None) -> memoryview:
     """A read-write view of a contiguous CPU tensor's bytes, without a copy.
 
@@ -1127,36 +1139,30 @@ class _Decoder:
         end = self.pos = offset + nbytes
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
+        # A small vector gets memory of its own: a copy of a few bytes costs less than
+        # the views below, and leaves the frame's buffer free to go.
+        small = nbytes <= _SMALL_TENSOR and len(shape) == 1 and not big_endian
         tensor = None
-        if nbytes <= _SMALL_TENSOR and not big_endian and len(shape) == 1:
-            # A small vector gets memory of its own: one copy of a few bytes costs
-            # less than the views below, and leaves the frame free to go.
-            with memoryview(self.data) as view:
-                tensor = torch.frombuffer(bytearray(view[offset:end]), dtype=dtype)
-            if dtype is torch.bool and bool((tensor.view(torch.uint8) > 1).any()):
-                self.fail("a bool tensor holds a byte other than 0 or 1")
-            return tensor
-        if self.writable and not big_endian:
+        if self.writable and not big_endian and not small:
             tensor = torch.frombuffer(
                 self.data, dtype=dtype, count=nbytes // itemsize, offset=offset
             )
             if tensor.data_ptr() % itemsize:
                 tensor = None  # misaligned elements: copy them
         if tensor is None:
-            # The one copy: read-only input, a byte swap, or misaligned elements.
+            # The one copy: read-only input, a byte swap, misaligned elements, a small vector.
             with memoryview(self.data) as view:
-                raw = torch.frombuffer(bytearray(view[offset:end]), dtype=torch.uint8)
+                copied = bytearray(view[offset:end])
             if big_endian:
-                raw = raw.view(-1, itemsize).flip(1)
-            tensor = raw.view(dtype)
+                raw = torch.frombuffer(copied, dtype=torch.uint8)
+                tensor = raw.view(-1, itemsize).flip(1).view(dtype)
+            else:
+                tensor = torch.frombuffer(copied, dtype=dtype)
         if dtype is torch.bool and bool((tensor.view(torch.uint8) > 1).any()):
             self.fail("a bool tensor holds a byte other than 0 or 1")
-        # Not tensor.view(shape): a view would keep the flat tensor as its _base, and
-        # a worker treats a tensor with a _base as sharing memory (it copies it before
-        # handing it over). set_ gives a tensor of its own over the same storage.
-        shaped = torch.empty(0, dtype=dtype)
-        shaped.set_(tensor.untyped_storage(), tensor.storage_offset(), shape, _strides(shape))
-        return shaped
+        if small:
+            return tensor  # already the vector, over memory of its own
+        return _shaped(tensor, shape)
 
     # -- messages -------------------------------------------------------------
 

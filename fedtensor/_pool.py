@@ -23,7 +23,7 @@ import threading
 
 import torch
 
-from ._codec import _memory_of, _strides
+from ._codec import _memory_of, _shaped
 
 __all__ = ["POOL", "BufferPool", "pooled_copy"]
 
@@ -103,9 +103,6 @@ def pooled_copy(tensor: torch.Tensor) -> torch.Tensor:
     ):
         return tensor.detach().clone()
     view = POOL.take(tensor.nbytes)
-    flat = torch.frombuffer(view, dtype=tensor.dtype)
-    # A tensor of its own over the flat one's storage, not a view of it (no _base).
-    copy = torch.empty(0, dtype=tensor.dtype)
-    copy.set_(flat.untyped_storage(), 0, tensor.shape, _strides(list(tensor.shape)))
+    copy = _shaped(torch.frombuffer(view, dtype=tensor.dtype), tensor.shape)
     copy.copy_(tensor.detach())
     return copy
