@@ -6,7 +6,7 @@ Run from the repository root::
     python -m benchmarks --federated --quick    # smoke run (~15 s)
     python -m benchmarks.federated [--quick]    # the same
 
-The task is the demo's (:mod:`fedtensor._demo`): ``DigitsCNN`` on the training split of
+The task is the demo's (:mod:`fedtensor.demo`): ``DigitsCNN`` on the training split of
 scikit-learn's digits (``load_digits(0)``: 1,438 training and 359 held-out 8x8 images),
 minibatch SGD with lr 0.2 and batches of 16, for E epochs (E = 10; 3 with ``--quick``).
 Every contender starts from the same weights (``torch.manual_seed(0)`` before the model is
@@ -69,7 +69,7 @@ import torch
 
 import fedtensor as ft
 from benchmarks.run import _error_text, _fmt_load, _run, machine_facts, report
-from fedtensor._demo import DigitsCNN, load_digits, train_centrally
+from fedtensor.demo import DigitsCNN, load_digits, train_centrally
 from fedtensor.testing import WorkerProcess, start_worker_process
 
 __all__ = ["FedConfig", "FedRow", "main", "run_federated", "run_from_args"]

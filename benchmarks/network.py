@@ -1058,7 +1058,7 @@ def profile(name: str, server_side: bool, top: int) -> None:
         return
     # The server in this process: its event loop on a thread of its own (profiled whole,
     # warm-up included), its actor on another (profiled whole), the client here.
-    from fedtensor._server import WorkerServer
+    from fedtensor.worker.server import WorkerServer
 
     loop_profiler, actor_profiler = cProfile.Profile(), cProfile.Profile()
     started: queue.SimpleQueue[tuple[str, asyncio.AbstractEventLoop, WorkerServer]]
@@ -1115,8 +1115,8 @@ def idle_cost(reps: int = 2000) -> None:
     fetch) back to back, then after each of a sleep and a busy wait: the sleep is what
     a process waiting for the network does.
     """
-    from fedtensor._codec import decode_frame, frame_bytes
-    from fedtensor._messages import Call, Fetch, Ref, Release, Store
+    from fedtensor.protocol.codec import decode_frame, frame_bytes
+    from fedtensor.protocol.messages import Call, Fetch, Ref, Release, Store
 
     frame = memoryview(
         frame_bytes(

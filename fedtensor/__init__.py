@@ -13,7 +13,17 @@ The blocking twin for scripts and notebooks is :mod:`fedtensor.sync`; user tests
 ready workers from the pytest plugin :mod:`fedtensor.testing`.
 """
 
-from ._exceptions import (
+from fedtensor.client.handles import (
+    LocalWorker,
+    RemoteWorker,
+    WorkerHandle,
+    connect,
+    local_worker,
+    send,
+)
+from fedtensor.client.pointer import MultiPointerTensor, PointerTensor
+from fedtensor.client.registry import register_transport
+from fedtensor.errors import (
     AuthenticationFailed,
     FedTensorError,
     ForbiddenOperation,
@@ -28,22 +38,18 @@ from ._exceptions import (
     TransportNotFound,
     WorkerUnavailable,
 )
-from ._federate import FederatedDataset, Shard, federate, load_dataset, split_indices
-from ._fit import History, RoundMetrics, evaluate, fit
-from ._ops import allowed_operations
-from ._plan import Plan, trace
-from ._pointer import MultiPointerTensor, PointerTensor
-from ._registry import register_transport
-from ._strategies import FedAdam, FedAvg, FedAvgM, FedProx, Strategy, Update
-from ._workers import (
-    LocalWorker,
-    RemoteWorker,
-    VirtualWorker,
-    WorkerHandle,
-    connect,
-    local_worker,
-    send,
+from fedtensor.federated.datasets import (
+    FederatedDataset,
+    Shard,
+    federate,
+    load_dataset,
+    split_indices,
 )
+from fedtensor.federated.fit import History, RoundMetrics, evaluate, fit
+from fedtensor.federated.strategies import FedAdam, FedAvg, FedAvgM, FedProx, Strategy, Update
+from fedtensor.protocol.ops import allowed_operations
+from fedtensor.protocol.plan import Plan, trace
+from fedtensor.virtual import VirtualWorker
 
 __version__ = "0.1.0"
 

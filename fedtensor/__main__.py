@@ -1,7 +1,7 @@
-"""``python -m fedtensor worker ...``: see :mod:`fedtensor._cli`."""
+"""``python -m fedtensor worker ...``: see :mod:`fedtensor.cli`."""
 
 import sys
 
-from ._cli import main
+from fedtensor.cli import main
 
 sys.exit(main())

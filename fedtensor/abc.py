@@ -25,7 +25,7 @@ import abc
 from collections.abc import Sequence
 from typing import Any, ClassVar, Protocol
 
-from ._messages import Command, Message
+from fedtensor.protocol.messages import Command, Message
 
 __all__ = ["Connection", "ReplySink", "Transport"]
 

@@ -31,13 +31,16 @@ import anyio
 import anyio.abc
 import torch
 
-from . import _federate, _fit, _workers
-from ._client import run_on_loop
-from ._exceptions import TimeoutError
-from ._federate import FederatedDataset
-from ._fit import History
-from ._worker import WorkerActor
-from ._workers import DEFAULT_TIMEOUT, LocalWorker, RemoteWorker, local_worker
+from fedtensor import virtual as _virtual
+from fedtensor.client import handles as _workers
+from fedtensor.client.engine import run_on_loop
+from fedtensor.client.handles import DEFAULT_TIMEOUT, LocalWorker, RemoteWorker, local_worker
+from fedtensor.errors import TimeoutError
+from fedtensor.federated import datasets as _federate
+from fedtensor.federated import fit as _fit
+from fedtensor.federated.datasets import FederatedDataset
+from fedtensor.federated.fit import History
+from fedtensor.worker.actor import WorkerActor
 
 __all__ = [
     "TorchHook",
@@ -79,7 +82,7 @@ class _Runtime:
             await self._stop.wait()
             with anyio.move_on_after(10):
                 for handle in list(self.handles):
-                    if isinstance(handle, _workers.VirtualWorker):
+                    if isinstance(handle, _virtual.VirtualWorker):
                         await handle._stop()
                     else:
                         await handle.aclose()
@@ -158,13 +161,13 @@ def VirtualWorker(
     timeout: float = DEFAULT_TIMEOUT,
     encode: bool | None = None,
     datasets: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-) -> _workers.VirtualWorker:
+) -> _virtual.VirtualWorker:
     """A worker in this process whose pointers block instead of awaiting.
 
     It lives until it is garbage-collected or :func:`shutdown` runs.
     """
     runtime = _get_runtime()
-    worker = _workers.VirtualWorker(id, timeout=timeout, encode=encode, datasets=datasets)
+    worker = _virtual.VirtualWorker(id, timeout=timeout, encode=encode, datasets=datasets)
     worker._blocking = True
     assert runtime.task_group is not None
     runtime.call(worker._start(runtime.task_group), timeout)

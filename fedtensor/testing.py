@@ -53,7 +53,8 @@ from typing import IO, Any
 
 import pytest
 
-from ._workers import VirtualWorker, WorkerHandle, connect, encode_by_default
+from fedtensor.client.handles import WorkerHandle, connect, encode_by_default
+from fedtensor.virtual import VirtualWorker
 
 __all__ = [
     "WorkerFactory",

@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fedtensor as ft
-from fedtensor._chunks import START, WHOLE, Reassembler, split_frame
-from fedtensor._codec import decode_frame, frame_bytes
-from fedtensor._messages import Store
-from fedtensor._pool import BufferPool, pooled_copy
+from fedtensor.protocol.chunks import START, WHOLE, Reassembler, split_frame
+from fedtensor.protocol.codec import decode_frame, frame_bytes
+from fedtensor.protocol.messages import Store
+from fedtensor.protocol.pool import BufferPool, pooled_copy
 
 
 @settings(max_examples=200, deadline=None)

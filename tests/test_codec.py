@@ -20,7 +20,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedtensor._codec import (
+from fedtensor.errors import ProtocolError
+from fedtensor.protocol.codec import (
     MAX_DEPTH,
     decode_frame,
     decode_value,
@@ -28,8 +29,7 @@ from fedtensor._codec import (
     encode_value,
     frame_bytes,
 )
-from fedtensor._exceptions import ProtocolError
-from fedtensor._messages import (
+from fedtensor.protocol.messages import (
     Call,
     Failure,
     Fetch,
@@ -296,7 +296,7 @@ def test_exact_encoding_of_values(value: Any, encoded: str) -> None:
 
 
 def test_exact_encoding_of_frames() -> None:
-    # The first is the example in the module docstring of fedtensor._codec.
+    # The first is the example in the module docstring of fedtensor.protocol.codec.
     tensor_frame = frame_bytes([Store(1, torch.tensor([1.5, -2.0]))])
     assert tensor_frame.hex(" ") == (
         "82 01 81 83 01 01 d8 28 82 98 01 02 d9 00 55 48 00 00 c0 3f 00 00 00 c0"

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from fedtensor._messages import (
+from fedtensor.protocol.messages import (
     Call,
     Failure,
     Fetch,
@@ -28,7 +28,7 @@ from fedtensor._messages import (
     Reply,
     Store,
 )
-from fedtensor._worker import Failed, Session, WorkerActor, _is_cheap
+from fedtensor.worker.actor import Failed, Session, WorkerActor, _is_cheap
 
 WAIT = 30.0  # seconds: a generous bound on every wait, never a pause
 

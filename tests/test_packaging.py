@@ -27,7 +27,7 @@ CHECK = textwrap.dedent(
     assert [ep.value for ep in transports if ep.name == "memory"] == [
         "fedtensor.transports.memory:MemoryTransport"
     ]
-    from fedtensor._registry import transport_for
+    from fedtensor.client.registry import transport_for
     assert type(transport_for("memory://x")).__name__ == "MemoryTransport"
     plugins = importlib.metadata.entry_points(group="pytest11")
     assert "fedtensor.testing" in [ep.value for ep in plugins]

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import fedtensor as ft
-from fedtensor._messages import Call, Ref
-from fedtensor._pointer import PointerTensor
+from fedtensor.client.pointer import PointerTensor
+from fedtensor.protocol.messages import Call, Ref
 from fedtensor.testing import WorkerFactory
 
 pytestmark = pytest.mark.anyio
@@ -301,7 +301,7 @@ async def test_clients_cannot_reach_each_others_objects(
 async def test_a_burst_beyond_the_threshold_is_run_by_the_caller(
     ft_virtual_workers: WorkerFactory,
 ) -> None:
-    from fedtensor._client import CALLER_RUNS_THRESHOLD
+    from fedtensor.client.engine import CALLER_RUNS_THRESHOLD
 
     ft_worker = await ft_virtual_workers("bob")
     assert ft_worker._actor is not None

@@ -22,10 +22,10 @@ from torch import nn
 
 import fedtensor as ft
 import fedtensor.sync as sy
-from fedtensor._demo import DigitsCNN, load_digits, train_centrally
-from fedtensor._fit import worker_seed
-from fedtensor._messages import Ref
-from fedtensor._plan import compile_plan
+from fedtensor.demo import DigitsCNN, load_digits, train_centrally
+from fedtensor.federated.fit import worker_seed
+from fedtensor.protocol.messages import Ref
+from fedtensor.protocol.plan import compile_plan
 from fedtensor.testing import WorkerFactory, WorkerProcess
 
 pytestmark = pytest.mark.anyio
@@ -241,7 +241,7 @@ async def test_a_worker_refuses_a_forbidden_plan_and_keeps_serving(ft_worker: An
     x, y = ft.send(torch.ones(2, 3), ft_worker), ft.send(torch.zeros(2), ft_worker)
     plan = client.store(_forbidden_plan("Tensor.untyped_storage"))
     state = client.store({})
-    from fedtensor._pointer import call_on
+    from fedtensor.client.pointer import call_on
 
     update = call_on(client, "fedtensor.local_update", (plan, state, x, y), {})
     with pytest.raises(ft.ForbiddenOperation, match="untyped_storage"):
@@ -641,7 +641,7 @@ def test_the_blocking_facade_trains_too() -> None:
 
 
 def test_the_demo_prints_rounds_and_both_accuracies() -> None:
-    from fedtensor._demo import main
+    from fedtensor.demo import main
 
     out = io.StringIO()
     assert main(["--rounds", "3", "--epochs", "1", "--virtual", "2"], out=out) == 0

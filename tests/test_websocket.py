@@ -28,10 +28,10 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import fedtensor as ft
 import fedtensor.sync as sy
-from fedtensor._codec import frame_bytes
-from fedtensor._messages import Call, Fetch, Ref, Reply, Store
-from fedtensor._server import WorkerServer, _ServerPeer
+from fedtensor.protocol.codec import frame_bytes
+from fedtensor.protocol.messages import Call, Fetch, Ref, Reply, Store
 from fedtensor.testing import WorkerProcess, start_worker_process
+from fedtensor.worker.server import WorkerServer, _ServerPeer
 
 pytestmark = pytest.mark.anyio
 

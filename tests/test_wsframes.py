@@ -1,4 +1,4 @@
-"""The sans-I/O websocket framing of :mod:`fedtensor._wsframes` (RFC 6455, section 5).
+"""The sans-I/O websocket framing of :mod:`fedtensor.protocol.wsframes` (RFC 6455, section 5).
 
 Frames are built here with :func:`header` and websockets' C ``apply_mask`` (or the module's
 own :func:`masked`) and fed to a :class:`Parser` whole, byte by byte, in odd-sized pieces and
@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from websockets.speedups import apply_mask
 
-from fedtensor._wsframes import (
+from fedtensor.protocol.wsframes import (
     DIRECT_THRESHOLD,
     OP_BINARY,
     OP_CLOSE,

@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
-from fedtensor._exceptions import WorkerUnavailable
-from fedtensor._messages import Command, Message
-from fedtensor._worker import WorkerActor, in_process_workers
-from fedtensor._workers import encode_by_default
 from fedtensor.abc import Connection, ReplySink, Transport
+from fedtensor.client.handles import encode_by_default
+from fedtensor.errors import WorkerUnavailable
+from fedtensor.protocol.messages import Command, Message
+from fedtensor.worker.actor import WorkerActor, in_process_workers
 
 __all__ = ["MemoryConnection", "MemoryTransport"]
 
@@ -39,14 +39,14 @@ class MemoryConnection(Connection):
 
     def send(self, batch: Sequence[Command]) -> None:
         if self._encode:
-            from fedtensor._codec import decode_frame, frame_bytes
+            from fedtensor.protocol.codec import decode_frame, frame_bytes
 
             batch = decode_frame(frame_bytes(batch))  # type: ignore[assignment]
         self._session.submit(batch)
 
     def _deliver(self, replies: Sequence[Message]) -> None:
         if self._encode:
-            from fedtensor._codec import decode_frame, frame_bytes
+            from fedtensor.protocol.codec import decode_frame, frame_bytes
 
             replies = decode_frame(frame_bytes(replies))
         self._sink.replies_received(replies)

@@ -24,7 +24,7 @@
 
 Commands are encoded and written when the client flushes its outbox; replies
 are decoded and handed to the client in the call that received them (see
-:mod:`fedtensor._wsio`: no reader or writer task stands in between). When the
+:mod:`fedtensor.net.peer`: no reader or writer task stands in between). When the
 connection ends, every pending wait fails with
 :class:`~fedtensor.WorkerUnavailable` (or :class:`~fedtensor.LimitExceeded`
 when the worker closed the connection for crossing a limit).
@@ -44,18 +44,18 @@ from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
-from fedtensor._codec import decode_frame, encode_frame
-from fedtensor._exceptions import (
+from fedtensor.abc import Connection, ReplySink, Transport
+from fedtensor.errors import (
     AuthenticationFailed,
     FedTensorError,
     LimitExceeded,
     ProtocolError,
     WorkerUnavailable,
 )
-from fedtensor._messages import Command
-from fedtensor._server import SESSION_HEADER, WORKER_HEADER
-from fedtensor._wsio import CONNECTING, WebSocketPeer
-from fedtensor.abc import Connection, ReplySink, Transport
+from fedtensor.net.peer import CONNECTING, WebSocketPeer
+from fedtensor.protocol.codec import decode_frame, encode_frame
+from fedtensor.protocol.messages import Command
+from fedtensor.worker.server import SESSION_HEADER, WORKER_HEADER
 
 __all__ = ["WebSocketConnection", "WebSocketTransport"]
 

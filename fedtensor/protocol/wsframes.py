@@ -9,7 +9,7 @@ shapes they are not built for, and both are measured in ``benchmarks/``:
 
 * **Small frames, one at a time.** A round trip of one small command should
   cost little more than the loopback itself. The I/O layer that drives this
-  parser (:mod:`fedtensor._wsio`) hands a frame to the application in the same
+  parser (:mod:`fedtensor.net.peer`) hands a frame to the application in the same
   call that received its bytes: no reader task, no queue in between.
 * **Large frames.** A tensor of hundreds of megabytes must not be copied on
   its way through. The parser lets the kernel write a large payload straight

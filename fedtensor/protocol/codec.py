@@ -179,8 +179,18 @@ from typing import Any, Final, NoReturn
 
 import torch
 
-from ._exceptions import ProtocolError
-from ._messages import Call, Failure, Fetch, ListObjects, Message, Ref, Release, Reply, Store
+from fedtensor.errors import ProtocolError
+from fedtensor.protocol.messages import (
+    Call,
+    Failure,
+    Fetch,
+    ListObjects,
+    Message,
+    Ref,
+    Release,
+    Reply,
+    Store,
+)
 
 __all__ = [
     "MAX_DEPTH",

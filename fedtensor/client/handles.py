@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 from collections.abc import Generator, Iterator, Mapping
 from types import TracebackType
 from typing import Any
@@ -21,22 +20,23 @@ import anyio
 import anyio.abc
 import torch
 
-from ._client import Client
-from ._exceptions import FedTensorError
-from ._pointer import (
+from fedtensor.client.engine import Client
+from fedtensor.client.pointer import (
+    LocalWorker,
     MultiPointerTensor,
     PointerBase,
     PointerTensor,
     SyncMultiPointerTensor,
     SyncPointerTensor,
+    local_worker,
 )
-from ._worker import WorkerActor, in_process_workers
+from fedtensor.errors import FedTensorError
 
 __all__ = [
     "DEFAULT_TIMEOUT",
     "LocalWorker",
+    "ReadOnlyDict",
     "RemoteWorker",
-    "VirtualWorker",
     "WorkerHandle",
     "connect",
     "encode_by_default",
@@ -95,108 +95,7 @@ class WorkerHandle:
         return f"<{type(self).__name__} id:{self.id}>"
 
 
-class VirtualWorker(WorkerHandle):
-    """A worker in this process: an actor with its own mailbox and object store.
-
-    Use it as an async context manager::
-
-        async with ft.VirtualWorker("bob") as bob:
-            x = ft.send(torch.ones(3), bob)
-
-    ``encode=True`` makes its connection encode every batch to wire frames, as a
-    network transport does (default: the ``FEDTENSOR_MEMORY_ENCODE`` variable).
-    ``datasets`` are data sets the worker holds itself, by name, as ``(examples,
-    labels)`` tensors: clients reach them with :func:`fedtensor.load_dataset`.
-    """
-
-    def __init__(
-        self,
-        id: str = "bob",
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-        encode: bool | None = None,
-        datasets: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-    ) -> None:
-        super().__init__(id, timeout=timeout)
-        self._encode = encode
-        self._datasets = dict(datasets or {})
-        self._actor: WorkerActor | None = None
-        self._task_group: anyio.abc.TaskGroup | None = None
-
-    async def __aenter__(self) -> VirtualWorker:
-        task_group = anyio.create_task_group()
-        await task_group.__aenter__()
-        try:
-            await self._start(task_group)
-        except BaseException as exc:
-            task_group.cancel_scope.cancel()
-            await task_group.__aexit__(type(exc), exc, exc.__traceback__)
-            raise
-        self._task_group = task_group
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._stop()
-        task_group, self._task_group = self._task_group, None
-        if task_group is not None:
-            await task_group.__aexit__(None, None, None)
-
-    async def _start(self, task_group: anyio.abc.TaskGroup) -> None:
-        """Run the actor in ``task_group``, publish it as ``memory://ID``, connect to it."""
-        actor = WorkerActor(self.id, datasets=self._datasets)
-        await task_group.start(actor.serve)
-        self._actor = actor
-        in_process_workers()[self.id] = actor
-        encode = encode_by_default() if self._encode is None else self._encode
-        await self._open_client(f"memory://{self.id}", encode=encode)
-
-    async def _stop(self) -> None:
-        """Close the connection, free every object, end the actor's task."""
-        await self.aclose()
-        actor = self._actor
-        if actor is not None:
-            actor.close()
-            if in_process_workers().get(self.id) is actor:
-                del in_process_workers()[self.id]
-
-    # -- the object store, as the seed notebook shows it -----------------------------------------
-
-    @property
-    def objects(self) -> Mapping[int, Any]:
-        """A snapshot of every object stored on this worker, by id (read-only).
-
-        It reflects every command sent before it was read: pending commands run first.
-        """
-        actor = self._actor
-        if actor is None:
-            return {}
-        client = self._client
-        if client is not None and client.available:
-            if threading.get_ident() == _loop_thread(client):
-                client.drain()
-            else:
-                return client.run_threadsafe(self._objects_on_loop(), None)  # type: ignore[no-any-return]
-        return _ReadOnlyDict(actor.iter_objects())
-
-    async def _objects_on_loop(self) -> Mapping[int, Any]:
-        return self.objects
-
-    _objects = objects
-
-    def __repr__(self) -> str:
-        return f"<VirtualWorker id:{self.id} #objects:{len(self.objects)}>"
-
-
-def _loop_thread(client: Client) -> int:
-    return client._thread
-
-
-class _ReadOnlyDict(Mapping[int, Any]):
+class ReadOnlyDict(Mapping[int, Any]):
     """A read-only snapshot that prints like the dict PySyft users know."""
 
     def __init__(self, items: Iterator[tuple[int, Any]]) -> None:
@@ -235,7 +134,7 @@ class RemoteWorker(WorkerHandle):
         client = self.client
         ids = await client.list_objects()
         values = await asyncio.gather(*(client.fetch(id_, free=False) for id_ in ids))
-        return _ReadOnlyDict(iter(zip(ids, values, strict=True)))
+        return ReadOnlyDict(iter(zip(ids, values, strict=True)))
 
     def __repr__(self) -> str:
         return f"<RemoteWorker id:{self.id} {self.url}>"
@@ -302,23 +201,6 @@ def connect(url: str, *, timeout: float = DEFAULT_TIMEOUT, **options: Any) -> _C
     see :mod:`fedtensor.transports.websocket` for the rest.
     """
     return _Connecting(url, timeout, options)
-
-
-class LocalWorker:
-    """This program, as the owner of every pointer it holds."""
-
-    id = "me"
-
-    def __repr__(self) -> str:
-        return "<LocalWorker id:me>"
-
-
-_LOCAL = LocalWorker()
-
-
-def local_worker() -> LocalWorker:
-    """The local worker (``me``): the ``owner`` of every pointer."""
-    return _LOCAL
 
 
 def send(tensor: torch.Tensor, *workers: WorkerHandle) -> Any:

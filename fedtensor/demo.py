@@ -27,11 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._exceptions import FedTensorError
-from ._federate import federate
-from ._fit import evaluate, fit
-from ._strategies import FedAdam, FedAvg, FedAvgM, FedProx, Strategy
-from ._workers import VirtualWorker, WorkerHandle, connect
+from fedtensor.client.handles import WorkerHandle, connect
+from fedtensor.errors import FedTensorError
+from fedtensor.federated.datasets import federate
+from fedtensor.federated.fit import evaluate, fit
+from fedtensor.federated.strategies import FedAdam, FedAvg, FedAvgM, FedProx, Strategy
+from fedtensor.virtual import VirtualWorker
 
 __all__ = ["DigitsCNN", "load_digits", "main", "train_centrally"]
 

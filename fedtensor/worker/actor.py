@@ -26,7 +26,7 @@ command after it, goes through the mailbox.
 
 A command that fails stores a :class:`Failed` marker under its result id; any
 later command reading that id fails with the same marker, and a fetch of it is
-answered with a :class:`~fedtensor._messages.Failure`. The worker itself never
+answered with a :class:`~fedtensor.protocol.messages.Failure`. The worker itself never
 stops on a bad command.
 """
 
@@ -43,11 +43,21 @@ import anyio
 import anyio.abc
 import torch
 
-from ._exceptions import ForbiddenOperation, ProtocolError, WorkerUnavailable
-from ._local_update import local_update
-from ._messages import Call, Failure, Fetch, ListObjects, Message, Ref, Release, Reply, Store
-from ._ops import OPERATIONS, WORKER_OPERATIONS
-from ._pool import pooled_copy
+from fedtensor.errors import ForbiddenOperation, ProtocolError, WorkerUnavailable
+from fedtensor.protocol.messages import (
+    Call,
+    Failure,
+    Fetch,
+    ListObjects,
+    Message,
+    Ref,
+    Release,
+    Reply,
+    Store,
+)
+from fedtensor.protocol.ops import OPERATIONS, WORKER_OPERATIONS
+from fedtensor.protocol.values import snapshot, tensor_bytes
+from fedtensor.worker.local_update import local_update
 
 __all__ = ["Failed", "Session", "WorkerActor", "in_process_workers", "snapshot", "tensor_bytes"]
 
@@ -87,28 +97,6 @@ _log = logging.getLogger("fedtensor.worker")
 # barrier; (None, None) wakes the loop so it sees it is closed.
 _Letter: TypeAlias = "tuple[Session | None, Sequence[Message] | Callable[[], None] | None]"
 _Mailbox: TypeAlias = "asyncio.Queue[_Letter] | queue.SimpleQueue[_Letter]"
-
-
-def snapshot(value: Any) -> Any:
-    """A copy of ``value`` that shares no tensor memory with it.
-
-    Tensors come back as leaves that keep ``requires_grad`` and a copy of
-    ``grad``: an autograd graph does not cross a worker boundary.
-    """
-    if isinstance(value, torch.Tensor):
-        copy = pooled_copy(value)
-        if value.requires_grad:
-            copy.requires_grad_(True)
-        if (value.is_leaf or value.retains_grad) and value.grad is not None:
-            copy.grad = value.grad.detach().clone()
-        return copy
-    if type(value) is list:
-        return [snapshot(item) for item in value]
-    if type(value) is tuple:
-        return tuple(snapshot(item) for item in value)
-    if type(value) is dict:
-        return {key: snapshot(item) for key, item in value.items()}
-    return value
 
 
 def _storage_users(tensor: torch.Tensor) -> int:
@@ -574,23 +562,6 @@ def _is_cheap(objects: Mapping[int, Any], message: Message) -> bool:
             return value.nbytes <= _INLINE_MAX_FETCH_BYTES and not has_grad
         return value is None or type(value) in (int, float, bool, Failed)
     return False
-
-
-def tensor_bytes(value: Any) -> int:
-    """The bytes of tensor data in ``value`` (grads included; views count in full).
-
-    What memory quotas count, and what a federated round reports it moved.
-    """
-    if isinstance(value, torch.Tensor):
-        size = value.numel() * value.element_size()
-        if value.is_leaf and value.grad is not None:
-            size += value.grad.numel() * value.grad.element_size()
-        return size
-    if type(value) is list or type(value) is tuple:
-        return sum(tensor_bytes(item) for item in value)
-    if type(value) is dict:
-        return sum(tensor_bytes(item) for item in value.values())
-    return 0
 
 
 def _not_found(id_: int) -> str:

@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 A network transport moves *messages* (websocket messages, say) and bounds their
 size, to protect the receiver's memory. A fedtensor frame (see
-:mod:`fedtensor._codec`) has no size bound: a tensor can be gigabytes. So a
+:mod:`fedtensor.protocol.codec`) has no size bound: a tensor can be gigabytes. So a
 frame travels in one of two ways::
 
     0x00 frame                          a whole frame in one message
@@ -20,7 +20,7 @@ each data message into place: the only copy on the receiving side. The
 reassembled buffer is a writable memoryview holding the frame alone, so the
 codec can build tensors over it without copying.
 
-Large frame buffers come from :data:`fedtensor._pool.POOL`, and a recycled
+Large frame buffers come from :data:`fedtensor.protocol.pool.POOL`, and a recycled
 buffer is written whole by the next frame before anything reads it, so no
 data crosses from one frame (or client) to another.
 
@@ -33,8 +33,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator, Sequence
 
-from ._exceptions import LimitExceeded, ProtocolError
-from ._pool import POOL
+from fedtensor.errors import LimitExceeded, ProtocolError
+from fedtensor.protocol.pool import POOL
 
 __all__ = ["START", "WHOLE", "Reassembler", "split_frame"]
 

@@ -5,7 +5,7 @@ travel as itself. Instead the client traces it once, here, into a *plan*: the
 straight-line graph of tensor operations its forward pass and loss perform,
 written as plain wire values (lists, strings, numbers, tensors). The worker
 checks every operation in it against the same allow-list that guards single
-commands (:mod:`fedtensor._ops`) and then runs it once per batch, with autograd,
+commands (:mod:`fedtensor.protocol.ops`) and then runs it once per batch, with autograd,
 on its own copy of the model's state. PySyft 0.2 had the same idea under the
 same name; here the graph comes from :mod:`torch.fx`.
 
@@ -49,9 +49,9 @@ from typing import Any
 import torch
 import torch.fx
 
-from . import _ops
-from ._exceptions import ForbiddenOperation, PlanError
-from ._messages import Ref
+from fedtensor.errors import ForbiddenOperation, PlanError
+from fedtensor.protocol import ops as _ops
+from fedtensor.protocol.messages import Ref
 
 __all__ = ["CompiledPlan", "Plan", "compile_plan", "state_entries", "trace"]
 

@@ -7,7 +7,7 @@ allocation). The buffers that a large transfer needs have the same sizes
 each time (a model's state, round after round), so :class:`BufferPool`
 keeps freed ones, up to a bound, and hands them out again:
 
-* frames being received (:class:`fedtensor._chunks.Reassembler`), which the
+* frames being received (:class:`fedtensor.protocol.chunks.Reassembler`), which the
   decoded tensors then live in;
 * the copies a client takes of what it sends, and a worker of what it
   replies with (:func:`pooled_copy`, used by ``snapshot``).
@@ -23,7 +23,7 @@ import threading
 
 import torch
 
-from ._codec import _memory_of, _shaped
+from fedtensor.protocol.codec import _memory_of, _shaped
 
 __all__ = ["POOL", "BufferPool", "pooled_copy"]
 

@@ -36,7 +36,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._exceptions import (
+from fedtensor.abc import Connection
+from fedtensor.client.registry import transport_for
+from fedtensor.errors import (
     FedTensorError,
     ForbiddenOperation,
     LimitExceeded,
@@ -46,14 +48,21 @@ from ._exceptions import (
     TimeoutError,
     WorkerUnavailable,
 )
-from ._messages import Command, Failure, Fetch, ListObjects, Message, Release, Reply, Store
-from ._registry import transport_for
-from ._worker import snapshot
-from .abc import Connection
+from fedtensor.protocol.messages import (
+    Command,
+    Failure,
+    Fetch,
+    ListObjects,
+    Message,
+    Release,
+    Reply,
+    Store,
+)
+from fedtensor.protocol.values import snapshot
 
 if TYPE_CHECKING:
-    from ._pointer import PointerBase
-    from ._workers import WorkerHandle
+    from fedtensor.client.handles import WorkerHandle
+    from fedtensor.client.pointer import PointerBase
 
 __all__ = ["CALLER_RUNS_THRESHOLD", "Client", "error_from_failure", "run_on_loop"]
 

@@ -14,7 +14,7 @@ at a time. A command that fails stores its error under its result id, so every
 later command that reads that id fails with the same error, and a ``Fetch`` of
 it answers with a ``Failure``. Only ``Fetch`` and ``ListObjects`` are answered.
 
-Messages travel in batches ("frames"); see :mod:`fedtensor._codec` for the
+Messages travel in batches ("frames"); see :mod:`fedtensor.protocol.codec` for the
 bytes. Values inside messages are drawn from a closed grammar:
 
     value := None | bool | int | float | complex | str | torch.Tensor

@@ -10,7 +10,7 @@ refused with :class:`~fedtensor.ForbiddenOperation`.
 
 fedtensor adds a few operations of its own (:data:`WORKER_OPERATIONS`): reading a
 data set the worker holds, and a local training update that runs a traced
-model (a plan, :mod:`fedtensor._plan`) whose every operation is checked against
+model (a plan, :mod:`fedtensor.protocol.plan`) whose every operation is checked against
 this same table.
 
 Denied are operations that touch files, processes or pickling (``torch.load``
@@ -132,8 +132,8 @@ OPERATIONS, FUNCTION_NAMES = _build()
 
 
 #: Operations of fedtensor's own, which a worker binds to itself
-#: (:class:`fedtensor._worker.WorkerActor`): a data set it holds, and a local
-#: training update (:mod:`fedtensor._local_update`). Plans cannot call them.
+#: (:class:`fedtensor.worker.actor.WorkerActor`): a data set it holds, and a local
+#: training update (:mod:`fedtensor.worker.local_update`). Plans cannot call them.
 WORKER_OPERATIONS: frozenset[str] = frozenset({"fedtensor.dataset", "fedtensor.local_update"})
 
 

@@ -11,8 +11,8 @@ import importlib
 import importlib.metadata
 from urllib.parse import urlsplit
 
-from ._exceptions import TransportNotFound
-from .abc import Transport
+from fedtensor.abc import Transport
+from fedtensor.errors import TransportNotFound
 
 __all__ = ["register_transport", "transport_for"]
 

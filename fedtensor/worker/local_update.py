@@ -2,7 +2,7 @@
 
 ``fedtensor.local_update`` is a worker operation like ``torch.add``, named by a
 string in a command, but written here rather than taken from torch. It takes a
-plan (:mod:`fedtensor._plan`), the global model's state, the worker's examples
+plan (:mod:`fedtensor.protocol.plan`), the global model's state, the worker's examples
 and labels, and the hyperparameters of a round; it trains a copy of the state
 for some epochs of minibatch SGD (or Adam) and returns the new state with the
 round's statistics. One command per worker per round, whatever the number of
@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from ._exceptions import PlanError
-from ._plan import compile_plan, state_entries
+from fedtensor.errors import PlanError
+from fedtensor.protocol.plan import compile_plan, state_entries
 
 __all__ = ["OPTIMIZERS", "local_update"]
 

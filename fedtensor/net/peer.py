@@ -1,10 +1,10 @@
-"""Websocket connections on asyncio: the I/O layer around :mod:`fedtensor._wsframes`.
+"""Websocket connections on asyncio: the I/O layer around :mod:`fedtensor.protocol.wsframes`.
 
 Theory of operation
 -------------------
 A :class:`WebSocketPeer` is an :class:`asyncio.BufferedProtocol`: asyncio calls
 it when bytes arrive and when the socket can take more. It carries fedtensor
-frames (see :mod:`fedtensor._chunks`) as binary websocket messages, in two
+frames (see :mod:`fedtensor.protocol.chunks`) as binary websocket messages, in two
 phases:
 
 1. **Handshake.** The HTTP upgrade is read up to its blank line and handed to
@@ -13,8 +13,8 @@ phases:
    answer. Nothing else is read before the connection is open; a handshake
    longer than :data:`MAX_HANDSHAKE` bytes, or slower than ``open_timeout``,
    ends the connection.
-2. **Open.** Received bytes go to the :class:`~fedtensor._wsframes.Parser`; its
-   messages go to a :class:`~fedtensor._chunks.Reassembler`; each complete
+2. **Open.** Received bytes go to the :class:`~fedtensor.protocol.wsframes.Parser`; its
+   messages go to a :class:`~fedtensor.protocol.chunks.Reassembler`; each complete
    frame goes to :meth:`frame_received`, *in the same call*: no task and no
    queue stand between the socket and the application. A large message is
    received in place, straight into the frame being reassembled.
@@ -47,11 +47,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar, cast
 
-from ._chunks import Reassembler, split_frame
-from ._codec import Chunk
-from ._exceptions import LimitExceeded, ProtocolError
-from ._pool import POOL
-from ._wsframes import (
+from fedtensor.errors import LimitExceeded, ProtocolError
+from fedtensor.protocol.chunks import Reassembler, split_frame
+from fedtensor.protocol.codec import Chunk
+from fedtensor.protocol.pool import POOL
+from fedtensor.protocol.wsframes import (
     OP_BINARY,
     OP_CLOSE,
     OP_PING,

@@ -11,14 +11,14 @@ Per connection:
 - The handshake is refused (HTTP 401) unless it carries the worker's token as
   ``Authorization: Bearer <token>``; tokens are compared in constant time. The
   response names the worker in ``X-Fedtensor-Worker``.
-- The connection gets its own :class:`~fedtensor._worker.Session`: a namespace
+- The connection gets its own :class:`~fedtensor.worker.actor.Session`: a namespace
   no other client can reach, freed when the connection ends. A client that
   names a session (``X-Fedtensor-Session``) keeps it for ``session_ttl``
   seconds after a disconnection and gets it back when it reconnects with the
   same name; a name already attached to a live connection is refused (409).
-- Frames are read and written by a :class:`~fedtensor._wsio.WebSocketPeer`
+- Frames are read and written by a :class:`~fedtensor.net.peer.WebSocketPeer`
   (this module's :class:`_ServerPeer`) on the event loop. Each complete frame
-  is decoded into commands (:mod:`fedtensor._codec`) and submitted in the same
+  is decoded into commands (:mod:`fedtensor.protocol.codec`) and submitted in the same
   call that received it. Bytes that are not a valid frame close the
   connection with a reason (1007; 1009 for a frame over the size limit; 1008
   for a message that is not a command). Commands beyond the pending limit are
@@ -53,11 +53,11 @@ import torch
 from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 
-from ._codec import decode_frame, encode_frame
-from ._exceptions import LimitExceeded, ProtocolError
-from ._messages import Call, Fetch, ListObjects, Message, Release, Store
-from ._worker import Failed, Session, WorkerActor
-from ._wsio import WebSocketPeer
+from fedtensor.errors import LimitExceeded, ProtocolError
+from fedtensor.net.peer import WebSocketPeer
+from fedtensor.protocol.codec import decode_frame, encode_frame
+from fedtensor.protocol.messages import Call, Fetch, ListObjects, Message, Release, Store
+from fedtensor.worker.actor import Failed, Session, WorkerActor
 
 __all__ = ["Limits", "WorkerServer"]
 

@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from ._pointer import call_on
-from ._workers import WorkerHandle, send
+from fedtensor.client.handles import WorkerHandle, send
+from fedtensor.client.pointer import call_on
 
 __all__ = ["FederatedDataset", "Shard", "federate", "load_dataset", "split_indices"]
 

@@ -1,7 +1,7 @@
 """Federated training rounds: :func:`fit` and the :class:`History` it returns.
 
 Theory of operation. :func:`fit` traces the model once into a plan
-(:mod:`fedtensor._plan`) and stores the plan once on every worker. Each round
+(:mod:`fedtensor.protocol.plan`) and stores the plan once on every worker. Each round
 then:
 
 1. samples workers among those still reachable (``fraction`` of them, at least
@@ -40,14 +40,14 @@ import anyio.to_thread
 import torch
 import torch.nn.functional
 
-from ._exceptions import FedTensorError, RemoteError, WorkerUnavailable
-from ._exceptions import TimeoutError as FedTimeoutError
-from ._federate import FederatedDataset
-from ._local_update import OPTIMIZERS
-from ._plan import Plan, trace
-from ._pointer import PointerBase, call_on
-from ._strategies import FedAvg, Strategy, Update
-from ._worker import tensor_bytes
+from fedtensor.client.pointer import PointerBase, call_on
+from fedtensor.errors import FedTensorError, RemoteError, WorkerUnavailable
+from fedtensor.errors import TimeoutError as FedTimeoutError
+from fedtensor.federated.datasets import FederatedDataset
+from fedtensor.federated.strategies import FedAvg, Strategy, Update
+from fedtensor.protocol.plan import Plan, trace
+from fedtensor.protocol.values import tensor_bytes
+from fedtensor.worker.local_update import OPTIMIZERS
 
 __all__ = ["History", "RoundMetrics", "evaluate", "fit", "worker_seed"]
 

@@ -23,21 +23,23 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._exceptions import FedTensorError, ForbiddenOperation, LocationError, PointerReleased
-from ._messages import Call, Ref
-from ._ops import ATTRIBUTES, FUNCTION_NAMES, OPERATIONS
-from ._worker import snapshot
+from fedtensor.errors import FedTensorError, ForbiddenOperation, LocationError, PointerReleased
+from fedtensor.protocol.messages import Call, Ref
+from fedtensor.protocol.ops import ATTRIBUTES, FUNCTION_NAMES, OPERATIONS
+from fedtensor.protocol.values import snapshot
 
 if TYPE_CHECKING:
-    from ._client import Client
-    from ._workers import WorkerHandle
+    from fedtensor.client.engine import Client
+    from fedtensor.client.handles import WorkerHandle
 
 __all__ = [
+    "LocalWorker",
     "MultiPointerTensor",
     "PointerBase",
     "PointerTensor",
     "SyncMultiPointerTensor",
     "SyncPointerTensor",
+    "local_worker",
     "remote_call",
 ]
 
@@ -85,8 +87,6 @@ class PointerBase:
 
     @property
     def owner(self) -> Any:
-        from ._workers import local_worker
-
         return local_worker()
 
     @property
@@ -490,3 +490,20 @@ def _spread_call(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         SyncMultiPointerTensor if isinstance(first, SyncMultiPointerTensor) else MultiPointerTensor
     )
     return multi_class(results)
+
+
+class LocalWorker:
+    """This program, as the owner of every pointer it holds."""
+
+    id = "me"
+
+    def __repr__(self) -> str:
+        return "<LocalWorker id:me>"
+
+
+_LOCAL = LocalWorker()
+
+
+def local_worker() -> LocalWorker:
+    """The local worker (``me``): the ``owner`` of every pointer."""
+    return _LOCAL

@@ -1,7 +1,7 @@
 """The ``fedtensor`` command: ``fedtensor worker`` runs a worker process.
 
     fedtensor worker --id bob --host 127.0.0.1 --port 8765
-    fedtensor demo                   # federated training on digits (see fedtensor._demo)
+    fedtensor demo                   # federated training on digits (see fedtensor.demo)
 
 A worker can hold data sets of its own, which clients reach by name with
 :func:`fedtensor.load_dataset`: ``--dataset NAME=FILE`` loads FILE, written by
@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import anyio
 import torch
 
-from ._server import Limits, WorkerServer
+from fedtensor.worker.server import Limits, WorkerServer
 
 __all__ = ["main"]
 
@@ -205,7 +205,7 @@ async def _run_worker(server: WorkerServer, host: str, port: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments[:1] == ["demo"]:
-        from ._demo import main as demo
+        from fedtensor.demo import main as demo
 
         return demo(arguments[1:])
     args = _parser().parse_args(arguments)

@@ -1,0 +1,4 @@
+"""The worker layer: the actor that runs allow-listed commands, and its websocket server.
+
+It imports the protocol and network layers, never the client.
+"""
