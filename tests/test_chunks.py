@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import threading
 
@@ -12,8 +13,8 @@ from hypothesis import strategies as st
 
 import fedtensor as ft
 from fedtensor.protocol.chunks import START, WHOLE, Reassembler, split_frame
-from fedtensor.protocol.codec import decode_frame, frame_bytes
-from fedtensor.protocol.messages import Store
+from fedtensor.protocol.codec import decode_frame, encode_frame, frame_bytes
+from fedtensor.protocol.messages import Reply, Store
 from fedtensor.protocol.pool import BufferPool, pooled_copy
 
 
@@ -90,6 +91,33 @@ def test_a_data_message_received_in_place_is_not_copied() -> None:
     frame = reassembler.feed(b"ef")
     assert frame is not None
     assert bytes(frame) == b"abcdef"
+
+
+def test_a_split_frame_decodes_in_place_in_its_reassembled_buffer() -> None:
+    # End to end: the codec's chunks (heads, the tensors' own memory, the messages)
+    # split into messages, put together again, and decoded over the frame's buffer.
+    tensors = [torch.arange(3000.0), torch.ones(50, 40, dtype=torch.float64)]
+    chunks = encode_frame([Store(1, tensors[0]), Reply(2, {"w": tensors[1], "n": 7})])
+    messages = [bytes(m) for m in split_frame(chunks, 1000)]
+    assert len(messages) > 2  # split: a header, then data messages of raw bytes
+    reassembler = Reassembler(max_frame=1 << 20)
+    frames = [reassembler.feed(m) for m in messages]
+    frame = frames[-1]
+    assert frame is not None
+    assert all(f is None for f in frames[:-1])
+    store, reply = decode_frame(frame)
+    assert isinstance(store, Store)
+    assert isinstance(reply, Reply)
+    assert torch.equal(store.value, tensors[0])
+    assert torch.equal(reply.value["w"], tensors[1])
+    assert reply.value["n"] == 7
+    start = address(frame)
+    for decoded in (store.value, reply.value["w"]):
+        assert start <= decoded.data_ptr() < start + len(frame)  # no copy
+
+
+def address(view: memoryview) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
 
 
 def test_pooled_buffer_comes_back_when_the_last_tensor_over_it_dies() -> None:

@@ -23,7 +23,7 @@ import threading
 
 import torch
 
-from fedtensor.protocol.codec import _memory_of, _shaped
+from fedtensor.protocol.tensors import memory_of, shaped
 
 __all__ = ["POOL", "BufferPool", "pooled_copy"]
 
@@ -51,7 +51,7 @@ class BufferPool:
     def take(self, size: int) -> memoryview:
         """A view of ``size`` bytes of memory that may hold an earlier frame's bytes."""
         if size < self.min_size:
-            return _memory_of(torch.empty(size, dtype=torch.uint8))
+            return memory_of(torch.empty(size, dtype=torch.uint8))
         tensor = None
         with self._lock:
             stack = self._free.get(size)
@@ -61,7 +61,7 @@ class BufferPool:
         if tensor is None:
             # torch.empty: unlike bytearray(size), the memory is not zeroed first.
             tensor = torch.empty(size, dtype=torch.uint8)
-        return _memory_of(tensor, _Lease(self, tensor))
+        return memory_of(tensor, _Lease(self, tensor))
 
     def _give_back(self, tensor: torch.Tensor) -> None:
         size = tensor.numel()
@@ -103,6 +103,6 @@ def pooled_copy(tensor: torch.Tensor) -> torch.Tensor:
     ):
         return tensor.detach().clone()
     view = POOL.take(tensor.nbytes)
-    copy = _shaped(torch.frombuffer(view, dtype=tensor.dtype), tensor.shape)
+    copy = shaped(torch.frombuffer(view, dtype=tensor.dtype), tensor.shape)
     copy.copy_(tensor.detach())
     return copy
