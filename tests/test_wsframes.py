@@ -11,6 +11,7 @@ the close code it is owed, the masking helpers, and a property test over random 
 from __future__ import annotations
 
 import array
+import copy
 import random
 import struct
 from collections.abc import Iterator, Sequence
@@ -20,17 +21,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from websockets.speedups import apply_mask
 
+from fedtensor.errors import ProtocolError
 from fedtensor.protocol.wsframes import (
     DIRECT_THRESHOLD,
-    OP_BINARY,
-    OP_CLOSE,
-    OP_CONTINUATION,
-    OP_PING,
-    OP_PONG,
-    OP_TEXT,
     Close,
+    CloseCode,
     Event,
     Message,
+    Opcode,
     Parser,
     Ping,
     Pong,
@@ -51,7 +49,9 @@ def payload_of(size: int, seed: int = 0) -> bytes:
     return random.Random(size * 7919 + seed).randbytes(size)
 
 
-def frame(opcode: int, payload: bytes, *, mask: bool, fin: bool = True, key: bytes = KEY) -> bytes:
+def frame(
+    opcode: Opcode, payload: bytes, *, mask: bool, fin: bool = True, key: bytes = KEY
+) -> bytes:
     """One whole frame, masked with ``key`` when ``mask``."""
     if not mask:
         return header(opcode, len(payload), fin=fin) + payload
@@ -107,12 +107,16 @@ class Allocations:
         return view
 
 
-def violation(parser: Parser, data: bytes) -> int:
+def violation(parser: Parser, data: bytes) -> CloseCode:
     """The close code of the :class:`Violation` that feeding ``data`` raises."""
     with pytest.raises(Violation) as raised:
         parser.receive(data)
     assert raised.value.reason
     assert str(raised.value) == raised.value.reason
+    assert isinstance(raised.value, ProtocolError)  # in fedtensor's own hierarchy
+    copied = copy.copy(raised.value)  # copyable, as pytest and tracebacks need
+    assert (copied.code, copied.reason) == (raised.value.code, raised.value.reason)
+    assert type(raised.value.code) is CloseCode
     return raised.value.code
 
 
@@ -120,22 +124,22 @@ def violation(parser: Parser, data: bytes) -> int:
 
 
 def test_header_encodes_each_length_form() -> None:
-    assert header(OP_BINARY, 0) == b"\x82\x00"
-    assert header(OP_BINARY, 125) == b"\x82\x7d"
-    assert header(OP_BINARY, 126) == b"\x82\x7e\x00\x7e"
-    assert header(OP_BINARY, 65535) == b"\x82\x7e\xff\xff"
-    assert header(OP_BINARY, 65536) == b"\x82\x7f" + (65536).to_bytes(8, "big")
-    assert header(OP_BINARY, 200_000) == b"\x82\x7f" + (200_000).to_bytes(8, "big")
-    assert header(OP_TEXT, 3, fin=False) == b"\x01\x03"
-    assert header(OP_CONTINUATION, 3) == b"\x80\x03"
-    assert header(OP_BINARY, 5, KEY) == b"\x82\x85" + KEY
-    assert header(OP_BINARY, 300, KEY) == b"\x82\xfe\x01\x2c" + KEY
-    assert header(OP_BINARY, 70_000, KEY) == b"\x82\xff" + (70_000).to_bytes(8, "big") + KEY
+    assert header(Opcode.BINARY, 0) == b"\x82\x00"
+    assert header(Opcode.BINARY, 125) == b"\x82\x7d"
+    assert header(Opcode.BINARY, 126) == b"\x82\x7e\x00\x7e"
+    assert header(Opcode.BINARY, 65535) == b"\x82\x7e\xff\xff"
+    assert header(Opcode.BINARY, 65536) == b"\x82\x7f" + (65536).to_bytes(8, "big")
+    assert header(Opcode.BINARY, 200_000) == b"\x82\x7f" + (200_000).to_bytes(8, "big")
+    assert header(Opcode.TEXT, 3, fin=False) == b"\x01\x03"
+    assert header(Opcode.CONTINUATION, 3) == b"\x80\x03"
+    assert header(Opcode.BINARY, 5, KEY) == b"\x82\x85" + KEY
+    assert header(Opcode.BINARY, 300, KEY) == b"\x82\xfe\x01\x2c" + KEY
+    assert header(Opcode.BINARY, 70_000, KEY) == b"\x82\xff" + (70_000).to_bytes(8, "big") + KEY
 
 
 def test_control_frame_masks_only_when_asked() -> None:
-    assert control_frame(OP_PING, b"abc", mask=False) == b"\x89\x03abc"
-    built = control_frame(OP_PONG, b"abc", mask=True)
+    assert control_frame(Opcode.PING, b"abc", mask=False) == b"\x89\x03abc"
+    built = control_frame(Opcode.PONG, b"abc", mask=True)
     assert built[:2] == b"\x8a\x83"
     key = built[2:6]
     assert len(built) == 9
@@ -143,12 +147,12 @@ def test_control_frame_masks_only_when_asked() -> None:
 
 
 def test_close_frame_cuts_a_long_reason_on_a_character_boundary() -> None:
-    assert close_frame(1000, "bye", mask=False) == b"\x88\x05\x03\xe8bye"
-    built = close_frame(1001, "é" * 100, mask=False)  # 200 bytes of UTF-8
+    assert close_frame(CloseCode.NORMAL_CLOSURE, "bye", mask=False) == b"\x88\x05\x03\xe8bye"
+    built = close_frame(CloseCode.GOING_AWAY, "é" * 100, mask=False)  # 200 bytes of UTF-8
     assert len(built) == 2 + 2 + 122  # 61 whole characters: 122 of the 123 bytes allowed
     parser = Parser(masked=False, max_message=LIMIT)
     parser.receive(built)
-    assert parser.take_events() == [Close(1001, "é" * 61)]
+    assert parser.take_events() == [Close(CloseCode.GOING_AWAY, "é" * 61)]
 
 
 # -- round trips ---------------------------------------------------------------------------------
@@ -181,7 +185,7 @@ def test_a_binary_message_round_trips(size: int, mask: bool, how: str) -> None:
     payload = payload_of(size)
     allocations = Allocations()
     parser = Parser(masked=mask, max_message=LIMIT, allocate=allocations)
-    feed(parser, frame(OP_BINARY, payload, mask=mask), how)
+    feed(parser, frame(Opcode.BINARY, payload, mask=mask), how)
     events = parser.take_events()
     assert messages(events) == [(payload, False)]
     assert parser.take_events() == []
@@ -196,7 +200,7 @@ def test_messages_back_to_back_come_out_in_order(mask: bool, how: str) -> None:
     if how == "buffer-1":
         sizes = [0, 5, 126, 125, 3, 1, 300]  # one byte per read: keep it short
     payloads = [payload_of(size, seed) for seed, size in enumerate(sizes)]
-    data = b"".join(frame(OP_BINARY, payload, mask=mask) for payload in payloads)
+    data = b"".join(frame(Opcode.BINARY, payload, mask=mask) for payload in payloads)
     parser = Parser(masked=mask, max_message=LIMIT)
     feed(parser, data, how)
     assert messages(parser.take_events()) == [(payload, False) for payload in payloads]
@@ -207,7 +211,7 @@ def test_many_medium_messages_through_the_receive_buffer(mask: bool) -> None:
     """Several MB of frames below DIRECT_THRESHOLD, in uneven reads: the buffer compacts."""
     rng = random.Random(2024)
     payloads = [payload_of(rng.randrange(0, DIRECT_THRESHOLD), seed) for seed in range(120)]
-    data = b"".join(frame(OP_BINARY, payload, mask=mask) for payload in payloads)
+    data = b"".join(frame(Opcode.BINARY, payload, mask=mask) for payload in payloads)
     parser = Parser(masked=mask, max_message=LIMIT)
     position = 0
     while position < len(data):
@@ -220,7 +224,7 @@ def test_many_medium_messages_through_the_receive_buffer(mask: bool) -> None:
 def test_get_buffer_is_never_empty_and_reads_at_most_the_threshold() -> None:
     parser = Parser(masked=False, max_message=LIMIT)
     assert len(parser.get_buffer()) == DIRECT_THRESHOLD
-    parser.receive(header(OP_BINARY, 1000) + b"x" * 10)  # a partial frame stays buffered
+    parser.receive(header(Opcode.BINARY, 1000) + b"x" * 10)  # a partial frame stays buffered
     assert len(parser.get_buffer()) == DIRECT_THRESHOLD
     parser.receive(b"x" * 990)
     assert messages(parser.take_events()) == [(b"x" * 1000, False)]
@@ -235,7 +239,7 @@ def test_a_large_message_lands_in_the_allocated_buffer(mask: bool, size: int) ->
     payload = payload_of(size)
     allocations = Allocations()
     parser = Parser(masked=mask, max_message=LIMIT, allocate=allocations)
-    parser.receive(frame(OP_BINARY, payload, mask=mask))
+    parser.receive(frame(Opcode.BINARY, payload, mask=mask))
     [event] = parser.take_events()
     assert isinstance(event, Message)
     assert allocations.lengths == [size]
@@ -248,7 +252,7 @@ def test_a_large_message_lands_in_the_allocated_buffer(mask: bool, size: int) ->
 def test_get_buffer_hands_out_the_destination_of_a_large_payload(mask: bool) -> None:
     size = 300_000
     payload = payload_of(size)
-    data = frame(OP_BINARY, payload, mask=mask)
+    data = frame(Opcode.BINARY, payload, mask=mask)
     allocations = Allocations()
     parser = Parser(masked=mask, max_message=LIMIT, allocate=allocations)
     head = len(data) - size
@@ -287,9 +291,9 @@ def test_allocate_sees_every_earlier_message() -> None:
 
     parser = Parser(masked=True, max_message=LIMIT, allocate=allocate, handle=handle)
     parser.receive(
-        frame(OP_BINARY, b"first", mask=True)
-        + frame(OP_BINARY, payload_of(100_000), mask=True)
-        + frame(OP_BINARY, payload_of(70_000), mask=True)
+        frame(Opcode.BINARY, b"first", mask=True)
+        + frame(Opcode.BINARY, payload_of(100_000), mask=True)
+        + frame(Opcode.BINARY, payload_of(70_000), mask=True)
     )
     assert log == [
         ("message", 5),
@@ -307,9 +311,9 @@ def test_large_fragments_and_text_do_not_use_allocate(mask: bool) -> None:
     allocations = Allocations()
     parser = Parser(masked=mask, max_message=LIMIT, allocate=allocations)
     parser.receive(
-        frame(OP_BINARY, first, mask=mask, fin=False)
-        + frame(OP_CONTINUATION, second, mask=mask)
-        + frame(OP_TEXT, text, mask=mask)
+        frame(Opcode.BINARY, first, mask=mask, fin=False)
+        + frame(Opcode.CONTINUATION, second, mask=mask)
+        + frame(Opcode.TEXT, text, mask=mask)
     )
     assert messages(parser.take_events()) == [(first + second, False), (text, True)]
     assert allocations.lengths == []
@@ -322,10 +326,10 @@ def test_large_fragments_and_text_do_not_use_allocate(mask: bool) -> None:
 @pytest.mark.parametrize("how", ["whole", "bytewise", "pieces-5"])
 def test_fragments_are_joined(mask: bool, how: str) -> None:
     parts = [b"abc", b"", b"defgh", b"i" * 200]
-    data = frame(OP_BINARY, parts[0], mask=mask, fin=False)
-    data += b"".join(frame(OP_CONTINUATION, part, mask=mask, fin=False) for part in parts[1:-1])
-    data += frame(OP_CONTINUATION, parts[-1], mask=mask)
-    data += frame(OP_BINARY, b"after", mask=mask)
+    data = frame(Opcode.BINARY, parts[0], mask=mask, fin=False)
+    data += b"".join(frame(Opcode.CONTINUATION, part, mask=mask, fin=False) for part in parts[1:-1])
+    data += frame(Opcode.CONTINUATION, parts[-1], mask=mask)
+    data += frame(Opcode.BINARY, b"after", mask=mask)
     parser = Parser(masked=mask, max_message=LIMIT)
     feed(parser, data, how)
     assert messages(parser.take_events()) == [(b"".join(parts), False), (b"after", False)]
@@ -334,11 +338,11 @@ def test_fragments_are_joined(mask: bool, how: str) -> None:
 @pytest.mark.parametrize("mask", [False, True])
 def test_a_ping_between_fragments_comes_out_in_order(mask: bool) -> None:
     data = (
-        frame(OP_BINARY, b"one-", mask=mask, fin=False)
-        + frame(OP_PING, b"p1", mask=mask)
-        + frame(OP_CONTINUATION, b"two-", mask=mask, fin=False)
-        + frame(OP_PONG, b"p2", mask=mask)
-        + frame(OP_CONTINUATION, b"three", mask=mask)
+        frame(Opcode.BINARY, b"one-", mask=mask, fin=False)
+        + frame(Opcode.PING, b"p1", mask=mask)
+        + frame(Opcode.CONTINUATION, b"two-", mask=mask, fin=False)
+        + frame(Opcode.PONG, b"p2", mask=mask)
+        + frame(Opcode.CONTINUATION, b"three", mask=mask)
     )
     parser = Parser(masked=mask, max_message=LIMIT)
     parser.receive(data)
@@ -351,10 +355,10 @@ def test_a_ping_between_fragments_comes_out_in_order(mask: bool) -> None:
 def test_a_large_fragmented_message_is_joined(mask: bool) -> None:
     parts = [payload_of(70_000, 1), payload_of(3, 2), payload_of(100_000, 3)]
     data = (
-        frame(OP_BINARY, parts[0], mask=mask, fin=False)
-        + frame(OP_PING, b"", mask=mask)
-        + frame(OP_CONTINUATION, parts[1], mask=mask, fin=False)
-        + frame(OP_CONTINUATION, parts[2], mask=mask)
+        frame(Opcode.BINARY, parts[0], mask=mask, fin=False)
+        + frame(Opcode.PING, b"", mask=mask)
+        + frame(Opcode.CONTINUATION, parts[1], mask=mask, fin=False)
+        + frame(Opcode.CONTINUATION, parts[2], mask=mask)
     )
     parser = Parser(masked=mask, max_message=LIMIT)
     feed_pieces(parser, data, 50_001)
@@ -367,11 +371,11 @@ def test_a_large_fragmented_message_is_joined(mask: bool) -> None:
 def test_text_messages_are_delivered_as_text(mask: bool) -> None:
     parser = Parser(masked=mask, max_message=LIMIT)
     parser.receive(
-        frame(OP_TEXT, "héllo".encode(), mask=mask)
-        + frame(OP_TEXT, b"wor", mask=mask, fin=False)
-        + frame(OP_CONTINUATION, b"ld", mask=mask)
-        + frame(OP_TEXT, b"", mask=mask)
-        + frame(OP_BINARY, b"bin", mask=mask)
+        frame(Opcode.TEXT, "héllo".encode(), mask=mask)
+        + frame(Opcode.TEXT, b"wor", mask=mask, fin=False)
+        + frame(Opcode.CONTINUATION, b"ld", mask=mask)
+        + frame(Opcode.TEXT, b"", mask=mask)
+        + frame(Opcode.BINARY, b"bin", mask=mask)
     )
     assert messages(parser.take_events()) == [
         ("héllo".encode(), True),
@@ -388,10 +392,10 @@ def test_text_messages_are_delivered_as_text(mask: bool) -> None:
 def test_ping_and_pong_carry_their_payloads(mask: bool) -> None:
     parser = Parser(masked=mask, max_message=LIMIT)
     parser.receive(
-        control_frame(OP_PING, b"hello", mask=mask)
-        + control_frame(OP_PONG, b"", mask=mask)
-        + control_frame(OP_PING, b"\x00" * 125, mask=mask)
-        + control_frame(OP_PONG, bytes(range(125)), mask=mask)
+        control_frame(Opcode.PING, b"hello", mask=mask)
+        + control_frame(Opcode.PONG, b"", mask=mask)
+        + control_frame(Opcode.PING, b"\x00" * 125, mask=mask)
+        + control_frame(Opcode.PONG, bytes(range(125)), mask=mask)
     )
     events = parser.take_events()
     assert events == [Ping(b"hello"), Pong(b""), Ping(b"\x00" * 125), Pong(bytes(range(125)))]
@@ -400,97 +404,118 @@ def test_ping_and_pong_carry_their_payloads(mask: bool) -> None:
 
 @pytest.mark.parametrize("mask", [False, True])
 @pytest.mark.parametrize(
-    ("code", "reason"), [(1000, "bye"), (1001, ""), (1011, "ünïcode"), (3000, "x"), (4999, "z")]
+    ("code", "reason"),
+    [(1000, "bye"), (1001, ""), (1011, "ünïcode"), (1014, "gateway"), (3000, "x"), (4999, "z")],
 )
 def test_a_close_frame_carries_its_code_and_reason(mask: bool, code: int, reason: str) -> None:
     parser = Parser(masked=mask, max_message=LIMIT)
     parser.receive(close_frame(code, reason, mask=mask))
-    assert parser.take_events() == [Close(code, reason)]
+    [event] = parser.take_events()
+    assert event == Close(code, reason)
+    assert isinstance(event, Close)
+    # A registered code comes out as its CloseCode member; the rest as plain ints.
+    assert type(event.code) is (CloseCode if code < 3000 else int)
 
 
 @pytest.mark.parametrize("mask", [False, True])
-def test_an_empty_close_frame_means_1005(mask: bool) -> None:
+def test_an_empty_close_frame_means_no_status_received(mask: bool) -> None:
     parser = Parser(masked=mask, max_message=LIMIT)
-    parser.receive(control_frame(OP_CLOSE, b"", mask=mask))
-    assert parser.take_events() == [Close(1005, "")]
+    parser.receive(control_frame(Opcode.CLOSE, b"", mask=mask))
+    assert parser.take_events() == [Close(CloseCode.NO_STATUS_RCVD, "")]
+    # And close_frame makes that empty frame for the code.
+    assert close_frame(CloseCode.NO_STATUS_RCVD, "ignored", mask=False) == b"\x88\x00"
 
 
 @pytest.mark.parametrize("mask", [False, True])
 def test_a_one_byte_close_payload_is_a_violation(mask: bool) -> None:
     parser = Parser(masked=mask, max_message=LIMIT)
-    assert violation(parser, control_frame(OP_CLOSE, b"\x03", mask=mask)) == 1002
+    assert (
+        violation(parser, control_frame(Opcode.CLOSE, b"\x03", mask=mask))
+        == CloseCode.PROTOCOL_ERROR
+    )
 
 
 @pytest.mark.parametrize("code", [0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535])
 def test_a_close_code_that_may_not_be_sent_is_a_violation(code: int) -> None:
     parser = Parser(masked=True, max_message=LIMIT)
     payload = struct.pack(">H", code) + b"why"
-    assert violation(parser, control_frame(OP_CLOSE, payload, mask=True)) == 1002
+    assert (
+        violation(parser, control_frame(Opcode.CLOSE, payload, mask=True))
+        == CloseCode.PROTOCOL_ERROR
+    )
 
 
 @pytest.mark.parametrize("reason", [b"\xff", b"ok\xc3", b"\xed\xa0\x80"])
 def test_a_close_reason_that_is_not_utf8_is_a_violation(reason: bytes) -> None:
     parser = Parser(masked=False, max_message=LIMIT)
     payload = struct.pack(">H", 1000) + reason
-    assert violation(parser, control_frame(OP_CLOSE, payload, mask=False)) == 1007
+    assert (
+        violation(parser, control_frame(Opcode.CLOSE, payload, mask=False))
+        == CloseCode.INVALID_DATA
+    )
 
 
 # -- violations -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("bit", [0x40, 0x20, 0x10])
-@pytest.mark.parametrize("opcode", [OP_BINARY, OP_PING])
-def test_reserved_bits_are_a_violation(bit: int, opcode: int) -> None:
+@pytest.mark.parametrize("opcode", [Opcode.BINARY, Opcode.PING])
+def test_reserved_bits_are_a_violation(bit: int, opcode: Opcode) -> None:
     parser = Parser(masked=True, max_message=LIMIT)
     data = bytearray(frame(opcode, b"abc", mask=True))
     data[0] |= bit
-    assert violation(parser, bytes(data)) == 1002
+    assert violation(parser, bytes(data)) == CloseCode.PROTOCOL_ERROR
 
 
 @pytest.mark.parametrize("opcode", [0x3, 0x4, 0x5, 0x6, 0x7, 0xB, 0xC, 0xD, 0xE, 0xF])
 def test_an_unknown_opcode_is_a_violation(opcode: int) -> None:
     parser = Parser(masked=False, max_message=LIMIT)
-    assert violation(parser, bytes((0x80 | opcode, 0))) == 1002
+    assert violation(parser, bytes((0x80 | opcode, 0))) == CloseCode.PROTOCOL_ERROR
 
 
-@pytest.mark.parametrize("opcode", [OP_BINARY, OP_PING, OP_CLOSE])
-def test_a_server_refuses_an_unmasked_frame(opcode: int) -> None:
+@pytest.mark.parametrize("opcode", [Opcode.BINARY, Opcode.PING, Opcode.CLOSE])
+def test_a_server_refuses_an_unmasked_frame(opcode: Opcode) -> None:
     parser = Parser(masked=True, max_message=LIMIT)
-    assert violation(parser, header(opcode, 0)) == 1002
+    assert violation(parser, header(opcode, 0)) == CloseCode.PROTOCOL_ERROR
 
 
-@pytest.mark.parametrize("opcode", [OP_BINARY, OP_PONG, OP_CLOSE])
-def test_a_client_refuses_a_masked_frame(opcode: int) -> None:
+@pytest.mark.parametrize("opcode", [Opcode.BINARY, Opcode.PONG, Opcode.CLOSE])
+def test_a_client_refuses_a_masked_frame(opcode: Opcode) -> None:
     parser = Parser(masked=False, max_message=LIMIT)
-    assert violation(parser, header(opcode, 0, KEY)) == 1002
+    assert violation(parser, header(opcode, 0, KEY)) == CloseCode.PROTOCOL_ERROR
 
 
-@pytest.mark.parametrize("opcode", [OP_PING, OP_PONG, OP_CLOSE])
-def test_a_fragmented_control_frame_is_a_violation(opcode: int) -> None:
+@pytest.mark.parametrize("opcode", [Opcode.PING, Opcode.PONG, Opcode.CLOSE])
+def test_a_fragmented_control_frame_is_a_violation(opcode: Opcode) -> None:
     parser = Parser(masked=True, max_message=LIMIT)
-    assert violation(parser, header(opcode, 2, KEY, fin=False)) == 1002
+    assert violation(parser, header(opcode, 2, KEY, fin=False)) == CloseCode.PROTOCOL_ERROR
 
 
-@pytest.mark.parametrize("opcode", [OP_PING, OP_PONG, OP_CLOSE])
+@pytest.mark.parametrize("opcode", [Opcode.PING, Opcode.PONG, Opcode.CLOSE])
 @pytest.mark.parametrize("length", [126, 65536])
-def test_a_control_frame_over_125_bytes_is_a_violation(opcode: int, length: int) -> None:
+def test_a_control_frame_over_125_bytes_is_a_violation(opcode: Opcode, length: int) -> None:
     parser = Parser(masked=False, max_message=LIMIT)
-    assert violation(parser, header(opcode, length)) == 1002  # on the header alone
+    assert (
+        violation(parser, header(opcode, length)) == CloseCode.PROTOCOL_ERROR
+    )  # on the header alone
 
 
 @pytest.mark.parametrize("mask", [False, True])
 def test_a_continuation_without_a_start_is_a_violation(mask: bool) -> None:
     parser = Parser(masked=mask, max_message=LIMIT)
-    parser.receive(frame(OP_BINARY, b"whole", mask=mask))  # a finished message is no start
+    parser.receive(frame(Opcode.BINARY, b"whole", mask=mask))  # a finished message is no start
     assert messages(parser.take_events()) == [(b"whole", False)]
-    assert violation(parser, frame(OP_CONTINUATION, b"more", mask=mask)) == 1002
+    assert (
+        violation(parser, frame(Opcode.CONTINUATION, b"more", mask=mask))
+        == CloseCode.PROTOCOL_ERROR
+    )
 
 
-@pytest.mark.parametrize("opcode", [OP_BINARY, OP_TEXT])
-def test_a_new_message_during_a_fragmented_one_is_a_violation(opcode: int) -> None:
+@pytest.mark.parametrize("opcode", [Opcode.BINARY, Opcode.TEXT])
+def test_a_new_message_during_a_fragmented_one_is_a_violation(opcode: Opcode) -> None:
     parser = Parser(masked=True, max_message=LIMIT)
-    parser.receive(frame(OP_BINARY, b"start", mask=True, fin=False))
-    assert violation(parser, frame(opcode, b"again", mask=True)) == 1002
+    parser.receive(frame(Opcode.BINARY, b"start", mask=True, fin=False))
+    assert violation(parser, frame(opcode, b"again", mask=True)) == CloseCode.PROTOCOL_ERROR
     assert parser.take_events() == []
 
 
@@ -499,12 +524,12 @@ def test_a_new_message_during_a_fragmented_one_is_a_violation(opcode: int) -> No
 def test_a_message_over_the_limit_is_refused_on_its_header(mask: bool, length: int) -> None:
     allocations = Allocations()
     parser = Parser(masked=mask, max_message=100, allocate=allocations)
-    head = header(OP_BINARY, length, KEY if mask else None)
+    head = header(Opcode.BINARY, length, KEY if mask else None)
     # Every byte of the header but the last is not enough to judge.
     parser.receive(head[:-1])
     with pytest.raises(Violation) as raised:
         parser.receive(head[-1:])  # no payload byte has arrived
-    assert raised.value.code == 1009
+    assert raised.value.code == CloseCode.MESSAGE_TOO_BIG
     assert allocations.lengths == []
     assert parser.take_events() == []
 
@@ -514,7 +539,7 @@ def test_a_large_message_over_the_limit_never_reaches_allocate(mask: bool) -> No
     allocations = Allocations()
     parser = Parser(masked=mask, max_message=DIRECT_THRESHOLD * 2, allocate=allocations)
     payload = payload_of(DIRECT_THRESHOLD * 2 + 1)
-    assert violation(parser, frame(OP_BINARY, payload, mask=mask)) == 1009
+    assert violation(parser, frame(Opcode.BINARY, payload, mask=mask)) == CloseCode.MESSAGE_TOO_BIG
     assert allocations.lengths == []
 
 
@@ -523,27 +548,27 @@ def test_a_message_of_exactly_the_limit_is_accepted(mask: bool) -> None:
     for size in (100, 70_000):
         parser = Parser(masked=mask, max_message=size)
         payload = payload_of(size)
-        parser.receive(frame(OP_BINARY, payload, mask=mask))
+        parser.receive(frame(Opcode.BINARY, payload, mask=mask))
         assert messages(parser.take_events()) == [(payload, False)]
 
 
 @pytest.mark.parametrize("mask", [False, True])
 def test_fragments_whose_total_crosses_the_limit_are_refused(mask: bool) -> None:
     parser = Parser(masked=mask, max_message=100)
-    parser.receive(frame(OP_BINARY, b"a" * 60, mask=mask, fin=False))
-    parser.receive(frame(OP_CONTINUATION, b"b" * 40, mask=mask, fin=False))  # 100: still fine
-    parser.receive(frame(OP_PING, b"x" * 50, mask=mask))  # control frames do not count
+    parser.receive(frame(Opcode.BINARY, b"a" * 60, mask=mask, fin=False))
+    parser.receive(frame(Opcode.CONTINUATION, b"b" * 40, mask=mask, fin=False))  # 100: still fine
+    parser.receive(frame(Opcode.PING, b"x" * 50, mask=mask))  # control frames do not count
     assert parser.take_events() == [Ping(b"x" * 50)]
-    head = header(OP_CONTINUATION, 1, KEY if mask else None)
-    assert violation(parser, head) == 1009  # on the header: 101 bytes in all
+    head = header(Opcode.CONTINUATION, 1, KEY if mask else None)
+    assert violation(parser, head) == CloseCode.MESSAGE_TOO_BIG  # on the header: 101 bytes in all
     assert parser.take_events() == []
 
 
 def test_a_fragmented_large_message_over_the_limit_is_refused_before_its_payload() -> None:
     allocations = Allocations()
     parser = Parser(masked=False, max_message=150_000, allocate=allocations)
-    parser.receive(frame(OP_BINARY, payload_of(100_000), mask=False, fin=False))
-    assert violation(parser, header(OP_CONTINUATION, 50_001)) == 1009
+    parser.receive(frame(Opcode.BINARY, payload_of(100_000), mask=False, fin=False))
+    assert violation(parser, header(Opcode.CONTINUATION, 50_001)) == CloseCode.MESSAGE_TOO_BIG
     assert allocations.lengths == []
 
 
@@ -552,7 +577,7 @@ def test_a_fragmented_large_message_over_the_limit_is_refused_before_its_payload
 def test_a_64_bit_length_with_its_top_bit_set_is_a_violation(mask: bool, length: int) -> None:
     parser = Parser(masked=mask, max_message=LIMIT)
     data = bytes((0x82, (0x80 if mask else 0) | 127)) + length.to_bytes(8, "big")
-    assert violation(parser, data + (KEY if mask else b"")) == 1002
+    assert violation(parser, data + (KEY if mask else b"")) == CloseCode.PROTOCOL_ERROR
 
 
 # -- masking --------------------------------------------------------------------------------------
@@ -623,7 +648,7 @@ def test_frames_built_with_masked_parse_back() -> None:
     payload = payload_of(100_003)
     body = masked(bytearray(payload), KEY, in_place=True)
     parser = Parser(masked=True, max_message=LIMIT)
-    parser.receive(header(OP_BINARY, len(payload), KEY) + bytes(body))
+    parser.receive(header(Opcode.BINARY, len(payload), KEY) + bytes(body))
     assert messages(parser.take_events()) == [(payload, False)]
 
 
@@ -633,23 +658,23 @@ def test_frames_built_with_masked_parse_back() -> None:
 def test_handle_gets_each_event_as_it_is_parsed() -> None:
     seen: list[Event] = []
     parser = Parser(masked=True, max_message=LIMIT, handle=seen.append)
-    parser.receive(frame(OP_BINARY, b"a", mask=True))
+    parser.receive(frame(Opcode.BINARY, b"a", mask=True))
     assert messages(seen) == [(b"a", False)]
-    second = frame(OP_PING, b"p", mask=True) + frame(OP_BINARY, b"bc", mask=True)
-    parser.receive(second + frame(OP_BINARY, b"def", mask=True)[:3])  # a partial third
+    second = frame(Opcode.PING, b"p", mask=True) + frame(Opcode.BINARY, b"bc", mask=True)
+    parser.receive(second + frame(Opcode.BINARY, b"def", mask=True)[:3])  # a partial third
     assert seen[1] == Ping(b"p")
     assert messages(seen[2:]) == [(b"bc", False)]
-    parser.receive(frame(OP_BINARY, b"def", mask=True)[3:])
-    parser.receive(close_frame(1000, "done", mask=True))
+    parser.receive(frame(Opcode.BINARY, b"def", mask=True)[3:])
+    parser.receive(close_frame(CloseCode.NORMAL_CLOSURE, "done", mask=True))
     assert len(seen) == 5
     assert messages(seen[3:4]) == [(b"def", False)]
-    assert seen[4] == Close(1000, "done")
+    assert seen[4] == Close(CloseCode.NORMAL_CLOSURE, "done")
     assert parser.events == []  # with handle, nothing collects
 
 
 def test_without_handle_events_collect_until_taken() -> None:
     parser = Parser(masked=False, max_message=LIMIT)
-    parser.receive(frame(OP_BINARY, b"1", mask=False) + frame(OP_PONG, b"2", mask=False))
+    parser.receive(frame(Opcode.BINARY, b"1", mask=False) + frame(Opcode.PONG, b"2", mask=False))
     assert len(parser.events) == 2
     taken = parser.take_events()
     assert taken[1] == Pong(b"2")
@@ -663,7 +688,7 @@ def test_an_event_raised_by_handle_stops_the_parse() -> None:
 
     parser = Parser(masked=False, max_message=LIMIT, handle=handle)
     with pytest.raises(RuntimeError, match="refused"):
-        parser.receive(frame(OP_BINARY, b"x", mask=False))
+        parser.receive(frame(Opcode.BINARY, b"x", mask=False))
 
 
 # -- a property -----------------------------------------------------------------------------------
@@ -680,10 +705,10 @@ def traffic(draw: st.DrawFn) -> tuple[bool, list[bytes], bytes]:
         fragmented = draw(st.booleans()) and len(payload) > 0
         key = draw(st.binary(min_size=4, max_size=4))
         if fragmented:
-            wire += frame(OP_BINARY, payload[:cut], mask=mask, fin=False, key=key)
-            wire += frame(OP_CONTINUATION, payload[cut:], mask=mask, key=key)
+            wire += frame(Opcode.BINARY, payload[:cut], mask=mask, fin=False, key=key)
+            wire += frame(Opcode.CONTINUATION, payload[cut:], mask=mask, key=key)
         else:
-            wire += frame(OP_BINARY, payload, mask=mask, key=key)
+            wire += frame(Opcode.BINARY, payload, mask=mask, key=key)
     return mask, payloads, bytes(wire)
 
 
@@ -731,7 +756,12 @@ def test_arbitrary_bytes_give_events_or_a_violation_and_nothing_else(
             parser.receive(piece)
     except Violation as exc:
         code = exc.code
-    assert code in (None, 1002, 1007, 1009)
+    assert code in (
+        None,
+        CloseCode.PROTOCOL_ERROR,
+        CloseCode.INVALID_DATA,
+        CloseCode.MESSAGE_TOO_BIG,
+    )
     assert all(length <= 512 for length in allocated)
     for event in parser.take_events():
         if isinstance(event, Message):

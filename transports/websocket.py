@@ -52,17 +52,17 @@ from fedtensor.errors import (
     ProtocolError,
     WorkerUnavailable,
 )
-from fedtensor.net.peer import CONNECTING, WebSocketPeer
+from fedtensor.net.peer import WebSocketPeer
 from fedtensor.protocol.codec import decode_frame, encode_frame
 from fedtensor.protocol.messages import Command
+from fedtensor.protocol.wsconnection import CONNECTING, OPEN
+from fedtensor.protocol.wsframes import CloseCode
 from fedtensor.worker.server import SESSION_HEADER, WORKER_HEADER
 
 __all__ = ["WebSocketConnection", "WebSocketTransport"]
 
 DEFAULT_MAX_MESSAGE = 1 << 20
 DEFAULT_MAX_FRAME = 16 << 30
-
-_MESSAGE_TOO_BIG = 1009
 
 
 class _ClientPeer(WebSocketPeer):
@@ -76,6 +76,8 @@ class _ClientPeer(WebSocketPeer):
         self.headers = headers
         self.handshake: asyncio.Future[Response] = self.loop.create_future()
         self.connection: WebSocketConnection | None = None
+        #: The fault in what the worker sent that closed the connection, if one did.
+        self.error: FedTensorError | None = None
         self._fed = 0  # handshake bytes given to the protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -117,14 +119,22 @@ class _ClientPeer(WebSocketPeer):
             self.transport.close()
 
     def frame_received(self, frame: memoryview) -> None:
-        assert self.connection is not None
         try:
             replies = decode_frame(frame)
-        except ProtocolError as exc:
-            self.connection.error = exc
-            self.fail(1002, "bad frame")
+        except (LimitExceeded, ProtocolError) as exc:
+            self.reject(exc)
+            return
+        if self.connection is None:  # sent with the handshake's answer: no command yet
+            self.fail(CloseCode.POLICY_VIOLATION, "a reply before any command")
             return
         self.connection.sink.replies_received(replies)
+
+    def reject(self, error: LimitExceeded | ProtocolError) -> None:
+        # A bad reply closes with the code it is owed, as on the worker, and the
+        # pending waits fail with the error itself (a frame that did not reassemble,
+        # or did not decode, alike).
+        self.error = self.error or error
+        super().reject(error)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.state is CONNECTING and not self.handshake.done():
@@ -149,7 +159,6 @@ class WebSocketConnection(Connection):
     def __init__(self, peer: _ClientPeer, sink: ReplySink, response: Response) -> None:
         self._peer = peer
         self.sink = sink
-        self.error: FedTensorError | None = None
         self._closing = False
         self.worker_id = response.headers.get(WORKER_HEADER)
         peer.connection = self
@@ -165,13 +174,13 @@ class WebSocketConnection(Connection):
 
     def closed(self) -> None:
         if not self._closing:
-            self.sink.connection_lost(self.error or _closed_error(self._peer))
+            self.sink.connection_lost(self._peer.error or _closed_error(self._peer))
 
     async def aclose(self) -> None:
         self._closing = True
         self._peer.close()
         with contextlib.suppress(builtins.TimeoutError):
-            async with asyncio.timeout(self._peer._close_timeout + 1.0):
+            async with asyncio.timeout(self._peer.close_timeout + 1.0):
                 await asyncio.shield(self._peer.closed)
         self._peer.abort("closed by the client")
 
@@ -179,9 +188,9 @@ class WebSocketConnection(Connection):
 def _closed_error(peer: WebSocketPeer) -> FedTensorError:
     code = peer.close_code
     reason = peer.close_reason or "no reason given"
-    if code == _MESSAGE_TOO_BIG:
+    if code == CloseCode.MESSAGE_TOO_BIG:
         return LimitExceeded(f"the worker closed the connection: {reason}")
-    if code is None or code == 1006:
+    if code is None or code == CloseCode.ABNORMAL_CLOSURE:
         why = f": {peer.local_reason}" if peer.local_reason else " (no close frame)"
         return WorkerUnavailable(f"the connection to the worker broke{why}")
     return WorkerUnavailable(f"the worker closed the connection (code {code}: {reason})")
@@ -255,4 +264,7 @@ class WebSocketTransport(Transport):
             if peer is not None:
                 peer.abort("the handshake failed")
             raise WorkerUnavailable(f"cannot reach a worker at {url}: {exc}") from exc
+        if peer.state is not OPEN:  # failed on what came with the handshake's answer
+            peer.abort("the connection failed as it opened")
+            raise peer.error or _closed_error(peer)
         return WebSocketConnection(peer, sink, response)

@@ -26,15 +26,16 @@ the transport's buffer. A client masks each message as it writes it (RFC
 6455 requires it); a server writes the tensors' own memory. Pongs are written
 at once; a close frame waits behind the messages queued before it.
 
-Heartbeats: every ``ping_interval`` seconds a ping goes out; without its pong
-within ``ping_timeout`` the peer is taken for dead and the connection is
-aborted. The event loop never waits on computation (the worker computes on a
-thread of its own), so a long operation does not delay pongs.
-
-Closing follows RFC 6455: the side that closes sends a close frame and waits
-(at most ``close_timeout``) for the other's; the server then closes TCP, the
-client waits for it to. :meth:`connection_closed` is called once, with the
-code and reason the peer sent (1006 when none arrived).
+The connection's states, its closing handshake and its keepalive pings are
+:class:`~fedtensor.protocol.wsconnection.Connection`'s (sans I/O; its module
+header tells the whole story, with the close code each fault gets): this class
+feeds it what happens (frames, timer, TCP) and carries out the actions it
+answers (write a control frame, drop the queued messages, set the one timer,
+close or abort TCP). Only the data path skips it: a binary message received
+while the connection is open goes straight to the reassembler, with no call
+into the state machine. The event loop never waits on computation (the worker
+computes on a thread of its own), so a long operation does not delay pongs.
+:meth:`connection_closed` is called once, when TCP is gone.
 """
 
 from __future__ import annotations
@@ -43,33 +44,42 @@ import asyncio
 import collections
 import logging
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from typing import ClassVar, cast
 
 from fedtensor.errors import LimitExceeded, ProtocolError
 from fedtensor.protocol.chunks import Reassembler, split_frame
 from fedtensor.protocol.codec import Chunk
 from fedtensor.protocol.pool import POOL
+from fedtensor.protocol.wsconnection import (
+    CLOSED,
+    CONNECTING,
+    OPEN,
+    AbortTCP,
+    Action,
+    Connection,
+    Deliver,
+    DropQueued,
+    HalfCloseTCP,
+    Send,
+    SendAfterQueued,
+    SetTimer,
+    State,
+    Wait,
+    close_code_for,
+)
 from fedtensor.protocol.wsframes import (
-    OP_BINARY,
-    OP_CLOSE,
-    OP_PING,
-    OP_PONG,
-    Close,
+    CloseCode,
     Event,
     Message,
+    Opcode,
     Parser,
-    Ping,
-    Pong,
     Violation,
-    close_frame,
-    control_frame,
     header,
     masked,
 )
 
-__all__ = ["CLOSED", "CLOSING", "CONNECTING", "MAX_HANDSHAKE", "OPEN", "WebSocketPeer"]
+__all__ = ["MAX_HANDSHAKE", "WebSocketPeer"]
 
 _log = logging.getLogger("fedtensor.websocket")
 
@@ -79,15 +89,11 @@ MAX_HANDSHAKE = 16 << 10
 #: Messages shorter than this are written with their header in one call.
 _JOIN_BELOW = 64 << 10
 
-CONNECTING, OPEN, CLOSING, CLOSED = "connecting", "open", "closing", "closed"
+#: Where received bytes go once they are no longer read (after the peer's close
+#: frame, or a fault): written by the kernel, read by nobody.
+_DISCARDED = memoryview(bytearray(4096))
 
-
-@dataclass(frozen=True, slots=True)
-class _Closing:
-    """The place of the close frame in the outgoing queue."""
-
-    code: int
-    reason: str
+_BINARY = Opcode.BINARY  # a global, not an enum lookup per message (see wsframes)
 
 
 class WebSocketPeer(asyncio.BufferedProtocol):
@@ -108,11 +114,15 @@ class WebSocketPeer(asyncio.BufferedProtocol):
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self.state = CONNECTING
+        #: The connection's state machine: what this class does I/O for.
+        self.websocket = Connection(
+            client=self.client,
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
+            open_timeout=open_timeout,
+            close_timeout=close_timeout,
+        )
         self.max_message = max_message
-        self._ping_interval = ping_interval
-        self._ping_timeout = ping_timeout
-        self._close_timeout = close_timeout
         self._reassembler = Reassembler(max_frame)
         self._parser = Parser(
             masked=not self.client,
@@ -123,25 +133,41 @@ class WebSocketPeer(asyncio.BufferedProtocol):
         )
         #: What was received before the connection opened.
         self.handshake_bytes = bytearray()
+        #: Where received bytes go while frames are not read (the handshake, the end).
         self._head_buffer = memoryview(bytearray(MAX_HANDSHAKE))
         # Frames to send (their messages, and their size), and where a close frame goes.
-        self._outgoing: collections.deque[tuple[Iterator[Chunk], int] | _Closing] = (
+        self._outgoing: collections.deque[tuple[Iterator[Chunk], int] | SendAfterQueued] = (
             collections.deque()
         )
         #: Bytes of frames handed to send_frame and not yet all written to the transport.
         self.unsent = 0
         self._paused = False
-        self._timer: asyncio.TimerHandle | None = self.loop.call_later(
-            open_timeout, self._handshake_timed_out
-        )
-        self._ping_handle: asyncio.TimerHandle | None = None
-        self._ping_payload: bytes | None = None
-        #: The close code and reason the peer sent (1006 if it sent none).
-        self.close_code: int | None = None
-        self.close_reason = ""
-        #: Why this end closed or aborted the connection, if it did.
-        self.local_reason: str | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self.closed = self.loop.create_future()
+
+    # -- the state machine's, for callers -----------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self.websocket.state
+
+    @property
+    def close_code(self) -> int | None:
+        """The code the peer closed with (``ABNORMAL_CLOSURE`` if it sent none)."""
+        return self.websocket.close_code
+
+    @property
+    def close_reason(self) -> str:
+        return self.websocket.close_reason
+
+    @property
+    def local_reason(self) -> str | None:
+        """Why this end closed or aborted the connection, if it did."""
+        return self.websocket.local_reason
+
+    @property
+    def close_timeout(self) -> float:
+        return self.websocket.close_timeout
 
     # -- for subclasses ---------------------------------------------------------------------------
 
@@ -165,27 +191,26 @@ class WebSocketPeer(asyncio.BufferedProtocol):
 
     def opened(self) -> None:
         """Switch to the open phase (the subclass calls this once the handshake is done)."""
-        self.state = OPEN
-        self._cancel_timer()
-        self._schedule_ping()
+        self._act(self.websocket.opened())
 
     # -- asyncio callbacks ------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Not an isinstance check: uvloop's transports are not asyncio.Transport subclasses.
         self.transport = cast(asyncio.Transport, transport)
+        self._act(self.websocket.connection_made())
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self.state is CONNECTING:
-            return self._head_buffer
-        return self._parser.get_buffer(sizehint)
+        if self.websocket.reading:
+            return self._parser.get_buffer(sizehint)
+        return self._head_buffer
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self.state is CONNECTING:
-            self._head_updated(nbytes)
-            return
-        if self.state is CLOSED or self.close_code is not None:
-            return  # after a close frame, nothing more is read
+        websocket = self.websocket
+        if not websocket.reading:
+            if websocket.state is CONNECTING:
+                self._head_updated(nbytes)
+            return  # after the peer's close frame, or a fault: dropped
         try:
             self._parser.buffer_updated(nbytes)
         except Violation as exc:
@@ -195,14 +220,9 @@ class WebSocketPeer(asyncio.BufferedProtocol):
         return None  # the transport closes itself
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.state is CLOSED:
+        if self.websocket.state is CLOSED:
             return
-        self.state = CLOSED
-        self._cancel_timer()
-        if self._ping_handle is not None:
-            self._ping_handle.cancel()
-        if self.close_code is None:
-            self.close_code = 1006
+        self._act(self.websocket.connection_lost())
         self._drop_outgoing()
         if not self.closed.done():
             self.closed.set_result(None)
@@ -225,10 +245,10 @@ class WebSocketPeer(asyncio.BufferedProtocol):
                 self.abort(f"no HTTP head within {MAX_HANDSHAKE} bytes")
             return
         head, rest = bytes(self.handshake_bytes[: end + 4]), bytes(self.handshake_bytes[end + 4 :])
-        if not self.handshake_received(head) or self.state is not OPEN:
+        if not self.handshake_received(head) or self.websocket.state is not OPEN:
             return
         self.handshake_bytes = bytearray()
-        self._head_buffer = memoryview(b"")  # not needed again: 16 KiB per connection
+        self._head_buffer = _DISCARDED  # 16 KiB per connection no longer needed
         if rest:
             try:
                 self._parser.receive(rest)
@@ -242,58 +262,35 @@ class WebSocketPeer(asyncio.BufferedProtocol):
         return POOL.take(length)
 
     def _handle_event(self, event: Event) -> None:
-        if self.state is not OPEN and self.close_code is None and type(event) is not Close:
-            return  # closing: only the peer's close frame still matters
-        if self.close_code is not None:
+        """The parser's handler: each event, in the call that parsed it."""
+        websocket = self.websocket
+        if type(event) is not Message or event.text or websocket.state is not OPEN:
+            before = websocket.local_reason
+            self._act(websocket.receive(event))
+            self._log_fault(before)  # a text message is one
             return
-        if type(event) is Message:
-            if event.text:
-                self.fail(1003, "text is not a frame")
-                return
-            try:
-                frame = self._reassembler.feed(event.data)
-            except LimitExceeded as exc:
-                self.fail(1009, str(exc))
-                return
-            except ProtocolError as exc:
-                self.fail(1007, f"bad frame: {exc}")
-                return
-            if frame is not None:
-                self.frame_received(frame)
-        elif type(event) is Ping:
-            self._write(control_frame(OP_PONG, event.data, mask=self.client))
-        elif type(event) is Pong:
-            if event.data == self._ping_payload and self.state is OPEN:
-                self._ping_payload = None
-                self._cancel_timer()
-                self._schedule_ping()
-        else:
-            assert type(event) is Close
-            self._close_received(event)
-
-    def _close_received(self, event: Close) -> None:
-        self.close_code, self.close_reason = event.code, event.reason
-        if self.state is OPEN:
-            # Answer with the same code (none if it sent none), after what is queued.
-            self._drop_outgoing()  # the peer reads nothing more
-            payload = b"" if event.code == 1005 else event.code.to_bytes(2, "big")
-            self._write(control_frame(OP_CLOSE, payload, mask=self.client))
-            self.state = CLOSING
-        self._expect_tcp_close()
-
-    def _expect_tcp_close(self) -> None:
-        assert self.transport is not None
-        if not self.client:
-            self.transport.close()  # the server closes TCP first (RFC 6455 7.1.1)
+        # A binary message while open: Connection.receive would answer Deliver. The
+        # data path applies that rule here, with no call and no action object.
+        try:
+            frame = self._reassembler.feed(event.data)
+        except (LimitExceeded, ProtocolError) as exc:
+            self.reject(exc)
             return
-        self._cancel_timer()
-        self._timer = self.loop.call_later(self._close_timeout, self.transport.abort)
+        if frame is not None:
+            self.frame_received(frame)
+
+    def _log_fault(self, before: str | None) -> None:
+        """Log why this end is closing, if the last input made it (a fault, not bytes
+        past the last read, which the state machine ignores)."""
+        reason = self.websocket.local_reason
+        if reason is not before:
+            _log.warning("closing the connection with %s: %s", self.remote_address, reason)
 
     # -- sending ----------------------------------------------------------------------------------
 
     def send_frame(self, chunks: list[Chunk]) -> None:
         """Send one fedtensor frame (dropped once the connection is closing)."""
-        if self.state is not OPEN:
+        if self.websocket.state is not OPEN:
             return
         size = sum(memoryview(chunk).nbytes for chunk in chunks)
         self.unsent += size
@@ -303,48 +300,35 @@ class WebSocketPeer(asyncio.BufferedProtocol):
         if self.unsent:
             self.unsent_changed()
 
-    def close(self, code: int = 1000, reason: str = "") -> None:
+    def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
         """Start the closing handshake after the messages already queued."""
-        if self.state is not OPEN:
-            if self.state is CONNECTING:
-                self.abort(reason or "closed during the handshake")
-            return
-        self.local_reason = self.local_reason or reason
-        self.state = CLOSING
-        self._outgoing.append(_Closing(code, reason))  # the close frame's place in the queue
-        if not self._paused:
-            self._pump()
+        self._act(self.websocket.close(code, reason))
 
     def fail(self, code: int, reason: str) -> None:
-        """Close at once for a protocol violation or a limit, dropping what is queued."""
-        _log.warning("closing the connection with %s: %s", self.remote_address, reason)
-        if self.state is not OPEN:
-            self.abort(reason)
-            return
-        self.local_reason = reason
-        self._drop_outgoing()
-        self._paused = False
-        self.close(code, reason)
+        """Close at once for a fault in what the peer sent, dropping what is queued."""
+        websocket = self.websocket
+        before = websocket.local_reason
+        self._act(websocket.fail(code, reason))
+        self._log_fault(before)
+
+    def reject(self, error: LimitExceeded | ProtocolError) -> None:
+        """Fail the connection for a received frame that cannot be used, with the code
+        the fault is owed (:func:`~fedtensor.protocol.wsconnection.close_code_for`)."""
+        reason = str(error) if isinstance(error, LimitExceeded) else f"bad frame: {error}"
+        self.fail(close_code_for(error), reason)
 
     def abort(self, reason: str) -> None:
-        self.local_reason = self.local_reason or reason
-        if self.transport is not None:
-            self.transport.abort()
+        """Drop TCP now."""
+        self._act(self.websocket.abort(reason))
 
     def _pump(self) -> None:
         outgoing = self._outgoing
         while outgoing and not self._paused:
             item = outgoing[0]
-            if type(item) is _Closing:
+            if type(item) is SendAfterQueued:
                 outgoing.popleft()
-                code, reason = item.code, item.reason
-                self._write(close_frame(code, reason, mask=self.client))
-                self._cancel_timer()
-                if self.close_code is not None:
-                    self._expect_tcp_close()  # theirs came first and was answered
-                else:
-                    assert self.transport is not None
-                    self._timer = self.loop.call_later(self._close_timeout, self.transport.abort)
+                self._write(item.data)
+                self._act(self.websocket.close_written())
                 return
             messages, size = item  # type: ignore[misc]
             message = next(messages, None)
@@ -366,10 +350,10 @@ class WebSocketPeer(asyncio.BufferedProtocol):
             key = os.urandom(4)
             # split_frame's whole messages are new buffers of its own: masked in place.
             payload = masked(message, key, in_place=isinstance(message, bytearray))
-            head = header(OP_BINARY, memoryview(payload).nbytes, key)
+            head = header(_BINARY, memoryview(payload).nbytes, key)
         else:
             payload = message
-            head = header(OP_BINARY, memoryview(payload).nbytes)
+            head = header(_BINARY, memoryview(payload).nbytes)
         if memoryview(payload).nbytes < _JOIN_BELOW:
             transport.write(head + payload)
         else:
@@ -380,30 +364,43 @@ class WebSocketPeer(asyncio.BufferedProtocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
-    # -- timers -----------------------------------------------------------------------------------
+    # -- the state machine's actions --------------------------------------------------------------
 
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+    def _act(self, actions: Sequence[Action]) -> None:
+        """Carry out what the state machine answered, in order."""
+        for action in actions:
+            match action:
+                case Send(data=data):
+                    self._write(data)
+                case SetTimer(seconds=seconds):
+                    if self._timer is not None:
+                        self._timer.cancel()
+                        self._timer = None
+                    if seconds is not None:
+                        self._timer = self.loop.call_later(seconds, self._timer_expired)
+                case DropQueued():
+                    self._drop_outgoing()
+                case SendAfterQueued():
+                    self._outgoing.append(action)
+                    if not self._paused:
+                        self._pump()
+                case HalfCloseTCP():
+                    transport = self.transport
+                    if transport is not None and not transport.is_closing():
+                        if transport.can_write_eof():
+                            transport.write_eof()  # after what is buffered
+                        else:
+                            transport.close()
+                case AbortTCP():
+                    if self.transport is not None:
+                        self.transport.abort()
+                case Deliver():
+                    # Answered only for a binary message while open, which
+                    # _handle_event delivers itself without asking.
+                    raise AssertionError("the data path asked the state machine")
 
-    def _handshake_timed_out(self) -> None:
-        if self.state is CONNECTING:
-            self.abort("the handshake timed out")
-
-    def _schedule_ping(self) -> None:
-        if self._ping_interval is not None and self.state is OPEN:
-            self._ping_handle = self.loop.call_later(self._ping_interval, self._send_ping)
-
-    def _send_ping(self) -> None:
-        if self.state is not OPEN:
-            return
-        self._ping_payload = os.urandom(4)
-        self._write(control_frame(OP_PING, self._ping_payload, mask=self.client))
-        if self._ping_timeout is not None:
-            self._timer = self.loop.call_later(self._ping_timeout, self._ping_timed_out)
-
-    def _ping_timed_out(self) -> None:
-        if self.state is OPEN:
+    def _timer_expired(self) -> None:
+        self._timer = None
+        if self.websocket.wait is Wait.PONG:
             _log.warning("no pong from %s: the peer is gone", self.remote_address)
-            self.abort("keepalive ping timeout")
+        self._act(self.websocket.timer_expired())

@@ -18,14 +18,17 @@ shapes they are not built for, and both are measured in ``benchmarks/``:
   slot in the frame being reassembled), and unmasks it there.
 
 What the parser accepts: binary messages, possibly fragmented, each at most
-``max_message`` bytes (:class:`Violation` with 1009 beyond it, checked on the
-header, before any allocation); ping, pong and close control frames. What it
-refuses, with the close code the peer is owed: reserved bits (no extension
-is ever negotiated), unknown opcodes, control frames that are fragmented or
+``max_message`` bytes (:class:`Violation` with ``MESSAGE_TOO_BIG`` beyond it,
+checked on the header, before any allocation); ping, pong and close control
+frames. What it refuses, with the close code the peer is owed
+(``PROTOCOL_ERROR`` unless said otherwise): reserved bits (no extension is
+ever negotiated), unknown opcodes, control frames that are fragmented or
 longer than 125 bytes, a continuation without a start, unmasked frames from a
-client or masked frames from a server, and a close frame with a malformed
-code or reason. Text messages are delivered (as :class:`Message` with
-``text=True``) for the owner to refuse.
+client or masked frames from a server, a close frame with a malformed code,
+and a close reason that is not UTF-8 (``INVALID_DATA``, as for any text that
+is not UTF-8). Text messages are delivered (as :class:`Message` with
+``text=True``) for the owner to refuse. The close codes every fault gets, here
+and above, are tabled in :mod:`fedtensor.protocol.wsconnection`.
 
 The builders (:func:`header`, :func:`control_frame`, :func:`masked`) make the
 bytes to send. Nothing here does I/O or knows about an event loop.
@@ -33,6 +36,7 @@ bytes to send. Nothing here does I/O or knows about an event loop.
 
 from __future__ import annotations
 
+import enum
 import os
 import struct
 from collections.abc import Callable
@@ -43,15 +47,15 @@ try:  # the C version (in the wheels): the pure Python one is ~250x slower
 except ImportError:  # pragma: no cover - websockets built without its extension
     from websockets.utils import apply_mask
 
+from fedtensor.errors import ProtocolError
 
 __all__ = [
-    "OP_BINARY",
-    "OP_CLOSE",
-    "OP_PING",
-    "OP_PONG",
+    "DIRECT_THRESHOLD",
     "Close",
+    "CloseCode",
     "Event",
     "Message",
+    "Opcode",
     "Parser",
     "Ping",
     "Pong",
@@ -63,22 +67,63 @@ __all__ = [
     "unmask",
 ]
 
-OP_CONTINUATION = 0x0
-OP_TEXT = 0x1
-OP_BINARY = 0x2
-OP_CLOSE = 0x8
-OP_PING = 0x9
-OP_PONG = 0xA
 
-_DATA_OPCODES = (OP_CONTINUATION, OP_TEXT, OP_BINARY)
-_CONTROL_OPCODES = (OP_CLOSE, OP_PING, OP_PONG)
+class Opcode(enum.IntEnum):
+    """A frame's opcode (RFC 6455 section 5.2)."""
+
+    CONTINUATION = 0x0
+    TEXT = 0x1
+    BINARY = 0x2
+    CLOSE = 0x8
+    PING = 0x9
+    PONG = 0xA
+
+
+class CloseCode(enum.IntEnum):
+    """The status codes of a close frame (RFC 6455 section 7.4.1, and the IANA registry).
+
+    The names are the RFC's, as in ``websockets.frames.CloseCode``. Which fault
+    gets which code is tabled in :mod:`fedtensor.protocol.wsconnection`.
+    """
+
+    NORMAL_CLOSURE = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    UNSUPPORTED_DATA = 1003
+    # 1004 is reserved.
+    NO_STATUS_RCVD = 1005  # never sent: a close frame without a code reads as this
+    ABNORMAL_CLOSURE = 1006  # never sent: the connection ended without a close frame
+    INVALID_DATA = 1007
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    MANDATORY_EXTENSION = 1010
+    INTERNAL_ERROR = 1011
+    SERVICE_RESTART = 1012
+    TRY_AGAIN_LATER = 1013
+    BAD_GATEWAY = 1014
+    TLS_HANDSHAKE = 1015  # never sent: the TLS handshake failed
+
+
+# The opcodes' values as plain module globals, for the parser's per-frame tests: on
+# Python 3.11 ``Opcode.CLOSE`` is a lookup through the enum's metaclass (5x the
+# comparison itself), and comparing an int with an enum member costs a little more
+# than with an int.
+_CONTINUATION, _TEXT, _BINARY = int(Opcode.CONTINUATION), int(Opcode.TEXT), int(Opcode.BINARY)
+_CLOSE, _PING, _PONG = int(Opcode.CLOSE), int(Opcode.PING), int(Opcode.PONG)
+_DATA_OPCODES = (_CONTINUATION, _TEXT, _BINARY)
+_CONTROL_OPCODES = (_CLOSE, _PING, _PONG)
 
 #: Payloads at least this long are received straight into their destination;
 #: shorter ones are copied out of the receive buffer (cheaper than a switch).
 DIRECT_THRESHOLD = 64 << 10
 
-#: Close codes a peer may send (RFC 6455 section 7.4, plus the 3000-4999 range).
-_SENDABLE_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013))
+#: Registered close codes a peer may send (RFC 6455 section 7.4), by value; 3000-4999
+#: (libraries' and applications' own) may be sent as well.
+_SENDABLE_CODES = {
+    int(code): code
+    for code in CloseCode
+    if code not in (CloseCode.NO_STATUS_RCVD, CloseCode.ABNORMAL_CLOSURE, CloseCode.TLS_HANDSHAKE)
+}
 
 _U16 = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
@@ -87,13 +132,21 @@ _CLOSE_CODE = struct.Struct(">H")
 Buffer = bytes | bytearray | memoryview
 
 
-class Violation(Exception):
-    """The peer broke the protocol or a limit: close the connection with ``code``."""
+class Violation(ProtocolError):
+    """The peer broke the websocket protocol or a limit: close the connection with ``code``.
 
-    def __init__(self, code: int, reason: str) -> None:
+    After a violation the parser is out of step with the byte stream: nothing
+    more can be parsed from it.
+    """
+
+    def __init__(self, code: CloseCode, reason: str) -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Keeps the exception copyable (pytest and tracebacks copy exceptions).
+        return (type(self), (self.code, self.reason))
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +169,10 @@ class Pong:
 
 @dataclass(frozen=True, slots=True)
 class Close:
-    """A close frame: ``code`` 1005 when it carried none."""
+    """A close frame: ``code`` ``NO_STATUS_RCVD`` (1005) when it carried none.
+
+    ``code`` is a :class:`CloseCode` when registered, else an int in 3000-4999.
+    """
 
     code: int
     reason: str
@@ -128,7 +184,7 @@ Event = Message | Ping | Pong | Close
 # -- building frames ------------------------------------------------------------------------------
 
 
-def header(opcode: int, length: int, mask: bytes | None = None, *, fin: bool = True) -> bytes:
+def header(opcode: Opcode, length: int, mask: bytes | None = None, *, fin: bool = True) -> bytes:
     """The head of a frame carrying ``length`` payload bytes (masked with ``mask`` if given)."""
     first = (0x80 if fin else 0) | opcode
     bit = 0x80 if mask is not None else 0
@@ -141,7 +197,7 @@ def header(opcode: int, length: int, mask: bytes | None = None, *, fin: bool = T
     return head if mask is None else head + mask
 
 
-def control_frame(opcode: int, payload: bytes, *, mask: bool) -> bytes:
+def control_frame(opcode: Opcode, payload: bytes, *, mask: bool) -> bytes:
     """A whole control frame (ping, pong, close): at most 125 payload bytes."""
     assert opcode in _CONTROL_OPCODES
     assert len(payload) <= 125
@@ -152,9 +208,14 @@ def control_frame(opcode: int, payload: bytes, *, mask: bool) -> bytes:
 
 
 def close_frame(code: int, reason: str, *, mask: bool) -> bytes:
-    """A close frame; the reason is cut to fit a control frame (123 bytes of UTF-8)."""
+    """A close frame; the reason is cut to fit a control frame (123 bytes of UTF-8).
+
+    ``NO_STATUS_RCVD`` makes an empty close frame (the code says that none was sent).
+    """
+    if code == CloseCode.NO_STATUS_RCVD:
+        return control_frame(Opcode.CLOSE, b"", mask=mask)
     text = reason.encode()[:123].decode(errors="ignore").encode()
-    return control_frame(OP_CLOSE, _CLOSE_CODE.pack(code) + text, mask=mask)
+    return control_frame(Opcode.CLOSE, _CLOSE_CODE.pack(code) + text, mask=mask)
 
 
 def masked(payload: Buffer, key: bytes, *, in_place: bool) -> Buffer:
@@ -219,7 +280,7 @@ class Parser:
         self._direct_filled = 0
         self._direct_key: bytes | None = None
         self._direct_fin = True
-        self._direct_opcode = OP_BINARY
+        self._direct_opcode = _BINARY
         # A fragmented message so far: its opcode and pieces.
         self._fragments: list[Buffer] | None = None
         self._fragments_size = 0
@@ -284,12 +345,14 @@ class Parser:
             fin = bool(first & 0x80)
             opcode = first & 0x0F
             if first & 0x70:
-                raise Violation(1002, "reserved bits are set (no extension was negotiated)")
+                raise Violation(
+                    CloseCode.PROTOCOL_ERROR, "reserved bits are set (no extension was negotiated)"
+                )
             if opcode not in _DATA_OPCODES and opcode not in _CONTROL_OPCODES:
-                raise Violation(1002, f"unknown opcode {opcode:#x}")
+                raise Violation(CloseCode.PROTOCOL_ERROR, f"unknown opcode {opcode:#x}")
             if bool(second & 0x80) != self.masked:
                 raise Violation(
-                    1002,
+                    CloseCode.PROTOCOL_ERROR,
                     "a client's frames must be masked"
                     if self.masked
                     else "a server's frames must not be masked",
@@ -305,13 +368,17 @@ class Parser:
             elif length == 127:
                 (length,) = _U64.unpack_from(view, start + 2)
                 if length >> 63:
-                    raise Violation(1002, "the length's top bit is set")
+                    raise Violation(CloseCode.PROTOCOL_ERROR, "the length's top bit is set")
             key = bytes(view[start + head - 4 : start + head]) if self.masked else None
-            if opcode >= OP_CLOSE:
+            if opcode >= _CLOSE:
                 if not fin:
-                    raise Violation(1002, "a control frame cannot be fragmented")
+                    raise Violation(
+                        CloseCode.PROTOCOL_ERROR, "a control frame cannot be fragmented"
+                    )
                 if length > 125:
-                    raise Violation(1002, "a control frame carries at most 125 bytes")
+                    raise Violation(
+                        CloseCode.PROTOCOL_ERROR, "a control frame carries at most 125 bytes"
+                    )
             else:
                 self._check_data_frame(opcode, length)
             body = start + head
@@ -324,7 +391,7 @@ class Parser:
                 continue
             if length >= DIRECT_THRESHOLD:
                 # Large: the rest goes straight to the destination (see get_buffer).
-                if fin and opcode == OP_BINARY:
+                if fin and opcode == _BINARY:
                     destination = self._allocate(length)
                 else:
                     destination = _fresh_buffer(length)
@@ -342,17 +409,22 @@ class Parser:
             self._start = self._end = 0
 
     def _check_data_frame(self, opcode: int, length: int) -> None:
-        if opcode == OP_CONTINUATION:
+        if opcode == _CONTINUATION:
             if self._fragments is None:
-                raise Violation(1002, "a continuation frame without a message to continue")
+                raise Violation(
+                    CloseCode.PROTOCOL_ERROR, "a continuation frame without a message to continue"
+                )
             total = self._fragments_size + length
         else:
             if self._fragments is not None:
-                raise Violation(1002, "a new message began before the last one ended")
+                raise Violation(
+                    CloseCode.PROTOCOL_ERROR, "a new message began before the last one ended"
+                )
             total = length
         if total > self.max_message:
             raise Violation(
-                1009, f"a message of {total} bytes exceeds the limit of {self.max_message}"
+                CloseCode.MESSAGE_TOO_BIG,
+                f"a message of {total} bytes exceeds the limit of {self.max_message}",
             )
 
     def _finish_direct(self) -> None:
@@ -365,13 +437,13 @@ class Parser:
         self._parse()  # nothing is buffered, but keeps one exit path
 
     def _frame(self, fin: bool, opcode: int, payload: memoryview) -> None:
-        if opcode == OP_CLOSE:
+        if opcode == _CLOSE:
             self._emit(_close_event(payload))
-        elif opcode == OP_PING:
+        elif opcode == _PING:
             self._emit(Ping(bytes(payload)))
-        elif opcode == OP_PONG:
+        elif opcode == _PONG:
             self._emit(Pong(bytes(payload)))
-        elif opcode == OP_CONTINUATION:
+        elif opcode == _CONTINUATION:
             assert self._fragments is not None
             self._fragments.append(payload)
             self._fragments_size += len(payload)
@@ -385,23 +457,25 @@ class Parser:
                 self._fragments = None
                 self._fragments_size = 0
         elif fin:
-            self._emit(Message(payload, opcode == OP_TEXT))
+            self._emit(Message(payload, opcode == _TEXT))
         else:
             self._fragments = [payload]
             self._fragments_size = len(payload)
-            self._fragments_text = opcode == OP_TEXT
+            self._fragments_text = opcode == _TEXT
 
 
 def _close_event(payload: memoryview) -> Close:
     if len(payload) == 0:
-        return Close(1005, "")
+        return Close(CloseCode.NO_STATUS_RCVD, "")
     if len(payload) == 1:
-        raise Violation(1002, "a close frame's code must be 2 bytes")
+        raise Violation(CloseCode.PROTOCOL_ERROR, "a close frame's code must be 2 bytes")
     (code,) = _CLOSE_CODE.unpack_from(payload)
-    if code not in _SENDABLE_CODES and not 3000 <= code < 5000:
-        raise Violation(1002, f"close code {code} cannot be sent")
+    if code in _SENDABLE_CODES:
+        code = _SENDABLE_CODES[code]
+    elif not 3000 <= code < 5000:
+        raise Violation(CloseCode.PROTOCOL_ERROR, f"close code {code} cannot be sent")
     try:
         reason = bytes(payload[2:]).decode()
     except UnicodeDecodeError as exc:
-        raise Violation(1007, "a close reason must be UTF-8") from exc
+        raise Violation(CloseCode.INVALID_DATA, "a close reason must be UTF-8") from exc
     return Close(code, reason)

@@ -20,9 +20,11 @@ Per connection:
   (this module's :class:`_ServerPeer`) on the event loop. Each complete frame
   is decoded into commands (:mod:`fedtensor.protocol.codec`) and submitted in the same
   call that received it. Bytes that are not a valid frame close the
-  connection with a reason (1007; 1009 for a frame over the size limit; 1008
-  for a message that is not a command). Commands beyond the pending limit are
-  not run: their results become ``LimitExceeded`` errors.
+  connection with a reason and the code the fault is owed (the table in
+  :mod:`fedtensor.protocol.wsconnection`: 1007 for bytes that are not a valid
+  frame, 1009 for a frame over the size limit, 1008 for a message that is not
+  a command). Commands beyond the pending limit are not run: their results
+  become ``LimitExceeded`` errors.
 - Memory held for one client is bounded in bytes as well: beyond
   :data:`READ_AHEAD` bytes of frames waiting for the actor, or of replies
   the client has not taken yet, the worker stops reading from that client
@@ -57,6 +59,7 @@ from fedtensor.errors import LimitExceeded, ProtocolError
 from fedtensor.net.peer import WebSocketPeer
 from fedtensor.protocol.codec import decode_frame, encode_frame
 from fedtensor.protocol.messages import Call, Fetch, ListObjects, Message, Release, Store
+from fedtensor.protocol.wsframes import CloseCode
 from fedtensor.worker.actor import Failed, Session, WorkerActor
 
 __all__ = ["Limits", "WorkerServer"]
@@ -79,12 +82,6 @@ READ_AHEAD = 64 << 20
 #: Seconds a client has to complete the handshake, and to answer a close.
 _OPEN_TIMEOUT = 10.0
 _CLOSE_TIMEOUT = 10.0
-
-# Close codes (RFC 6455 section 7.4.1).
-_GOING_AWAY = 1001
-_INVALID_DATA = 1007
-_POLICY_VIOLATION = 1008
-_MESSAGE_TOO_BIG = 1009
 
 
 @dataclass(frozen=True)
@@ -176,6 +173,10 @@ class WorkerServer:
 
     async def _drain_and_close(self, server: asyncio.Server) -> None:
         server.close()  # no new connections
+        _log.info(
+            "shutting down: finishing the commands received, then closing %d connections",
+            len(self._peers),
+        )
         finished = asyncio.Event()
         loop = asyncio.get_running_loop()
         # Everything received before this point runs before the barrier is reached;
@@ -185,7 +186,7 @@ class WorkerServer:
             await finished.wait()
         peers = list(self._peers)
         for peer in peers:
-            peer.close(_GOING_AWAY, "worker shutting down")  # after the queued replies
+            peer.close(CloseCode.GOING_AWAY, "worker shutting down")  # after the queued replies
         with anyio.move_on_after(self._grace):
             for peer in peers:
                 await peer.closed
@@ -231,7 +232,7 @@ class WorkerServer:
                 loop.call_soon_threadsafe(peer.send_frame, chunks)
 
         def lost(exc: BaseException) -> None:
-            loop.call_soon_threadsafe(peer.close, _GOING_AWAY, "worker shutting down")
+            loop.call_soon_threadsafe(peer.close, CloseCode.GOING_AWAY, "worker shutting down")
 
         peer.name = name
         peer.session = self._attach(name, deliver, lost)
@@ -297,21 +298,18 @@ class WorkerServer:
         assert session is not None
         try:
             batch = decode_frame(frame)
-        except LimitExceeded as exc:
-            peer.fail(_MESSAGE_TOO_BIG, str(exc))
-            return
-        except ProtocolError as exc:
-            peer.fail(_INVALID_DATA, f"bad frame: {exc}")
+        except (LimitExceeded, ProtocolError) as exc:
+            peer.reject(exc)  # the code it is owed, as on the client
             return
         stray = next((m for m in batch if not isinstance(m, _COMMANDS)), None)
         if stray is not None:
-            peer.fail(_POLICY_VIOLATION, f"{type(stray).__name__} is not a command")
+            peer.fail(CloseCode.POLICY_VIOLATION, f"{type(stray).__name__} is not a command")
             return
         if session.pending + len(batch) > limits.max_pending:
             if session.pending > 2 * limits.max_pending:
                 # Refusing costs queue space too: a client that keeps
                 # flooding is cut off rather than allowed to grow it.
-                peer.fail(_POLICY_VIOLATION, f"over {limits.max_pending} pending commands")
+                peer.fail(CloseCode.POLICY_VIOLATION, f"over {limits.max_pending} pending commands")
                 return
             batch = _refuse(batch, limits.max_pending)
         if self.actor.run_inline(session, batch):
