@@ -11,7 +11,9 @@ The seed notebook runs with only its import line changed::
     (x + x).get()                                # tensor([ 2,  4,  6,  8, 10])
 
 How it works: the async runtime runs on one background thread with its own
-event loop (started on first use, a daemon, stopped at exit). Operations on
+event loop (started on first use, a daemon, stopped at exit). Workers are
+opened and closed on that loop with the same ``start()`` and ``aclose()`` as
+async code uses: they need no task group of the runtime's. Operations on
 pointers queue commands from the caller's thread without waiting; only
 ``get()``, ``value()`` and reading ``worker.objects`` block, each with a
 timeout. Because the caller's thread never runs the runtime's loop, this also
@@ -28,7 +30,6 @@ from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any
 
 import anyio
-import anyio.abc
 import torch
 
 from fedtensor import virtual as _virtual
@@ -40,7 +41,6 @@ from fedtensor.federated import datasets as _federate
 from fedtensor.federated import fit as _fit
 from fedtensor.federated.datasets import FederatedDataset
 from fedtensor.federated.fit import History
-from fedtensor.worker.actor import WorkerActor
 
 __all__ = [
     "TorchHook",
@@ -59,7 +59,6 @@ class _Runtime:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self.task_group: anyio.abc.TaskGroup | None = None
         # Every blocking handle, closed properly when the runtime stops.
         self.handles: weakref.WeakSet[_workers.WorkerHandle] = weakref.WeakSet()
         self._ready = threading.Event()
@@ -76,17 +75,11 @@ class _Runtime:
 
     async def _main(self) -> None:
         self._stop = asyncio.Event()
-        async with anyio.create_task_group() as task_group:
-            self.task_group = task_group
-            self._ready.set()
-            await self._stop.wait()
-            with anyio.move_on_after(10):
-                for handle in list(self.handles):
-                    if isinstance(handle, _virtual.VirtualWorker):
-                        await handle._stop()
-                    else:
-                        await handle.aclose()
-            task_group.cancel_scope.cancel()
+        self._ready.set()
+        await self._stop.wait()
+        with anyio.move_on_after(10):
+            for handle in list(self.handles):
+                await handle.aclose()
 
     def call(self, coro: Coroutine[Any, Any, Any], timeout: float | None = DEFAULT_TIMEOUT) -> Any:
         """Run ``coro`` on the runtime's loop and wait for its result."""
@@ -120,12 +113,6 @@ def shutdown() -> None:
         runtime, _runtime = _runtime, None
     if runtime is not None:
         runtime.stop()
-
-
-def _close_actor(loop: asyncio.AbstractEventLoop, actor: WorkerActor) -> None:
-    # Runs when a blocking VirtualWorker is garbage-collected.
-    if not loop.is_closed():
-        loop.call_soon_threadsafe(actor.close)
 
 
 class TorchHook:
@@ -164,17 +151,26 @@ def VirtualWorker(
 ) -> _virtual.VirtualWorker:
     """A worker in this process whose pointers block instead of awaiting.
 
-    It lives until it is garbage-collected or :func:`shutdown` runs.
+    It lives until :func:`shutdown` runs (at exit), or until a new blocking worker
+    of the same id replaces it, as re-running a notebook cell does: the old one is
+    then closed, its objects freed and its pointers fail with ``WorkerUnavailable``.
     """
     runtime = _get_runtime()
     worker = _virtual.VirtualWorker(id, timeout=timeout, encode=encode, datasets=datasets)
     worker._blocking = True
-    assert runtime.task_group is not None
-    runtime.call(worker._start(runtime.task_group), timeout)
-    runtime.handles.add(worker)
-    assert worker._actor is not None
-    weakref.finalize(worker, _close_actor, runtime.loop, worker._actor)
+    runtime.call(_replace_virtual_worker(runtime, worker), timeout)
     return worker
+
+
+async def _replace_virtual_worker(runtime: _Runtime, worker: _virtual.VirtualWorker) -> None:
+    # The in-process registry, the actor and its sessions keep a worker (and its
+    # objects) reachable until it closes, so a replaced one must be closed here.
+    for old in list(runtime.handles):
+        if isinstance(old, _virtual.VirtualWorker) and old.id == worker.id:
+            runtime.handles.discard(old)
+            await old.aclose()
+    await worker.start()
+    runtime.handles.add(worker)
 
 
 def connect(url: str, *, timeout: float = DEFAULT_TIMEOUT, **options: Any) -> RemoteWorker:

@@ -4,6 +4,33 @@ A :class:`VirtualWorker` sits above both halves of the runtime: it runs a
 :class:`~fedtensor.worker.actor.WorkerActor`, publishes it as ``memory://ID``, and is the
 client's :class:`~fedtensor.client.handles.WorkerHandle` to it. It lives here, not in the
 client layer, so that the client never imports worker code.
+
+Theory of operation
+-------------------
+A virtual worker owns no task and no task group. Its actor is passive: a letter
+posted to its mailbox schedules one callback on the running event loop, which runs
+everything queued by then, and a client that needs an answer at once runs the
+mailbox on its own stack (see :mod:`fedtensor.worker.actor`). Nothing in it waits,
+so nothing needs a task to wait in; and with no task there is no cancel scope to
+enter in one task and leave in another. Hence:
+
+- ``start()`` and ``aclose()`` are ordinary coroutines that may run in any task, in
+  any order relative to other workers: ``async with``, ``await w.start()`` ...
+  ``await w.aclose()``, an :class:`contextlib.AsyncExitStack`, or a close from a
+  task other than the opener's all work alike.
+- Opening or closing one worker costs the same however many others are open: a
+  registry entry, one session, one client. (A task group per worker, entered by
+  hand, nests each new worker's cancel scope inside the last one's; closing N
+  such workers costs time quadratic in N.)
+- ``aclose()`` is complete and synchronous at its core: the client is closed
+  (pending pointers fail with :class:`~fedtensor.WorkerUnavailable`), the actor is
+  closed (its mailbox emptied, every object freed, other clients told), and the
+  ``memory://ID`` name is given up, so a new worker may take it. A second
+  ``aclose()`` does nothing; a closed worker does not start again.
+
+The runtime is asyncio's (the client engine's futures and timers are asyncio's);
+uvloop works, trio does not, and starting a worker without a running asyncio loop
+raises a :class:`~fedtensor.FedTensorError` that says so.
 """
 
 from __future__ import annotations
@@ -13,8 +40,6 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
-import anyio
-import anyio.abc
 import torch
 
 from fedtensor.client.engine import Client
@@ -23,7 +48,9 @@ from fedtensor.client.handles import (
     ReadOnlyDict,
     WorkerHandle,
     encode_by_default,
+    require_asyncio,
 )
+from fedtensor.errors import FedTensorError
 from fedtensor.worker.actor import WorkerActor, in_process_workers
 
 __all__ = ["VirtualWorker"]
@@ -36,6 +63,9 @@ class VirtualWorker(WorkerHandle):
 
         async with ft.VirtualWorker("bob") as bob:
             x = ft.send(torch.ones(3), bob)
+
+    or open and close it explicitly, from any task: ``bob = await
+    ft.VirtualWorker("bob").start()`` ... ``await bob.aclose()``.
 
     ``encode=True`` makes its connection encode every batch to wire frames, as a
     network transport does (default: the ``FEDTENSOR_MEMORY_ENCODE`` variable).
@@ -53,21 +83,39 @@ class VirtualWorker(WorkerHandle):
     ) -> None:
         super().__init__(id, timeout=timeout)
         self._encode = encode
-        self._datasets = dict(datasets or {})
+        self._datasets = datasets  # the actor takes its own copy when it starts
         self._actor: WorkerActor | None = None
-        self._task_group: anyio.abc.TaskGroup | None = None
+        self._started = False
+
+    async def start(self) -> VirtualWorker:
+        """Make the actor, publish it as ``memory://ID``, connect to it; returns ``self``."""
+        require_asyncio("ft.VirtualWorker")
+        if self._started:
+            raise FedTensorError(f"virtual worker {self.id!r} was already started")
+        self._started = True
+        actor = self._actor = WorkerActor(self.id, datasets=self._datasets)
+        # A newer worker of the same id takes the name over; closing this one frees it only
+        # while it is still this actor's (see _retire).
+        in_process_workers()[self.id] = actor
+        encode = encode_by_default() if self._encode is None else self._encode
+        try:
+            await self._open_client(f"memory://{self.id}", encode=encode)
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def aclose(self) -> None:
+        """Close the connection, stop the actor and free every object (idempotent)."""
+        actor, self._actor = self._actor, None
+        try:
+            await super().aclose()
+        finally:
+            if actor is not None:
+                _retire(actor)
 
     async def __aenter__(self) -> VirtualWorker:
-        task_group = anyio.create_task_group()
-        await task_group.__aenter__()
-        try:
-            await self._start(task_group)
-        except BaseException as exc:
-            task_group.cancel_scope.cancel()
-            await task_group.__aexit__(type(exc), exc, exc.__traceback__)
-            raise
-        self._task_group = task_group
-        return self
+        return await self.start()
 
     async def __aexit__(
         self,
@@ -75,28 +123,7 @@ class VirtualWorker(WorkerHandle):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._stop()
-        task_group, self._task_group = self._task_group, None
-        if task_group is not None:
-            await task_group.__aexit__(None, None, None)
-
-    async def _start(self, task_group: anyio.abc.TaskGroup) -> None:
-        """Run the actor in ``task_group``, publish it as ``memory://ID``, connect to it."""
-        actor = WorkerActor(self.id, datasets=self._datasets)
-        await task_group.start(actor.serve)
-        self._actor = actor
-        in_process_workers()[self.id] = actor
-        encode = encode_by_default() if self._encode is None else self._encode
-        await self._open_client(f"memory://{self.id}", encode=encode)
-
-    async def _stop(self) -> None:
-        """Close the connection, free every object, end the actor's task."""
         await self.aclose()
-        actor = self._actor
-        if actor is not None:
-            actor.close()
-            if in_process_workers().get(self.id) is actor:
-                del in_process_workers()[self.id]
 
     # -- the object store, as the seed notebook shows it -----------------------------------------
 
@@ -124,6 +151,17 @@ class VirtualWorker(WorkerHandle):
 
     def __repr__(self) -> str:
         return f"<VirtualWorker id:{self.id} #objects:{len(self.objects)}>"
+
+
+def _retire(actor: WorkerActor) -> None:
+    """Close ``actor`` and give up its ``memory://`` name, if the name is still its own.
+
+    Call it on the actor's event loop thread.
+    """
+    actor.close()
+    registry = in_process_workers()
+    if registry.get(actor.id) is actor:
+        del registry[actor.id]
 
 
 def _loop_thread(client: Client) -> int:

@@ -41,6 +41,7 @@ __all__ = [
     "connect",
     "encode_by_default",
     "local_worker",
+    "require_asyncio",
     "send",
 ]
 
@@ -54,6 +55,25 @@ ENCODE_VARIABLE = "FEDTENSOR_MEMORY_ENCODE"
 def encode_by_default() -> bool:
     """Whether in-process workers encode batches unless told otherwise."""
     return os.environ.get(ENCODE_VARIABLE, "") not in ("", "0")
+
+
+def require_asyncio(entry: str) -> None:
+    """Raise a :class:`FedTensorError` unless an asyncio event loop runs in this thread.
+
+    fedtensor's runtime is asyncio's own futures, handles and protocols, so under
+    trio (anyio's trio backend included) it would fail deep inside with an
+    ``AttributeError``; this says why at the door instead. A plain
+    :class:`FedTensorError`: it is a mistake in how the program is run, not a
+    condition to catch and handle, like a blocking call made on the runtime's loop.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        raise FedTensorError(
+            f"{entry} needs a running asyncio event loop: fedtensor runs on asyncio "
+            "(uvloop too), not trio; run it with asyncio.run() or with anyio's asyncio "
+            "backend, anyio.run(main, backend='asyncio')"
+        ) from None
 
 
 class WorkerHandle:
@@ -84,8 +104,13 @@ class WorkerHandle:
         self._client = client
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
+        """Close the connection; pending pointers fail with WorkerUnavailable (idempotent)."""
+        client = self._client
+        if client is not None:
+            # A close is clean-up: it runs to its end even in a cancelled scope (the
+            # transport's own close timeout bounds it), or a half-closed socket leaks.
+            with anyio.CancelScope(shield=True):
+                await client.aclose()
 
     async def object_ids(self, *, timeout: float | None = None) -> list[int]:
         """The ids of every object this client holds on the worker (one round trip)."""
@@ -173,6 +198,7 @@ class _Connecting:
         self._options = options
 
     async def _open(self) -> RemoteWorker:
+        require_asyncio("ft.connect")
         with anyio.fail_after(self._worker.timeout):
             await self._worker._open_client(self._worker.url, **self._options)
         return self._worker
