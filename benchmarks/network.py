@@ -1,78 +1,39 @@
-"""fedtensor over the network, next to raw websockets and torch.distributed.rpc.
+"""The network suite: worker processes over websockets, next to a raw websockets echo and
+torch.distributed.rpc (TensorPipe), every party a process of its own on 127.0.0.1.
 
-Run from the repository root::
+1. round trip: ``ft.send`` of 5 elements, a remote add, ``get`` (us), against a 32-byte echo
+   and ``rpc_sync(torch.add)``.
+2. pipelined: 10,000 chained remote adds, then one get (ops/s), against 10,000 ``rpc_async``.
+3. bulk: ``ft.send`` + ``get`` of 64 MiB float32 (GB/s), against ``remote(id, t).to_here()``
+   and ``rpc_sync(id, t)``.
+4. dependent chain: ``ft.send`` + 100 dependent adds + get (ms), against 100 ``rpc.remote``
+   each given the previous RRef (resolved by its owner, the peer), then ``to_here()``.
+5. fan-out: ``ft.send(t, *workers)`` + ``get`` of 5 elements to 8 worker processes vs 1 (ms),
+   and a 32-byte echo to 8 echo processes at once vs 1 (the transport's own scaling here).
 
-    python -m benchmarks --network            # full run (~1-2 minutes on 2 cores)
-    python -m benchmarks --network --quick    # smoke run (~30 s)
-    python -m benchmarks.network profile roundtrip [--server] [--top 25]
-    python -m benchmarks.network idle-cost    # Python right after a wait, vs hot
-
-Every party is a separate process on 127.0.0.1, started and stopped by the benchmark:
-eight ``fedtensor worker`` processes (:func:`fedtensor.testing.start_worker_process`), eight
-websockets echo servers (``python -m benchmarks.network echo``) and a torch.distributed.rpc
-peer (``python -m benchmarks.network rpc-peer PORT``; this process is rpc rank 0, TensorPipe
-backend, world size 2). Each row is measured in one run, fedtensor interleaved with its
-baselines, ``gc.collect()`` before every timed block, after a warm-up; figures are medians.
-
-Rows:
-
-1. round trip: ``ft.send`` of a 5-element tensor, a remote add, ``await get()`` (median us);
-   baselines: a 32-byte websockets echo (compression=None) and ``rpc_sync(torch.add)``.
-   Target: <= 1.3 x the echo and below torch.rpc.
-2. pipelined: 10,000 chained remote adds, then one get (ops/s); baseline: 10,000
-   ``rpc_async(torch.add)`` then waiting for all (calls/s). Target: >= 20,000 ops/s.
-3. bulk: ``ft.send`` + ``await get()`` of 64 MiB float32; GB/s = 64 MiB / round trip
-   (GB = 1e9 bytes). Baselines: ``rpc.remote(identity, t).to_here()`` and
-   ``rpc_sync(identity, t)``. Target: at least the ``remote()`` + ``to_here()`` figure.
-4. dependent chain: ``ft.send`` + 100 dependent adds + get (ms); baseline: ``rpc.remote``
-   of the tensor, 100 dependent ``remote()`` calls each given the previous RRef (the owner
-   resolves it with ``local_value()``), then ``to_here()``. Target: <= 10 ms.
-5. fan-out: ``ft.send(t, *workers)`` + ``await m.get()`` of 5 elements to 8 worker
-   processes vs to 1 (median ms). Target: 8 workers <= 2 x 1 worker. For scale, the same
-   for a 32-byte websockets echo to 8 echo processes vs 1 (a bare websocket's own ratio here).
-
-torch.distributed's start-up exchanges device maps with ``all_gather_object``, which
-reads bytes through numpy; numpy is not installed here, so both rpc processes replace that
-one helper (``distributed_c10d._tensor_to_object``) with a numpy-free equivalent. Nothing
-timed goes through it. If rpc still cannot start, its baselines are reported unavailable,
-with the reason, and the rows run on.
+Commands: ``profile ROW [--top N]`` (the client's cProfile), ``idle-cost``; helper processes:
+``echo``, ``rpc-peer PORT``. rpc's start-up reads bytes through numpy, absent here: both rpc
+processes replace that function (``c10d._tensor_to_object``); nothing timed goes through it.
 """
 
-# ruff: noqa: E402  (the imports follow the sys.path set-up on purpose)
+# ruff: noqa: E402  (the echo role runs before the heavy imports, on purpose)
 from __future__ import annotations
 
+import asyncio
+import os
 import sys
-from pathlib import Path
+import threading
 
-_REPO = Path(__file__).resolve().parent.parent
-if str(_REPO) not in sys.path:
-    sys.path.insert(0, str(_REPO))
-
-#: What a helper process prints (then its address, if any) once it serves.
-READY = "benchmarks.network ready"
+READY = "benchmarks.network ready on"  # what a helper prints, then its address, once it serves
 
 
 def _exit_when_orphaned() -> None:
     """In a helper: exit as soon as the benchmark closes our stdin (or dies)."""
-    import os
-    import threading
-
-    def watch() -> None:
-        sys.stdin.read()
-        os._exit(0)
-
-    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
+    threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
 
 
 def echo_role() -> None:
-    """``python -m benchmarks.network echo``: a websockets echo server on a free port.
-
-    Defined ahead of the heavy imports and run without them: eight of these start at
-    once next to eight workers, and none needs torch.
-    """
-    import asyncio
-    import signal
-
+    """A websockets echo server on a free port, run without torch: eight start at once."""
     from websockets.asyncio.server import ServerConnection, serve
 
     async def echo(connection: ServerConnection) -> None:
@@ -80,12 +41,9 @@ def echo_role() -> None:
             await connection.send(message)
 
     async def run() -> None:
-        stop = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         async with serve(echo, "127.0.0.1", 0, compression=None) as server:
-            port = server.sockets[0].getsockname()[1]
-            print(f"{READY} ws://127.0.0.1:{port}", flush=True)
-            await stop.wait()
+            print(f"{READY} ws://127.0.0.1:{server.sockets[0].getsockname()[1]}", flush=True)
+            await server.serve_forever()
 
     _exit_when_orphaned()
     asyncio.run(run())
@@ -93,276 +51,94 @@ def echo_role() -> None:
 
 if __name__ == "__main__" and sys.argv[1:] == ["echo"]:
     echo_role()
-    sys.exit(0)
+    sys.exit()
 
 import argparse
-import asyncio
 import contextlib
-import cProfile
 import functools
-import gc
-import importlib.metadata
 import io
-import os
-import pstats
-import queue
-import selectors
 import socket
 import statistics
 import subprocess
 import tempfile
-import threading
 import time
-import traceback
 import warnings
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import asdict, dataclass
-from typing import IO, Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
-warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
-# torch.distributed warns about its own use of Gloo while init_rpc exchanges device maps.
-warnings.filterwarnings("ignore", message="You are using a Backend")
+from benchmarks import common
+from benchmarks.common import CHAIN_LENGTH, Baseline, Config, Row, check, now, repeat, timed_row
+
+warnings.filterwarnings("ignore", message="You are using a Backend")  # init_rpc's own Gloo use
 
 import torch
 import torch.distributed.distributed_c10d as c10d
 import torch.distributed.rpc as rpc
-from websockets.asyncio.client import ClientConnection
-from websockets.asyncio.client import connect as ws_connect
+from websockets.asyncio.client import ClientConnection, connect
 
 import fedtensor as ft
-from benchmarks.run import (
-    BULK_BYTES,
-    CHAIN_LENGTH,
-    Row,
-    Stats,
-    _error_text,
-    _fmt,
-    _fmt_load,
-    _guarded,
-    _now,
-    _run,
-    machine_facts,
-    report,
-    timed_chain,
-    timed_roundtrips,
-)
 from fedtensor.testing import WorkerProcess, start_worker_process
 
-__all__ = ["NetConfig", "main", "run_from_args"]
-
-T = TypeVar("T")
-
-_WEBSOCKETS_VERSION = importlib.metadata.version("websockets")
-
-FANOUT_PROCESSES = 8
+PROCESSES = 8
 DEPENDENT_OPS = 100
-ECHO_BYTES = 32
-
-TARGET_ECHO_FACTOR = 1.3
+START_TIMEOUT_S = 90.0
+TARGET_ECHO_FACTOR = 1.5
 TARGET_PIPELINED_OPS = 20_000.0
 TARGET_DEPENDENT_MS = 10.0
-TARGET_FANOUT_FACTOR = 2.0
-
-START_TIMEOUT_S = 90.0
-RPC_TIMEOUT_S = 60.0
+TARGET_FANOUT_VS_ECHO = 1.15
 
 
-# -- configuration ---------------------------------------------------------------------------------
+def spawn(name: str, *args: str) -> WorkerProcess:
+    """A ``python -m benchmarks.network ROLE`` process: it exits when its stdin closes."""
+    log = tempfile.TemporaryFile("w+", prefix=f"fedtensor-bench-{name}-")  # noqa: SIM115
+    command = [sys.executable, "-m", "benchmarks.network", *args]
+    env, pipe = {**os.environ, "PYTHONPATH": str(common.REPO)}, subprocess.PIPE
+    process = subprocess.Popen(command, stdin=pipe, stdout=pipe, stderr=log, text=True, env=env)
+    return WorkerProcess(name, "", "", process, log)
 
 
-@dataclass(frozen=True)
-class NetConfig:
-    """Repetitions per row; a row stops repeating past ``row_budget_s`` (after 3 reps)."""
-
-    quick: bool
-    warmup: int  # rows 1 and 5: untimed round trips per contender first
-    blocks: int  # rows 1 and 5: blocks per contender, interleaved
-    block_reps: int  # rows 1 and 5: round trips per block
-    pipelined_runs: int  # row 2
-    bulk_reps: int  # row 3
-    dependent_reps: int  # row 4
-    row_budget_s: float
-
-    @staticmethod
-    def make(quick: bool) -> NetConfig:
-        if quick:
-            return NetConfig(True, 100, 3, 100, 3, 3, 10, 6.0)
-        return NetConfig(False, 300, 10, 300, 9, 11, 41, 25.0)
+def wait_ready(helper: WorkerProcess) -> WorkerProcess:
+    """Block until the helper's ready line, which gives its ``url`` (run under a timeout)."""
+    for line in helper.process.stdout or ():
+        if line.startswith(READY):
+            helper.url = line[len(READY) :].strip()
+            return helper
+    raise RuntimeError(f"{helper.id} exited ({helper.process.wait()}): {helper.log()[-400:]}")
 
 
-@dataclass
-class Baseline:
-    """One baseline figure of a row, in the row's unit, or why there is none."""
-
-    name: str
-    value: float | None = None
-    stats: Stats | None = None
-    error: str | None = None
-    versus: str = ""  # how fedtensor compares with it
-
-
-def _versus(fed: float | None, base: float | None, higher_is_better: bool) -> str:
-    """``'2.1x slower'`` / ``'1.4x faster'``: fedtensor against a baseline."""
-    if fed is None or base is None or fed <= 0 or base <= 0:
-        return ""
-    slowdown = base / fed if higher_is_better else fed / base
-    return f"{slowdown:.2f}x slower" if slowdown >= 1 else f"{1 / slowdown:.2f}x faster"
-
-
-def _finish(row: Row, baselines: list[Baseline]) -> None:
-    """Set the row's baseline (the first one), ratios, texts and status."""
-    for baseline in baselines:
-        baseline.versus = _versus(row.fedtensor, baseline.value, row.higher_is_better)
-    row.extra["baselines"] = baselines
-    if baselines:
-        row.local, row.local_stats = baselines[0].value, baselines[0].stats
-    row.finish()
-    row.ratio_text = baselines[0].versus if baselines else ""
-
-
-# -- helper processes ------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class Helper:
-    """A ``python -m benchmarks.network ROLE`` process; it exits when our stdin pipe closes."""
-
-    def __init__(self, name: str, process: subprocess.Popen[str], log: IO[str]) -> None:
-        self.name = name
-        self.process = process
-        self._log = log
-        self.address = ""
-
-    @staticmethod
-    def spawn(name: str, *args: str) -> Helper:
-        log = tempfile.TemporaryFile("w+", prefix=f"fedtensor-bench-{name}-")  # noqa: SIM115
-        process = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.network", *args],
-            cwd=_REPO,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(_REPO)},
-        )
-        return Helper(name, process, log)
-
-    def wait_ready(self, timeout: float) -> str:
-        """Block until the ready line; the address it names (may be empty)."""
-        stdout = self.process.stdout
-        assert stdout is not None
-        deadline = time.monotonic() + timeout
-        with selectors.DefaultSelector() as selector:
-            selector.register(stdout, selectors.EVENT_READ)
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0 or not selector.select(left):
-                    raise TimeoutError(f"{self.name} not ready in {timeout:g} s: {self.log()}")
-                line = stdout.readline()
-                if not line:
-                    self.process.wait(10)
-                    raise RuntimeError(
-                        f"{self.name} exited with {self.process.returncode}: {self.log()}"
-                    )
-                if line.startswith(READY):
-                    self.address = line[len(READY) :].strip()
-                    return self.address
-
-    def log(self, tail: int = 600) -> str:
-        if self._log.closed:
-            return ""
-        self._log.seek(0)
-        return self._log.read()[-tail:].strip() or "(no output)"
-
-    def stop(self, timeout: float = 15.0) -> None:
-        """Close its stdin (it exits), then SIGTERM, then SIGKILL."""
-        process = self.process
-        with contextlib.suppress(OSError):
-            if process.stdin is not None:
-                process.stdin.close()
-        for action in (None, process.terminate, process.kill):
-            if action is not None and process.poll() is None:
-                action()
-            try:
-                process.wait(timeout if action is not process.kill else 30)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        if process.stdout is not None:
-            process.stdout.close()
-        self._log.close()
-
-
-async def _threaded(
-    fn: Callable[[], T], timeout: float, what: str, abort: Callable[[], str | None] | None = None
-) -> T:
-    """Run blocking ``fn`` on a daemon thread (a hung one cannot block exit); await it.
-
-    ``abort`` is polled meanwhile: a reason it returns ends the wait early.
-    """
-    results: list[T] = []
-    errors: list[BaseException] = []
+async def _threaded(fn: Callable[[], Any], timeout: float, abort: Callable[[], bool] = bool) -> Any:
+    """Run blocking ``fn`` on a daemon thread (a hung one cannot block exit) and await it;
+    ``abort()`` is polled meanwhile: true ends the wait early."""
+    outcome: list[Any] = []
 
     def target() -> None:
         try:
-            results.append(fn())
+            outcome.append(fn())
         except BaseException as exc:
-            errors.append(exc)
+            outcome.append(exc)
 
-    thread = threading.Thread(target=target, name=f"bench-{what}", daemon=True)
+    thread = threading.Thread(target=target, name=f"bench-{fn}", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout
     while thread.is_alive():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not done after {timeout:g} s")
-        reason = abort() if abort is not None else None
-        if reason is not None:
-            raise RuntimeError(f"{what}: {reason}")
+        if time.monotonic() > deadline or abort():
+            raise TimeoutError(f"{fn}: not done in {timeout:g} s, or given up")
         await asyncio.sleep(0.02)
-    if errors:
-        raise errors[0]
-    return results[0]
-
-
-def _last_cpu(pid: int) -> int | None:
-    """The CPU ``pid`` last ran on (Linux ``/proc``), for the record."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[36])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-# -- helper roles: websockets echo server and torch.rpc peer ---------------------------------------
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
 
 
 def _tensor_to_object(tensor: torch.Tensor, tensor_size: Any, group: Any) -> Any:
     """``distributed_c10d._tensor_to_object`` without numpy (start-up device maps only)."""
-    data = bytes(tensor.cpu()[: int(tensor_size)].tolist())
-    return c10d._unpickler(io.BytesIO(data)).load()
+    return c10d._unpickler(io.BytesIO(bytes(tensor[: int(tensor_size)].tolist()))).load()
 
 
 def _rpc_init(name: str, rank: int, port: int) -> None:
     c10d._tensor_to_object = _tensor_to_object
-    options = rpc.TensorPipeRpcBackendOptions(
-        init_method=f"tcp://127.0.0.1:{port}", rpc_timeout=RPC_TIMEOUT_S
-    )
+    url = f"tcp://127.0.0.1:{port}"
+    options = rpc.TensorPipeRpcBackendOptions(init_method=url, rpc_timeout=60.0)
     rpc.init_rpc(name, rank=rank, world_size=2, rpc_backend_options=options)  # type: ignore[no-untyped-call]
-
-
-def _rpc_peer(port: int) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    _exit_when_orphaned()
-    _rpc_init("peer", 1, port)
-    print(READY, flush=True)
-    rpc.shutdown()  # waits for rank 0 to shut down too
 
 
 def rpc_identity(t: torch.Tensor) -> torch.Tensor:
@@ -372,813 +148,274 @@ def rpc_identity(t: torch.Tensor) -> torch.Tensor:
 
 def rpc_add_owned(previous: rpc.RRef[torch.Tensor], k: int) -> torch.Tensor:
     """Runs on the rpc peer, which owns ``previous``: resolved locally, no round trip."""
-    value: torch.Tensor = previous.local_value()
-    return value + k
+    return previous.local_value() + k  # type: ignore[no-any-return]
 
 
-class RpcBaseline:
-    """This process as torch.distributed.rpc rank 0, with the peer as rank 1."""
+class Rpc:
+    """This process as torch.distributed.rpc rank 0, with a helper process as rank 1."""
 
     def __init__(self) -> None:
-        self.peer: Helper | None = None
-        self.error: str | None = None
-        self._initialized = False
+        self.peer: WorkerProcess | None = None
+        self.error: str | None = "torch.distributed.rpc is not running"
+        self.joined = False
 
     async def start(self) -> None:
-        """Start the peer and join it; on failure set ``error`` (never raises)."""
+        """Start the peer and join it; on failure only set ``error``."""
         try:
-            port = _free_port()
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            self.peer = Helper.spawn("rpc-peer", "rpc-peer", str(port))
-            await _threaded(
-                lambda: _rpc_init("bench", 0, port), START_TIMEOUT_S, "init_rpc", self._peer_gone
-            )
-            self._initialized = True
-            await _threaded(lambda: self._ready(), 30.0, "rpc peer ready")
+            with socket.create_server(("127.0.0.1", 0)) as sock:
+                port: int = sock.getsockname()[1]
+            self.peer = peer = spawn("rpc-peer", "rpc-peer", str(port))
+            gone = lambda: peer.process.poll() is not None  # noqa: E731
+            await _threaded(lambda: _rpc_init("bench", 0, port), START_TIMEOUT_S, gone)
+            self.joined = True
+            await _threaded(lambda: wait_ready(peer), START_TIMEOUT_S)
+            self.error = None
         except Exception as exc:
-            log = self.peer.log() if self.peer is not None else ""
-            self.error = f"torch.distributed.rpc did not start: {_error_text(exc)}"
-            if log and log != "(no output)":
-                self.error += f" (peer: {log[-300:]})"
+            tail = "" if self.peer is None else f" (peer: {self.peer.log()[-300:]})"
+            self.error = f"torch.distributed.rpc did not start: {common.error_text(exc)}{tail}"
 
-    def _peer_gone(self) -> str | None:
-        if self.peer is None or self.peer.process.poll() is None:
-            return None
-        return f"the rpc peer exited with status {self.peer.process.returncode}"
-
-    def _ready(self) -> str:
-        assert self.peer is not None
-        return self.peer.wait_ready(30.0)
-
-    @property
-    def available(self) -> bool:
-        return self._initialized and self.error is None
+    def timed(self, row: Row, reps: int, calls: dict[str, Any]) -> dict[str, Any]:
+        """Contenders: ``reps`` of each rpc call; none while rpc is down (``row`` says why)."""
+        if self.error is None:
+            return {name: functools.partial(repeat, call, reps) for name, call in calls.items()}
+        row.baselines += [Baseline(name, error=self.error) for name in calls]
+        return {}
 
     async def stop(self) -> None:
-        if self._initialized:
-            self._initialized = False
-            try:
-                await _threaded(rpc.shutdown, 30.0, "rpc.shutdown")
-            except Exception as exc:
-                self.error = self.error or f"rpc.shutdown failed: {_error_text(exc)}"
+        with contextlib.suppress(Exception):  # a failed shutdown must not keep the peer running
+            await _threaded(rpc.shutdown if self.joined else lambda: None, 30.0)
         if self.peer is not None:
-            await _threaded(self.peer.stop, 90.0, "stop rpc peer")
-
-    def unavailable(self, name: str) -> Baseline:
-        return Baseline(name, error=self.error or "torch.distributed.rpc is not running")
+            await _threaded(self.peer.stop, 90.0)
 
 
-# -- timing helpers --------------------------------------------------------------------------------
+async def _echo(links: list[ClientConnection]) -> object:
+    """32 bytes echoed by each of ``links``, at once."""
+    if len(links) > 1:
+        return await asyncio.gather(*(_echo([link]) for link in links))
+    await links[0].send(b"x" * 32)
+    return await links[0].recv()
 
 
-async def _interleaved(
-    contenders: Sequence[Callable[[], Awaitable[int]]], reps: int, budget_s: float
-) -> list[list[int]]:
-    """Time each contender in turn, ``gc.collect()`` before each call, ``reps`` rounds."""
-    samples: list[list[int]] = [[] for _ in contenders]
-    started = _now()
-    rounds = 0
-    while rounds < reps and (rounds < 3 or _now() - started < budget_s * 1e9):
-        for contender, sink in zip(contenders, samples, strict=True):
-            gc.collect()
-            sink.append(await contender())
-        rounds += 1
-    return samples
-
-
-def _sync(fn: Callable[[], int]) -> Callable[[], Awaitable[int]]:
-    async def run() -> int:
-        return fn()
-
-    return run
-
-
-# -- row 1: small-op round trip --------------------------------------------------------------------
-
-
-async def _echo_roundtrips(ws: ClientConnection, payload: bytes, reps: int) -> list[int]:
-    samples: list[int] = []
-    now = _now
-    for _ in range(reps):
-        start = now()
-        await ws.send(payload)
-        await ws.recv()
-        samples.append(now() - start)
-    return samples
-
-
-def _rpc_roundtrips(t: torch.Tensor, reps: int) -> list[int]:
-    samples: list[int] = []
-    now = _now
-    for _ in range(reps):
-        start = now()
-        rpc.rpc_sync("peer", torch.add, args=(t, 1))
-        samples.append(now() - start)
-    return samples
-
-
-async def bench_roundtrip(
-    cfg: NetConfig, worker: Any, echo: ClientConnection, rpcb: RpcBaseline, env: dict[str, Any]
-) -> Row:
-    row = Row(
-        key="ws_roundtrip",
-        title="1 round trip: send 5 elems + add + get",
-        unit="us",
-        higher_is_better=False,
-    )
-    t = torch.tensor([1, 2, 3, 4, 5])
-    payload = b"x" * ECHO_BYTES
-    if not torch.equal(await (ft.send(t, worker) + 1).get(), t + 1):
-        raise AssertionError("wrong result from the worker")
-    await echo.send(payload)
-    if await echo.recv() != payload:
+async def bench_roundtrip(cfg: Config, worker: Any, echo: ClientConnection, rpcs: Rpc) -> Row:
+    row = Row("ws_roundtrip", "1 round trip: send 5 elems + add + get", "us")
+    t, reps = torch.tensor([1, 2, 3, 4, 5]), cfg.block
+    check(await (ft.send(t, worker) + 1).get(), t + 1, "the worker")
+    if await _echo([echo]) != b"x" * 32:
         raise AssertionError("the echo server sent something else")
-    use_rpc = rpcb.available
-    if use_rpc and not torch.equal(rpc.rpc_sync("peer", torch.add, args=(t, 1)), t + 1):
-        raise AssertionError("wrong result from torch.rpc")
-    await timed_roundtrips(worker, t, cfg.warmup)
-    await _echo_roundtrips(echo, payload, cfg.warmup)
-    if use_rpc:
-        _rpc_roundtrips(t, cfg.warmup)
-    fed: list[int] = []
-    raw: list[int] = []
-    via_rpc: list[int] = []
-    started = _now()
-    for block in range(cfg.blocks):
-        if block and _now() - started > cfg.row_budget_s * 1e9:
-            break
-        gc.collect()
-        fed += await timed_roundtrips(worker, t, cfg.block_reps)
-        gc.collect()
-        raw += await _echo_roundtrips(echo, payload, cfg.block_reps)
-        if use_rpc:
-            gc.collect()
-            via_rpc += _rpc_roundtrips(t, cfg.block_reps)
-    row.fedtensor_stats = Stats.of(fed)
-    row.fedtensor = row.fedtensor_stats.median_ns / 1e3
-    echo_stats = Stats.of(raw)
-    baselines = [
-        Baseline("websockets echo, 32 B", echo_stats.median_ns / 1e3, echo_stats),
-    ]
-    echo_target = TARGET_ECHO_FACTOR * echo_stats.median_ns / 1e3
-    if via_rpc:
-        rpc_stats = Stats.of(via_rpc)
-        rpc_us = rpc_stats.median_ns / 1e3
-        baselines.append(Baseline("torch.rpc rpc_sync(torch.add)", rpc_us, rpc_stats))
-        row.target = min(echo_target, rpc_us)
-        row.target_text = f"<= {row.target:,.0f} us (1.3x echo, < rpc)"
-    else:
-        baselines.append(rpcb.unavailable("torch.rpc rpc_sync(torch.add)"))
-        row.target = echo_target
-        row.target_text = f"<= {echo_target:,.0f} us (1.3x echo; rpc n/a)"
-    row.extra["definition"] = (
-        "median us of (ft.send(5 elems) + x + 1 + await get()) to a worker process; "
-        f"echo: send {ECHO_BYTES} bytes + recv on one websockets connection "
-        "(compression=None) to an echo process; rpc: rpc_sync('peer', torch.add, (t, 1))"
-    )
-    row.extra["last_cpu"] = {name: _last_cpu(pid) for name, pid in env["pids"].items()}
-    _finish(row, baselines)
-    return row
-
-
-# -- row 2: pipelined throughput -------------------------------------------------------------------
-
-
-async def bench_pipelined(cfg: NetConfig, worker: Any, rpcb: RpcBaseline) -> Row:
-    row = Row(
-        key="ws_pipelined",
-        title=f"2 pipelined: {CHAIN_LENGTH:,} chained adds + get",
-        unit="ops/s",
-        higher_is_better=True,
-        target=TARGET_PIPELINED_OPS,
-        target_text=f">= {TARGET_PIPELINED_OPS:,.0f} ops/s",
-    )
-    t = torch.zeros(5)
-
-    async def fed() -> int:
-        return await timed_chain(worker, t, CHAIN_LENGTH, include_send=False)
-
-    def via_rpc() -> int:
-        start = _now()
-        futures = [rpc.rpc_async("peer", torch.add, args=(t, 1)) for _ in range(CHAIN_LENGTH)]
-        torch.futures.wait_all(futures)
-        elapsed = _now() - start
-        if not torch.equal(futures[-1].value(), t + 1):
-            raise AssertionError("wrong result from torch.rpc")
-        return elapsed
-
-    contenders = [fed, _sync(via_rpc)] if rpcb.available else [fed]
-    for contender in contenders:  # warm-up
-        await contender()
-    samples = await _interleaved(contenders, cfg.pipelined_runs, cfg.row_budget_s)
-    row.fedtensor_stats = Stats.of(samples[0])
-    row.fedtensor = CHAIN_LENGTH / (row.fedtensor_stats.median_ns / 1e9)
-    name = f"torch.rpc {CHAIN_LENGTH:,} x rpc_async(add)"
-    if rpcb.available:
-        stats = Stats.of(samples[1])
-        baseline = Baseline(name, CHAIN_LENGTH / (stats.median_ns / 1e9), stats)
-    else:
-        baseline = rpcb.unavailable(name)
-    row.extra["definition"] = (
-        f"{CHAIN_LENGTH} / median time of (x = x + 1, {CHAIN_LENGTH} times, + await get()); "
-        f"rpc: {CHAIN_LENGTH} / median time of ({CHAIN_LENGTH} rpc_async(torch.add) + wait_all)"
-    )
-    _finish(row, [baseline])
-    return row
-
-
-# -- row 3: bulk round trip ------------------------------------------------------------------------
-
-
-async def bench_bulk(cfg: NetConfig, worker: Any, rpcb: RpcBaseline) -> Row:
-    row = Row(
-        key="ws_bulk",
-        title="3 send + get 64 MiB float32",
-        unit="GB/s",
-        higher_is_better=True,
-    )
-    t = torch.arange(BULK_BYTES // 4, dtype=torch.float32)
-
-    async def fed() -> int:
-        start = _now()
-        value = await ft.send(t, worker).get()
-        elapsed = _now() - start
-        del value
-        return elapsed
-
-    def remote_to_here() -> int:
-        start = _now()
-        value = rpc.remote("peer", rpc_identity, args=(t,)).to_here()
-        elapsed = _now() - start
-        del value
-        return elapsed
-
-    def rpc_sync_identity() -> int:
-        start = _now()
-        value = rpc.rpc_sync("peer", rpc_identity, args=(t,))
-        elapsed = _now() - start
-        del value
-        return elapsed
-
-    if not torch.equal(await ft.send(t, worker).get(), t):
-        raise AssertionError("64 MiB came back different from the worker")
-    contenders: list[Callable[[], Awaitable[int]]] = [fed]
-    if rpcb.available:
-        if not torch.equal(rpc.remote("peer", rpc_identity, args=(t,)).to_here(), t):
-            raise AssertionError("64 MiB came back different from torch.rpc")
-        contenders += [_sync(remote_to_here), _sync(rpc_sync_identity)]
-    samples = await _interleaved(contenders, cfg.bulk_reps, cfg.row_budget_s)
-    row.fedtensor_stats = Stats.of(samples[0])
-    row.fedtensor = BULK_BYTES / row.fedtensor_stats.median_ns  # bytes/ns == GB/s
-    names = ("torch.rpc remote(id).to_here()", "torch.rpc rpc_sync(id, t)")
-    if rpcb.available:
-        baselines = []
-        for name, sample in zip(names, samples[1:], strict=True):
-            stats = Stats.of(sample)
-            baselines.append(Baseline(name, BULK_BYTES / stats.median_ns, stats))
-        row.target = baselines[0].value
-        row.target_text = f">= {row.target:.2f} GB/s (rpc remote)"
-    else:
-        baselines = [rpcb.unavailable(name) for name in names]
-        row.target_text = "n/a (rpc unavailable)"
-    row.extra["definition"] = (
-        "GB/s = 67,108,864 bytes / median round trip, GB = 1e9 bytes; fedtensor: ft.send + "
-        "await get(); rpc: remote(identity, (t,)).to_here() and rpc_sync(identity, (t,))"
-    )
-    row.extra["median_ms"] = {"fedtensor": row.fedtensor_stats.median_ns / 1e6} | {
-        b.name: b.stats.median_ns / 1e6 for b in baselines if b.stats is not None
+    add = functools.partial(rpc.rpc_sync, "peer", torch.add, args=(t, 1))
+    contenders = {
+        "fedtensor": functools.partial(common.timed_roundtrips, worker, t, reps),
+        "websockets echo, 32 B": functools.partial(repeat, functools.partial(_echo, [echo]), reps),
+        **rpcs.timed(row, reps, {"torch.rpc rpc_sync(torch.add)": add}),
     }
-    _finish(row, baselines)
+    if rpcs.error is None:
+        check(add(), t + 1, "torch.rpc")
+    await timed_row(row, lambda ns: ns / 1e3, contenders, cfg)
+    echo_us, rpc_us = row.baselines[0].value or 1.0, row.baselines[1].value or float("inf")
+    row.target = min(TARGET_ECHO_FACTOR * echo_us, rpc_us)
+    row.target_text = f"<= {TARGET_ECHO_FACTOR:g}x echo, < rpc: {row.target:,.0f} us"
+    row.ratio_text = f"{(row.fedtensor or 0) / echo_us:.2f}x the echo"
     return row
 
 
-# -- row 4: dependent chain ------------------------------------------------------------------------
-
-
-async def bench_dependent(cfg: NetConfig, worker: Any, rpcb: RpcBaseline) -> Row:
-    row = Row(
-        key="ws_dependent",
-        title=f"4 chain: send + {DEPENDENT_OPS} dependent adds + get",
-        unit="ms",
-        higher_is_better=False,
-        target=TARGET_DEPENDENT_MS,
-        target_text=f"<= {TARGET_DEPENDENT_MS:g} ms",
-    )
+async def bench_pipelined(cfg: Config, worker: Any, rpcs: Rpc) -> Row:
+    row = Row("ws_pipelined", f"2 pipelined: {CHAIN_LENGTH:,} chained adds + get", "ops/s", True)
+    row.target, row.target_text = TARGET_PIPELINED_OPS, f">= {TARGET_PIPELINED_OPS:,.0f} ops/s"
     t = torch.zeros(5)
-    expected = t + DEPENDENT_OPS
 
-    async def fed() -> int:
-        return await timed_chain(worker, t, DEPENDENT_OPS, include_send=True)
+    def via_rpc() -> Any:
+        futures = [rpc.rpc_async("peer", torch.add, args=(t, 1)) for _ in range(CHAIN_LENGTH)]
+        return torch.futures.wait_all(futures)[-1]
 
-    def via_rpc() -> int:
-        start = _now()
+    if rpcs.error is None:
+        check(via_rpc(), t + 1, "torch.rpc")
+
+    chain = functools.partial(common.timed_chain, worker, t, CHAIN_LENGTH, include_send=False)
+    calls = {f"torch.rpc {CHAIN_LENGTH:,} x rpc_async(add)": via_rpc}
+    contenders = {"fedtensor": chain, **rpcs.timed(row, 1, calls)}
+    ops_per_s = lambda ns: CHAIN_LENGTH / (ns / 1e9)  # noqa: E731
+    return await timed_row(row, ops_per_s, contenders, cfg)
+
+
+async def bench_bulk(cfg: Config, worker: Any, rpcs: Rpc) -> Row:
+    row = Row("ws_bulk", "3 send + get 64 MiB float32", "GB/s", True)
+    t = torch.arange(common.BULK_BYTES // 4, dtype=torch.float32)
+    check(await ft.send(t, worker).get(), t, "the worker")
+    calls = {
+        "torch.rpc remote(id).to_here()": lambda: rpc.remote("peer", rpc_identity, (t,)).to_here(),
+        "torch.rpc rpc_sync(id, t)": lambda: rpc.rpc_sync("peer", rpc_identity, (t,)),
+    }
+    if rpcs.error is None:
+        check(calls["torch.rpc remote(id).to_here()"](), t, "torch.rpc")
+    get = functools.partial(repeat, lambda: ft.send(t, worker).get(), 1)
+    contenders = {"fedtensor": get, **rpcs.timed(row, 1, calls)}
+    gb_per_s = lambda ns: common.BULK_BYTES / ns  # noqa: E731  (bytes/ns == GB/s)
+    await timed_row(row, gb_per_s, contenders, cfg)
+    row.target = row.baselines[0].value
+    row.target_text = ">= rpc remote()" if rpcs.error is None else "n/a (rpc unavailable)"
+    return row
+
+
+async def bench_dependent(cfg: Config, worker: Any, rpcs: Rpc) -> Row:
+    row = Row("ws_dependent", f"4 chain: send + {DEPENDENT_OPS} dependent adds + get", "ms")
+    row.target, row.target_text = TARGET_DEPENDENT_MS, f"<= {TARGET_DEPENDENT_MS:g} ms"
+    t = torch.zeros(5)
+
+    def via_rpc() -> torch.Tensor:
         rref = rpc.remote("peer", rpc_identity, args=(t,))
         for _ in range(DEPENDENT_OPS):
             rref = rpc.remote("peer", rpc_add_owned, args=(rref, 1))
-        value = rref.to_here()
-        elapsed = _now() - start
-        if not torch.equal(value, expected):
-            raise AssertionError(f"wrong result from torch.rpc {value}")
-        return elapsed
+        return rref.to_here()  # type: ignore[no-any-return]
 
-    contenders = [fed, _sync(via_rpc)] if rpcb.available else [fed]
-    for contender in contenders:
-        await contender()
-    samples = await _interleaved(contenders, cfg.dependent_reps, cfg.row_budget_s)
-    row.fedtensor_stats = Stats.of(samples[0])
-    row.fedtensor = row.fedtensor_stats.median_ns / 1e6
-    name = f"torch.rpc {DEPENDENT_OPS} dependent remote()"
-    if rpcb.available:
-        stats = Stats.of(samples[1])
-        baseline = Baseline(name, stats.median_ns / 1e6, stats)
-    else:
-        baseline = rpcb.unavailable(name)
-    row.extra["definition"] = (
-        f"median ms of (ft.send + {DEPENDENT_OPS} x (x = x + 1) + await get()); rpc: "
-        f"remote(identity, (t,)), {DEPENDENT_OPS} remote(add_owned, (previous RRef, 1)), "
-        "to_here()"
-    )
-    _finish(row, [baseline])
+    if rpcs.error is None:
+        check(via_rpc(), t + DEPENDENT_OPS, "torch.rpc")
+    chain = functools.partial(common.timed_chain, worker, t, DEPENDENT_OPS, include_send=True)
+    calls = {f"torch.rpc {DEPENDENT_OPS} dependent remote()": via_rpc}
+    contenders = {"fedtensor": chain, **rpcs.timed(row, 1, calls)}
+    return await timed_row(row, lambda ns: ns / 1e6, contenders, cfg)
+
+
+async def bench_fanout(cfg: Config, workers: list[Any], echoes: list[ClientConnection]) -> Row:
+    n, t, reps = len(workers), torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), cfg.block
+    for value in await ft.send(t, *workers).get():
+        check(value, t, "fan-out")
+    row = Row("ws_fanout", f"5 fan-out 5 elems to {n} workers (vs 1)", "ms")
+    contenders = {
+        "fedtensor": functools.partial(repeat, lambda: ft.send(t, *workers).get(), reps),
+        "fedtensor, 1 worker process": functools.partial(
+            repeat, lambda: ft.send(t, workers[0]).get(), reps
+        ),
+        f"websockets echo, {n} processes": functools.partial(repeat, lambda: _echo(echoes), reps),
+        "websockets echo, 1 process": functools.partial(repeat, lambda: _echo(echoes[:1]), reps),
+    }
+    await timed_row(row, lambda ns: ns / 1e6, contenders, cfg)
+    one, echo_many, echo_one = (b.value or 1.0 for b in row.baselines)
+    fed_ratio, echo_ratio = (row.fedtensor or 0) / one, echo_many / echo_one
+    row.baselines[0].versus, row.baselines[2].versus = f"{fed_ratio:.2f}x of 1", "-"
+    row.baselines[1].versus = f"echo {echo_ratio:.2f}x of 1"
+    row.target = TARGET_FANOUT_VS_ECHO * echo_ratio * one
+    row.target_text = f"{n}-vs-1 <= {TARGET_FANOUT_VS_ECHO:g}x the echo's {n}-vs-1"
+    row.ratio_text = f"{fed_ratio:.2f}x of 1 = {fed_ratio / echo_ratio:.2f}x the echo's"
+    row.extra.update(fedtensor_ratio=fed_ratio, echo_ratio=echo_ratio)
     return row
 
 
-# -- row 5: fan-out --------------------------------------------------------------------------------
+async def run_network(cfg: Config, env: dict[str, Any]) -> list[Row]:
+    """Start every process at once (a worker imports torch: seconds), run the rows, stop all."""
+    workers: list[WorkerProcess] = []  # appended to by the starting threads: all are stopped
+    echoes: list[WorkerProcess] = []
+    rpcs, started = Rpc(), time.perf_counter()
 
+    def start(i: int, worker: bool) -> None:
+        if worker:
+            workers.append(start_worker_process(f"net{i}", timeout=START_TIMEOUT_S))
+        else:
+            echoes.append(echo := spawn(f"echo{i}", "echo"))
+            wait_ready(echo)
 
-async def _fanout_roundtrips(workers: Sequence[Any], t: torch.Tensor, reps: int) -> list[int]:
-    samples: list[int] = []
-    now = _now
-    for _ in range(reps):
-        start = now()
-        await ft.send(t, *workers).get()
-        samples.append(now() - start)
-    return samples
-
-
-async def _echo_fanout(links: Sequence[ClientConnection], payload: bytes, reps: int) -> list[int]:
-    async def one(link: ClientConnection) -> None:
-        await link.send(payload)
-        await link.recv()
-
-    samples: list[int] = []
-    now = _now
-    for _ in range(reps):
-        start = now()
-        await asyncio.gather(*(one(link) for link in links))
-        samples.append(now() - start)
-    return samples
-
-
-async def bench_fanout(
-    cfg: NetConfig, workers: Sequence[Any], echoes: Sequence[ClientConnection]
-) -> Row:
-    n = len(workers)
-    row = Row(
-        key="ws_fanout",
-        title=f"5 fan-out 5 elems to {n} workers (vs 1)",
-        unit="ms",
-        higher_is_better=False,
-    )
-    t = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
-    payload = b"x" * ECHO_BYTES
-    values = await ft.send(t, *workers).get()
-    if len(values) != n or not all(torch.equal(v, t) for v in values):
-        raise AssertionError(f"fan-out to {n} workers came back wrong")
-    contenders: list[Callable[[int], Awaitable[list[int]]]] = [
-        functools.partial(_fanout_roundtrips, workers[:1], t),
-        functools.partial(_fanout_roundtrips, workers, t),
-        functools.partial(_echo_fanout, echoes[:1], payload),
-        functools.partial(_echo_fanout, echoes, payload),
+    starts = [
+        asyncio.ensure_future(_threaded(functools.partial(start, i, kind), START_TIMEOUT_S + 30))
+        for i in range(PROCESSES)
+        for kind in (True, False)
     ]
-    samples: list[list[int]] = [[] for _ in contenders]
-    for contender in contenders:
-        await contender(cfg.warmup)
-    started = _now()
-    for block in range(cfg.blocks):
-        if block and _now() - started > cfg.row_budget_s * 1e9:
-            break
-        for contender, sink in zip(contenders, samples, strict=True):
-            gc.collect()
-            sink += await contender(cfg.block_reps)
-    one, many, echo_one, echo_many = (Stats.of(sample) for sample in samples)
-    row.fedtensor_stats = many
-    row.fedtensor = many.median_ns / 1e6
-    fed_one = Baseline("fedtensor, 1 worker process", one.median_ns / 1e6, one)
-    raw = Baseline(f"websockets echo to {n} processes", echo_many.median_ns / 1e6, echo_many)
-    row.target = TARGET_FANOUT_FACTOR * one.median_ns / 1e6
-    row.target_text = f"<= {row.target:.2f} ms (2x 1 worker)"
-    row.extra["definition"] = (
-        f"median ms of ft.send(t, *workers) + await m.get(), t of 5 float32, {n} worker "
-        "processes vs 1 (one connection each); ratio = n workers / 1 worker. Floor of the "
-        f"transport on this machine: {ECHO_BYTES}-byte websockets echo to {n} echo processes "
-        "at once (asyncio.gather) vs to 1"
-    )
-    row.extra["echo_1_ms"] = echo_one.median_ns / 1e6
-    row.extra["echo_ratio"] = echo_many.median_ns / echo_one.median_ns
-    row.extra["echo_1_stats"] = echo_one
-    _finish(row, [fed_one, raw])
-    row.ratio_text = fed_one.versus = f"{many.median_ns / one.median_ns:.2f}x of 1"
-    raw.versus = f"echo {row.extra['echo_ratio']:.2f}x of 1"
-    return row
-
-
-# -- running ---------------------------------------------------------------------------------------
-
-
-async def run_network(cfg: NetConfig, env: dict[str, Any]) -> list[Row]:
-    """Start every process, run the rows, stop every process (also on errors)."""
-    loop = asyncio.get_running_loop()
-    loop_errors: list[str] = env.setdefault("loop_errors", [])
-
-    def handler(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        exc = context.get("exception")
-        loop_errors.append(
-            str(context.get("message")) + (f" ({_error_text(exc)})" if exc is not None else "")
-        )
-
-    loop.set_exception_handler(handler)
-    # Appended to by the starter threads, so that whatever started is stopped, whatever failed.
-    workers: list[WorkerProcess] = []
-    starters_done: list[str] = []
-    all_started = threading.Event()  # every starter thread has returned
-    echoes: list[Helper] = []
-    rpcb = RpcBaseline()
-    started = time.perf_counter()
-
-    def start_worker(name: str) -> WorkerProcess:
-        try:
-            worker = start_worker_process(name, timeout=START_TIMEOUT_S)
-            workers.append(worker)
-            return worker
-        finally:
-            starters_done.append(name)
-            if len(starters_done) == FANOUT_PROCESSES:
-                all_started.set()
-
     try:
-        # Everything starts at once: a worker imports torch, which takes seconds.
-        waits: list[Awaitable[object]] = []
-        for i in range(FANOUT_PROCESSES):
-            name = f"net{i}"
-            waits.append(
-                _threaded(functools.partial(start_worker, name), START_TIMEOUT_S + 30, name)
-            )
-            echo = Helper.spawn(f"echo{i}", "echo")
-            echoes.append(echo)
-            waits.append(
-                _threaded(functools.partial(echo.wait_ready, START_TIMEOUT_S), START_TIMEOUT_S, "")
-            )
-        tasks = [asyncio.ensure_future(wait) for wait in waits]
-        await rpcb.start()
-        failures = [
-            o
-            for o in await asyncio.gather(*tasks, return_exceptions=True)
-            if isinstance(o, Exception)
-        ]
+        await rpcs.start()
+        failures = [o for o in await asyncio.gather(*starts, return_exceptions=True) if o]
         if failures:
-            raise RuntimeError(f"helper processes did not start: {_error_text(failures[0])}")
+            raise RuntimeError(f"helper processes did not start: {failures[0]!r}")
         workers.sort(key=lambda w: int(w.id[3:]))
         env["startup_s"] = time.perf_counter() - started
-        env["pids"] = {
-            "benchmark": os.getpid(),
-            "worker": workers[0].process.pid,
-            "echo": echoes[0].process.pid,
-        }
-        if rpcb.peer is not None:
-            env["pids"]["rpc_peer"] = rpcb.peer.process.pid
+        env["pids"] = [os.getpid(), *(p.process.pid for p in workers + echoes)]
         async with contextlib.AsyncExitStack() as stack:
-            handles = [
-                await stack.enter_async_context(ft.connect(w.url, token=w.token, timeout=60.0))
-                for w in workers
-            ]
-            echo_links = [
-                await stack.enter_async_context(ws_connect(e.address, compression=None, proxy=None))
-                for e in echoes
-            ]
-            bob, echo_ws = handles[0], echo_links[0]
-            benches: list[tuple[str, str, Callable[[], Coroutine[Any, Any, Row]]]] = [
-                (
-                    "ws_roundtrip",
-                    "1 round trip",
-                    lambda: bench_roundtrip(cfg, bob, echo_ws, rpcb, env),
-                ),
-                ("ws_pipelined", "2 pipelined", lambda: bench_pipelined(cfg, bob, rpcb)),
-                ("ws_bulk", "3 bulk", lambda: bench_bulk(cfg, bob, rpcb)),
-                ("ws_dependent", "4 dependent chain", lambda: bench_dependent(cfg, bob, rpcb)),
-                ("ws_fanout", "5 fan-out", lambda: bench_fanout(cfg, handles, echo_links)),
-            ]
-            rows: list[Row] = []
-            for key, title, bench in benches:
-                rows.append(await _guarded(bench, key, title))
-                gc.collect()
-        return rows
+            enter = stack.enter_async_context
+            handles = [await enter(ft.connect(w.url, token=w.token, timeout=60)) for w in workers]
+            links = [await enter(connect(e.url, compression=None, proxy=None)) for e in echoes]
+            bob, guarded = handles[0], common.guarded
+            rows = await guarded("ws_roundtrip", lambda: bench_roundtrip(cfg, bob, links[0], rpcs))
+            rows += await guarded("ws_pipelined", lambda: bench_pipelined(cfg, bob, rpcs))
+            rows += await guarded("ws_bulk", lambda: bench_bulk(cfg, bob, rpcs))
+            rows += await guarded("ws_dependent", lambda: bench_dependent(cfg, bob, rpcs))
+            return rows + await guarded("ws_fanout", lambda: bench_fanout(cfg, handles, links))
     finally:
-        await rpcb.stop()
-        env["rpc"] = {"available": rpcb.error is None, "error": rpcb.error}
-        # A starter thread still running (on an interrupted start) adds its worker soon.
-        with contextlib.suppress(Exception):
-            await _threaded(
-                functools.partial(all_started.wait, START_TIMEOUT_S), START_TIMEOUT_S + 5, "starts"
-            )
-        stoppers: list[Awaitable[object]] = [
-            _threaded(w.stop, 90.0, f"stop {w.id}") for w in list(workers)
-        ]
-        stoppers += [_threaded(e.stop, 90.0, f"stop {e.name}") for e in echoes]
-        for outcome in await asyncio.gather(*stoppers, return_exceptions=True):
+        env["rpc_error"] = rpcs.error
+        await rpcs.stop()
+        await asyncio.gather(*starts, return_exceptions=True)  # an interrupted start ends first
+        stops = [_threaded(p.stop, 90.0) for p in workers + echoes]
+        for outcome in await asyncio.gather(*stops, return_exceptions=True):
             if isinstance(outcome, BaseException):
-                loop_errors.append(f"stopping a helper: {_error_text(outcome)}")
-
-
-# -- reporting -------------------------------------------------------------------------------------
-
-
-def render(rows: Sequence[Row], label: str, facts: dict[str, Any], env: dict[str, Any]) -> str:
-    out = io.StringIO()
-    mode = "quick" if env["quick"] else "full"
-    out.write(
-        f"fedtensor network benchmarks ({mode} run) - event loop: {label}\n"
-        f"python {facts['python']}, torch {facts['torch']} ({facts['torch_threads']} threads), "
-        f"websockets {_WEBSOCKETS_VERSION}, {facts['cpus_usable']} CPUs, "
-        f"{facts['platform']}\n"
-        f"load average at start: {_fmt_load(facts['loadavg_at_start'])}; every party is a "
-        "separate process on 127.0.0.1; baselines run in this run, interleaved\n\n"
-    )
-    header = (
-        f"{'benchmark':<41} {'fedtensor':>14}   {'baseline':<32} {'value':>14} "
-        f"{'fedtensor is':>16}  {'target':<32} status"
-    )
-    out.write(header + "\n" + "-" * len(header) + "\n")
-    for r in rows:
-        if r.error is not None:
-            out.write(f"{r.title:<41} ERROR: {r.error}\n")
-            continue
-        baselines: list[Baseline] = r.extra.get("baselines", [])
-        first = baselines[0] if baselines else Baseline("")
-        out.write(
-            f"{r.title:<41} {_fmt(r.fedtensor, r.unit):>14}   {first.name:<32} "
-            f"{_baseline_value(first, r.unit):>14} {first.versus:>16}  {r.target_text:<32} "
-            f"{r.status}\n"
-        )
-        for b in baselines[1:]:
-            out.write(
-                f"{'':<41} {'':>14}   {b.name:<32} {_baseline_value(b, r.unit):>14} "
-                f"{b.versus:>16}\n"
-            )
-    out.write(
-        "\nrow 3: GB/s = 64 MiB (67,108,864 bytes) / median round trip (GB = 1e9 bytes); "
-        "row 5: ratio = 8 workers / 1 worker;\n       the echo line is 32 B to 8 echo "
-        "processes at once, and its ratio 8/1, the transport's own on this machine\n"
-    )
-    unavailable = sorted({b.error for r in rows for b in r.extra.get("baselines", []) if b.error})
-    for reason in unavailable:
-        out.write(f"baseline unavailable: {reason}\n")
-    rpc_state = env.get("rpc", {})
-    if rpc_state.get("available"):
-        out.write(
-            "torch.rpc: TensorPipe, world size 2, both processes on 127.0.0.1 (TensorPipe may "
-            "use shared memory on one host); numpy-free start-up shim (see module docstring)\n"
-        )
-    roundtrip = next((r for r in rows if r.key == "ws_roundtrip" and r.error is None), None)
-    if roundtrip is not None:
-        cpus = ", ".join(f"{k} {v}" for k, v in roundtrip.extra.get("last_cpu", {}).items())
-        out.write(f"last CPU of each process after row 1: {cpus}\n")
-    out.write(f"start-up of the helper processes: {env.get('startup_s', float('nan')):.1f} s\n")
-    missed = [r.title for r in rows if r.status in ("MISS", "ERROR")]
-    out.write("\nmissed targets / errors: " + ("; ".join(missed) if missed else "none") + "\n")
-    return out.getvalue()
-
-
-def _baseline_value(baseline: Baseline, unit: str) -> str:
-    if baseline.value is None:
-        return "unavailable" if baseline.error else ""
-    return _fmt(baseline.value, unit)
+                env["loop_errors"].append(f"stopping a helper: {common.error_text(outcome)}")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """``python -m benchmarks --network [--quick] [--uvloop] [--json PATH]``."""
-    cfg = NetConfig.make(bool(args.quick))
-    facts = machine_facts()
-    env: dict[str, Any] = {"quick": cfg.quick}
-    started = time.perf_counter()
+    rounds = {"ws_roundtrip": (3, 10), "ws_pipelined": (3, 9), "ws_bulk": (3, 11)}
+    rounds |= {"ws_dependent": (10, 41), "ws_fanout": (3, 10)}  # rows 1 and 5: in blocks
+    cfg = Config.pick(args.quick, rounds, (100, 300), (6.0, 25.0))
+    return common.run_suite(args, "network", cfg, lambda env: run_network(cfg, env))
+
+
+def profile(name: str, top: int) -> None:
+    """cProfile one row's fedtensor path on the client, against worker processes."""
+    t = torch.arange((common.BULK_BYTES if name == "bulk" else 20) // 4, dtype=torch.float32)
+    count = PROCESSES if name == "fanout" else 1
+    processes = [start_worker_process(f"prof{i}") for i in range(count)]
+
+    async def client() -> str:
+        async with contextlib.AsyncExitStack() as stack:
+            connecting = (ft.connect(p.url, token=p.token) for p in processes)
+            workers = [await stack.enter_async_context(c) for c in connecting]
+            return await common.profiled(name, workers, t, top)
+
     try:
-        rows, label = _run(run_network(cfg, env), bool(args.uvloop))
-    except Exception as exc:  # the processes could not start: report it, as rows do
-        label = "n/a"
-        row = Row("network", "network benchmark", "", False, error=_error_text(exc))
-        row.extra["traceback"] = traceback.format_exc(limit=6)
-        row.finish()
-        rows = [row]
-    elapsed = time.perf_counter() - started
-    print(render(rows, label, facts, env), end="")
-    report(
-        args.json,
-        "network",
-        quick=cfg.quick,
-        loop_label=label,
-        facts=facts,
-        config=asdict(cfg),
-        rows=rows,
-        elapsed=elapsed,
-        loop_errors=env.get("loop_errors", []),
-        extra={
-            "websockets": _WEBSOCKETS_VERSION,
-            "startup_s": env.get("startup_s"),
-            "rpc": env.get("rpc"),
-            "ratio_convention": "ratio = fedtensor / first baseline in each row's unit",
-        },
-    )
-    return 0
-
-
-# -- profiling -------------------------------------------------------------------------------------
-
-PROFILES = ("roundtrip", "pipelined", "bulk", "dependent", "fanout")
-
-
-async def _profiled_workload(name: str, workers: Sequence[Any], profiler: cProfile.Profile) -> None:
-    small = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
-    big = torch.arange(BULK_BYTES // 4, dtype=torch.float32) if name == "bulk" else small
-    bob = workers[0]
-
-    async def once() -> None:
-        if name == "roundtrip":
-            await timed_roundtrips(bob, small, 2000)
-        elif name == "pipelined":
-            x = ft.send(small, bob)
-            for _ in range(CHAIN_LENGTH):
-                x = x + 1
-            await x.get()
-        elif name == "bulk":
-            await ft.send(big, bob).get()
-        elif name == "dependent":
-            for _ in range(20):
-                x = ft.send(small, bob)
-                for _ in range(DEPENDENT_OPS):
-                    x = x + 1
-                await x.get()
-        else:
-            await _fanout_roundtrips(workers, small, 300)
-
-    await once()  # warm-up
-    for _ in range(3):
-        gc.collect()
-        profiler.enable()
-        await once()
-        profiler.disable()
-
-
-def _print_profile(title: str, profiler: cProfile.Profile, top: int) -> None:
-    stream = io.StringIO()
-    pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(top)
-    print(f"== {title}\n{stream.getvalue()}")
-
-
-def profile(name: str, server_side: bool, top: int) -> None:
-    """cProfile the fedtensor path of one row: client, and with ``server_side`` the server."""
-    client = cProfile.Profile()
-    count = FANOUT_PROCESSES if name == "fanout" else 1
-    if not server_side:
-        processes: list[WorkerProcess] = []
-        try:
-            processes = [start_worker_process(f"prof{i}") for i in range(count)]
-
-            async def go() -> None:
-                async with contextlib.AsyncExitStack() as stack:
-                    workers = [
-                        await stack.enter_async_context(ft.connect(p.url, token=p.token))
-                        for p in processes
-                    ]
-                    await _profiled_workload(name, workers, client)
-
-            asyncio.run(go())
-        finally:
-            for p in processes:
-                p.stop()
-        _print_profile(f"client side of {name} (worker processes)", client, top)
-        return
-    # The server in this process: its event loop on a thread of its own (profiled whole,
-    # warm-up included), its actor on another (profiled whole), the client here.
-    from fedtensor.worker.server import WorkerServer
-
-    loop_profiler, actor_profiler = cProfile.Profile(), cProfile.Profile()
-    started: queue.SimpleQueue[tuple[str, asyncio.AbstractEventLoop, WorkerServer]]
-    started = queue.SimpleQueue()
-
-    def serve() -> None:
-        async def main() -> None:
-            server = WorkerServer("profiled", token="t")
-            actor_run = server.actor.serve_in_thread
-
-            def profiled_actor() -> None:
-                actor_profiler.enable()
-                try:
-                    actor_run()
-                finally:
-                    actor_profiler.disable()
-
-            server.actor.serve_in_thread = profiled_actor  # type: ignore[method-assign]
-            import anyio
-
-            async with anyio.create_task_group() as group:
-                url = await group.start(server.serve, "127.0.0.1", 0)
-                started.put((url, asyncio.get_running_loop(), server))
-
-        loop_profiler.enable()
-        asyncio.run(main())
-        loop_profiler.disable()
-
-    thread = threading.Thread(target=serve, name="profiled-server", daemon=True)
-    thread.start()
-    url, loop, server = started.get(timeout=60)
-    try:
-
-        async def go() -> None:
-            async with ft.connect(url, token="t") as bob:
-                await _profiled_workload(name, [bob] * count, client)
-
-        asyncio.run(go())
+        print(f"== client side of {name} (worker processes)\n{asyncio.run(client())}")
     finally:
-        loop.call_soon_threadsafe(server.shutdown)
-        thread.join(60)
-    _print_profile(f"client side of {name} (server in this process)", client, top)
-    _print_profile("server event loop thread (whole session)", loop_profiler, top)
-    _print_profile("server actor thread (whole session)", actor_profiler, top)
-
-
-# -- entry point for helper roles and profiles -----------------------------------------------------
+        for p in processes:
+            p.stop()
 
 
 def idle_cost(reps: int = 2000) -> None:
-    """How much slower Python runs right after a wait (what a round trip's every step pays).
-
-    Times decoding one round trip's request frame (a store, an add, a release and a
-    fetch) back to back, then after each of a sleep and a busy wait: the sleep is what
-    a process waiting for the network does.
-    """
+    """How much slower Python runs after a wait (as a process waiting for the network does)
+    than hot: decoding a round trip's request frame back to back, after sleeps, spinning."""
     from fedtensor.protocol.codec import decode_frame, frame_bytes
-    from fedtensor.protocol.messages import Call, Fetch, Ref, Release, Store
 
-    frame = memoryview(
-        frame_bytes(
-            [
-                Store(1, torch.ones(5)),
-                Call(2, "Tensor.__add__", (Ref(1), 1), {}),
-                Release((1,)),
-                Fetch(1, 2, True),
-            ]
-        )
-    )
+    frame = frame_bytes(common.request_batch())
     print(f"decoding a round trip's request frame, median of {reps} (us):")
-    for label, gap, spin in (
-        ("back to back", 0.0, False),
-        ("after a 0.3 ms sleep", 0.0003, False),
-        ("after a 2 ms sleep", 0.002, False),
-        ("after a 0.3 ms busy wait", 0.0003, True),
-    ):
+    gaps = [("back to back", 0, False), ("after a 0.3 ms sleep", 3e-4, False)]
+    gaps += [("after a 2 ms sleep", 2e-3, False), ("after a 0.3 ms busy wait", 3e-4, True)]
+    for label, gap, spin in gaps:
         samples = []
         for _ in range(reps):
-            if spin:
-                until = time.perf_counter() + gap
-                while time.perf_counter() < until:
-                    pass
-            elif gap:
-                time.sleep(gap)
-            start = _now()
+            until = time.perf_counter() + gap
+            while spin and time.perf_counter() < until:
+                pass
+            time.sleep(0 if spin else gap)
+            start = now()
             decode_frame(frame)
-            samples.append(_now() - start)
+            samples.append(now() - start)
         print(f"  {label:<26} {statistics.median(samples) / 1e3:8.1f}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.network",
-        description="helper processes and profiles of the network benchmark "
-        "(run the benchmark itself with python -m benchmarks --network)",
-    )
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.network", description=__doc__)
     roles = parser.add_subparsers(dest="role", required=True)
-    roles.add_parser("echo", help="websockets echo server on a free 127.0.0.1 port")
-    peer = roles.add_parser("rpc-peer", help="torch.distributed.rpc rank 1")
-    peer.add_argument("port", type=int)
     prof = roles.add_parser("profile", help="cProfile one row's fedtensor path")
-    prof.add_argument("row", choices=PROFILES)
-    prof.add_argument("--server", action="store_true", help="an in-process WorkerServer too")
+    prof.add_argument("row", choices=("roundtrip", "pipelined", "bulk", "dependent", "fanout"))
     prof.add_argument("--top", type=int, default=20)
     roles.add_parser("idle-cost", help="how much slower Python runs right after a wait")
-    args = parser.parse_args(argv)
-    if args.role == "idle-cost":
+    roles.add_parser("echo", help="websockets echo server on a free 127.0.0.1 port")
+    roles.add_parser("rpc-peer", help="torch.distributed.rpc rank 1").add_argument("port", type=int)
+    args = parser.parse_args()
+    if args.role == "profile":
+        profile(args.row, args.top)
+    elif args.role == "idle-cost":
         idle_cost()
     elif args.role == "echo":
         echo_role()
-    elif args.role == "rpc-peer":
-        _rpc_peer(args.port)
-    else:
-        profile(args.row, args.server, args.top)
-    return 0
+    else:  # the rpc peer: it serves until rank 0 shuts down too
+        _exit_when_orphaned()
+        _rpc_init("peer", 1, args.port)
+        print(READY, flush=True)
+        rpc.shutdown()
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except Exception:
-        traceback.print_exc()
-        sys.exit(1)
+    main()
