@@ -45,10 +45,11 @@ from fedtensor.federated.datasets import (
     load_dataset,
     split_indices,
 )
-from fedtensor.federated.fit import History, RoundMetrics, evaluate, fit
+from fedtensor.federated.fit import evaluate, fit
+from fedtensor.federated.progress import History, RoundMetrics
 from fedtensor.federated.strategies import FedAdam, FedAvg, FedAvgM, FedProx, Strategy, Update
+from fedtensor.federated.trace import Plan, trace
 from fedtensor.protocol.ops import allowed_operations
-from fedtensor.protocol.plan import Plan, trace
 from fedtensor.virtual import VirtualWorker
 
 __version__ = "0.1.0"

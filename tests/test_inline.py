@@ -1,4 +1,4 @@
-"""Inline execution on a threaded worker: :meth:`WorkerActor.run_inline` and :func:`_is_cheap`.
+"""Inline execution on a threaded worker: :meth:`WorkerActor.run_inline` and :func:`is_cheap`.
 
 A threaded :class:`WorkerActor` runs the provably cheap prefix of a batch on the caller's
 thread while its actor is idle, and queues the rest (from the first command that is not
@@ -28,7 +28,8 @@ from fedtensor.protocol.messages import (
     Reply,
     Store,
 )
-from fedtensor.worker.actor import Failed, Session, WorkerActor, _is_cheap
+from fedtensor.worker.actor import Failed, Session, WorkerActor
+from fedtensor.worker.inline import is_cheap
 
 WAIT = 30.0  # seconds: a generous bound on every wait, never a pause
 
@@ -485,34 +486,34 @@ NOT_CHEAP = [
 
 @pytest.mark.parametrize("message", CHEAP, ids=repr)
 def test_is_cheap_says_true(message: Message) -> None:
-    assert _is_cheap(STORE, message) is True
+    assert is_cheap(STORE, message) is True
 
 
 @pytest.mark.parametrize("message", NOT_CHEAP, ids=repr)
 def test_is_cheap_says_false(message: Message) -> None:
-    assert _is_cheap(STORE, message) is False
+    assert is_cheap(STORE, message) is False
 
 
 def test_is_cheap_counts_an_empty_tensor_as_one_element() -> None:
-    assert _is_cheap(STORE, add(20, Ref(15), Ref(16))) is False  # 1 * 65537
-    assert _is_cheap({1: torch.zeros(0), 2: torch.ones(65536)}, add(3, Ref(1), Ref(2))) is True
+    assert is_cheap(STORE, add(20, Ref(15), Ref(16))) is False  # 1 * 65537
+    assert is_cheap({1: torch.zeros(0), 2: torch.ones(65536)}, add(3, Ref(1), Ref(2))) is True
 
 
 def test_is_cheap_refuses_a_fetch_of_a_tensor_with_a_grad() -> None:
-    assert _is_cheap({1: with_grad()}, Fetch(1, 1, False)) is False
+    assert is_cheap({1: with_grad()}, Fetch(1, 1, False)) is False
 
 
 def test_is_cheap_reads_no_grad_of_a_non_leaf_tensor() -> None:
     """A small non-leaf result is cheap to fetch, and judging it must not warn.
 
     ``Tensor.grad`` of a non-leaf warns (a UserWarning). :func:`snapshot` and
-    :func:`tensor_bytes` check ``is_leaf`` first; so must ``_is_cheap``.
+    :func:`tensor_bytes` check ``is_leaf`` first; so must ``is_cheap``.
     """
     leaf = torch.ones(4, requires_grad=True)
     result = leaf * 2
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cheap = _is_cheap({1: result}, Fetch(1, 1, False))
+        cheap = is_cheap({1: result}, Fetch(1, 1, False))
     assert [str(warning.message) for warning in caught] == []
     assert cheap is True
 
@@ -531,3 +532,63 @@ def test_an_inline_fetch_of_a_non_leaf_result_is_answered(harness: Harness) -> N
     assert reply.request == 130
     assert torch.equal(reply.value.detach(), torch.full((4,), 2.0))
     assert harness.session.pending == 0
+
+
+# -- the memory quota: the one dispatch with its accounting hook ----------------------------------
+
+
+def quota_session(harness: Harness, quota: int | None) -> tuple[Session, Replies]:
+    replies = Replies()
+    session = harness.actor.open_session(
+        replies.deliver, replies.on_lost, aliases_values=True, memory_quota=quota
+    )
+    return session, replies
+
+
+def floats(count: int, value: float = 0.0) -> torch.Tensor:
+    return torch.full((count,), value)  # 4 bytes an element
+
+
+def test_the_memory_quota_counts_every_store_replacement_release_and_freeing_fetch(
+    harness: Harness,
+) -> None:
+    session, replies = quota_session(harness, 100)
+    run = harness.actor.run_inline
+    run(session, [Store(1, floats(20)), Store(2, floats(5)), Store(3, floats(1))])
+    assert session.memory_used == 100  # 80 + 20: at the quota, and the third refused
+    refused = session.objects[3]
+    assert type(refused) is Failed
+    assert (refused.kind, refused.error_type) == ("limit", "MemoryQuotaExceeded")
+    # Replacing an object uncounts what it replaces: 80 bytes for 80, not 160.
+    run(session, [Store(1, floats(20, 1.0))])
+    assert torch.equal(session.objects[1], floats(20, 1.0))
+    assert session.memory_used == 100
+    run(session, [Release((2,)), Call(4, "Tensor.sum", (Ref(1),), {})])
+    assert session.memory_used == 84  # 20 released, the 4-byte sum counted
+    run(session, [Fetch(140, 1, False)])  # a copy: nothing is freed
+    assert session.memory_used == 84
+    run(session, [Fetch(141, 1, True), Store(5, floats(24))])  # 80 freed, 96 stored
+    assert session.memory_used == 100
+    run(session, [add(6, Ref(5), 1), Fetch(142, 6, False)])  # a result over the quota
+    assert session.memory_used == 100
+    failure = replies.replies[-1]
+    assert isinstance(failure, Failure)
+    assert (failure.request, failure.kind, failure.error_type) == (
+        142,
+        "limit",
+        "MemoryQuotaExceeded",
+    )
+    assert session.pending == 0  # all of it ran inline, through the same dispatch
+
+
+@pytest.mark.parametrize("quota", [None, 1 << 20], ids=["no quota", "quota"])
+def test_a_call_may_replace_the_object_it_reads_with_or_without_a_quota(
+    harness: Harness, quota: int | None
+) -> None:
+    session, replies = quota_session(harness, quota)
+    harness.actor.run_inline(
+        session, [Store(1, torch.arange(3.0)), add(1, Ref(1), 1), Fetch(150, 1, False)]
+    )
+    assert_replies(replies.replies, [(150, torch.arange(3.0) + 1)])
+    # Without a quota nothing is counted: the hook is not called at all.
+    assert session.memory_used == (0 if quota is None else 12)

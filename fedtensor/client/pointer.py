@@ -125,6 +125,15 @@ class PointerBase:
             self._dtype = value.dtype
         return value
 
+    async def fetch(self, *, free: bool = False, timeout: float | None = None) -> Any:
+        """The remote value, awaited on the client's loop, for a pointer of either API.
+
+        What ``get()`` (``free=True``) and ``value()`` do, as a coroutine even for a
+        blocking pointer: for code that runs on the client's loop and holds pointers
+        of either kind (:func:`fedtensor.fit`).
+        """
+        return await self._fetch(free=free, timeout=timeout)
+
     def __del__(self) -> None:
         client = self._client
         if client is not None:

@@ -228,7 +228,7 @@ async def load_dataset(
         )
         for worker in workers
     ]
-    counts = [await size._fetch(free=True, timeout=timeout) for size in sizes]
+    counts = [await size.fetch(free=True, timeout=timeout) for size in sizes]
     return FederatedDataset(
         [
             Shard(shard.worker, shard.data, shard.targets, int(count))

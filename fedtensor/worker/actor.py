@@ -9,17 +9,25 @@ not touch the store: for every client that connects they open a
 callback they passed in. Each session is a namespace: ids name objects of that
 session only, so one client can neither read nor guess another's objects.
 
-All batches go through one FIFO mailbox and are executed one at a time by
-:meth:`WorkerActor.serve`, so the commands of one client run in the order they
-were sent and a pipelined chain is correct without waiting. Executing a batch
-(:meth:`WorkerActor.execute`) is plain synchronous code with no I/O: it is what
-the unit tests drive directly.
+All batches go through one FIFO mailbox and are executed one at a time, so the
+commands of one client run in the order they were sent and a pipelined chain is
+correct without waiting. Executing a batch (:meth:`WorkerActor.execute`) is plain
+synchronous code with no I/O: it is what the unit tests drive directly.
+
+An in-process actor has no task of its own: the first letter posted to an empty
+mailbox schedules one callback on the running event loop (``call_soon``) that
+runs every letter queued by then (:meth:`WorkerActor.drain`), and a caller that
+needs an answer now runs the mailbox itself on its own stack (the client's
+caller-runs path). So an open in-process worker costs no task, no cancel scope
+and nothing per turn of the loop; it can be opened and closed from any task in
+any order, and :meth:`WorkerActor.close` is synchronous and complete: the
+mailbox is emptied and every object freed at once.
 
 A worker serving a network runs its mailbox on a thread of its own, so that
 its event loop stays free for I/O while an operation computes. Handing a batch
 to that thread and its replies back costs about 120 microseconds here, more
 than a small operation itself, so :meth:`WorkerActor.run_inline` runs the
-commands that are provably cheap (see :func:`_is_cheap`) on the caller's
+commands that are provably cheap (see :mod:`fedtensor.worker.inline`) on the caller's
 thread instead, when the actor is idle: nothing queued, nothing running. The
 order of commands is kept: the first command that is not cheap, and every
 command after it, goes through the mailbox.
@@ -33,14 +41,14 @@ stops on a bad command.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeAlias
 
-import anyio
-import anyio.abc
 import torch
 
 from fedtensor.errors import ForbiddenOperation, ProtocolError, WorkerUnavailable
@@ -57,6 +65,9 @@ from fedtensor.protocol.messages import (
 )
 from fedtensor.protocol.ops import OPERATIONS, WORKER_OPERATIONS
 from fedtensor.protocol.values import snapshot, tensor_bytes
+from fedtensor.worker.failed import Failed
+from fedtensor.worker.inline import MAX_COMMANDS as INLINE_MAX_COMMANDS
+from fedtensor.worker.inline import is_cheap
 from fedtensor.worker.local_update import local_update
 
 __all__ = ["Failed", "Session", "WorkerActor", "in_process_workers", "snapshot", "tensor_bytes"]
@@ -70,20 +81,6 @@ def in_process_workers() -> dict[str, WorkerActor]:
     return _in_process
 
 
-class Failed:
-    """The stored outcome of a command that failed (or read a failed object)."""
-
-    __slots__ = ("error_type", "kind", "message")
-
-    def __init__(self, kind: str, error_type: str, message: str) -> None:
-        self.kind = kind
-        self.error_type = error_type
-        self.message = message
-
-    def __repr__(self) -> str:
-        return f"<Failed {self.error_type}: {self.message}>"
-
-
 class _Unresolved(Exception):
     """Raised while resolving arguments that name a failed or unknown object."""
 
@@ -94,9 +91,8 @@ class _Unresolved(Exception):
 _log = logging.getLogger("fedtensor.worker")
 
 # (session, batch) runs a batch; (session, None) ends a session; (None, callback) is a
-# barrier; (None, None) wakes the loop so it sees it is closed.
+# barrier; (None, None) wakes a threaded actor so it sees it is closed.
 _Letter: TypeAlias = "tuple[Session | None, Sequence[Message] | Callable[[], None] | None]"
-_Mailbox: TypeAlias = "asyncio.Queue[_Letter] | queue.SimpleQueue[_Letter]"
 
 
 def _storage_users(tensor: torch.Tensor) -> int:
@@ -195,7 +191,8 @@ class Session:
 class WorkerActor:
     """The server side of a worker: store, mailbox and command loop.
 
-    In-process workers run their loop as a task (:meth:`serve`). A worker that
+    An in-process worker's mailbox is run by callbacks on the event loop it was
+    made on (see the module's theory of operation). A worker that
     serves a network runs it on a thread of its own (``threaded=True``,
     :meth:`serve_in_thread`) so its event loop keeps answering pings, handshakes
     and other clients while a long operation computes.
@@ -211,7 +208,16 @@ class WorkerActor:
         self.id = id
         self.closed = False
         self._sessions: set[Session] = set()
-        self._mailbox: _Mailbox = queue.SimpleQueue() if threaded else asyncio.Queue()
+        # A threaded actor's mailbox, read by its thread (serve_in_thread)...
+        self._mailbox: queue.SimpleQueue[_Letter] | None = queue.SimpleQueue() if threaded else None
+        # ...and an in-process actor's, run on its loop: by the one callback that
+        # _post schedules (_drain_scheduled) or by a caller that drains it.
+        self._letters: collections.deque[_Letter] = collections.deque()
+        self._drain_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        if not threaded:
+            with contextlib.suppress(RuntimeError):  # made outside a loop: bound on first post
+                self._loop = asyncio.get_running_loop()
         # Mail posted (by the submitting thread) and mail run (by the actor's
         # thread, holding _running): equal while the actor is idle.
         self._posted = 0
@@ -261,7 +267,10 @@ class WorkerActor:
         if self.closed:
             return
         self.closed = True
-        self._post(None, None)
+        if self._mailbox is not None:
+            self._post(None, None)
+        # Queued batches never run: dropping them frees the tensors they carry.
+        self._letters.clear()
         error = WorkerUnavailable(f"worker {self.id!r} closed")
         sessions, self._sessions = self._sessions, set()
         for session in sessions:
@@ -280,22 +289,10 @@ class WorkerActor:
 
     # -- the loop ---------------------------------------------------------------------------------
 
-    async def serve(
-        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Run batches from the mailbox, one at a time, until cancelled."""
-        mailbox = self._mailbox
-        assert isinstance(mailbox, asyncio.Queue), "a threaded actor runs serve_in_thread()"
-        task_status.started()
-        while not self.closed:
-            session, batch = await mailbox.get()
-            self._run(session, batch)
-            del session, batch  # an idle worker must not keep the last batch's tensors alive
-
     def serve_in_thread(self) -> None:
         """Run batches from the mailbox until :meth:`close` (the body of a thread)."""
         mailbox = self._mailbox
-        assert isinstance(mailbox, queue.SimpleQueue)
+        assert mailbox is not None, "an in-process actor's mailbox runs on its event loop"
         while not self.closed:
             session, batch = mailbox.get()
             with self._running:
@@ -328,8 +325,8 @@ class WorkerActor:
         replies: list[Message] = []
         done = 0
         try:
-            for message in batch[:_INLINE_MAX_COMMANDS]:
-                if not _is_cheap(objects, message):
+            for message in batch[:INLINE_MAX_COMMANDS]:
+                if not is_cheap(objects, message):
                     break
                 replies += self.execute(session, (message,))
                 done += 1
@@ -344,18 +341,39 @@ class WorkerActor:
         self, session: Session | None, item: Sequence[Message] | Callable[[], None] | None
     ) -> None:
         self._posted += 1
-        self._mailbox.put_nowait((session, item))
+        mailbox = self._mailbox
+        if mailbox is not None:
+            mailbox.put_nowait((session, item))
+            return
+        self._letters.append((session, item))
+        if not self._drain_scheduled:
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            loop.call_soon(self._drain_posted)
+            self._drain_scheduled = True
+
+    def _drain_posted(self) -> None:
+        # The callback _post scheduled; a caller may have drained the mailbox since.
+        self._drain_scheduled = False
+        self.drain()
 
     def drain(self) -> None:
-        """Run every batch already in the mailbox, now, in order.
+        """Run every batch already in an in-process actor's mailbox, now, in order.
 
         Lets an in-process caller observe the store as of everything it sent,
         without awaiting. Only call it from the actor's own event loop thread.
         """
-        mailbox = self._mailbox
-        while not mailbox.empty():
-            session, batch = mailbox.get_nowait()
-            self._run(session, batch)
+        letters = self._letters
+        try:
+            while letters:
+                session, batch = letters.popleft()
+                self._run(session, batch)
+        finally:
+            # Should a barrier's callback raise, the letters after it still run.
+            if letters and not self._drain_scheduled and self._loop is not None:
+                self._loop.call_soon(self._drain_posted)
+                self._drain_scheduled = True
 
     def barrier(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (on the actor's thread) once everything queued before has run."""
@@ -400,63 +418,44 @@ class WorkerActor:
     # -- commands ---------------------------------------------------------------------------------
 
     def execute(self, session: Session, batch: Sequence[Message]) -> list[Message]:
-        """Run a batch of commands for ``session``; return the replies it produced."""
-        if session.memory_quota is not None:
-            return self._execute_with_quota(session, batch)
+        """Run a batch of commands for ``session``; return the replies it produced.
+
+        The one dispatch of every command. A session with a memory quota is kept
+        within it by an accounting hook (:func:`_within_quota`) told of every object
+        stored, replaced, released or fetched away; without a quota (the in-memory
+        hot path) the hook is ``None``, and a command pays one ``is None`` test for it.
+        """
         objects = session.objects
+        account = None if session.memory_quota is None else _within_quota
         replies: list[Message] = []
         for message in batch:
             kind = type(message)
             if kind is Call:
-                objects[message.id] = self._call(objects, message)  # type: ignore[union-attr,arg-type]
+                if account is None:
+                    objects[message.id] = self._call(objects, message)  # type: ignore[union-attr,arg-type]
+                else:
+                    value = self._call(objects, message)  # type: ignore[arg-type]
+                    objects[message.id] = account(session, objects.get(message.id), value)  # type: ignore[union-attr]
             elif kind is Release:
-                for id_ in message.ids:  # type: ignore[union-attr]
-                    objects.pop(id_, None)
+                if account is None:
+                    for id_ in message.ids:  # type: ignore[union-attr]
+                        objects.pop(id_, None)
+                else:
+                    for id_ in message.ids:  # type: ignore[union-attr]
+                        account(session, objects.pop(id_, None), None)
             elif kind is Store:
-                objects[message.id] = message.value  # type: ignore[union-attr]
+                if account is None:
+                    objects[message.id] = message.value  # type: ignore[union-attr]
+                else:
+                    value = message.value  # type: ignore[union-attr]
+                    objects[message.id] = account(session, objects.get(message.id), value)  # type: ignore[union-attr]
             elif kind is Fetch:
+                if account is not None and message.free:  # type: ignore[union-attr]
+                    account(session, objects.get(message.id), None)  # type: ignore[union-attr]
                 replies.append(self._fetch(session, message))  # type: ignore[arg-type]
             elif kind is ListObjects:
                 replies.append(Reply(message.request, sorted(objects)))  # type: ignore[union-attr]
             # Anything else (a reply sent to a worker) cannot be answered: it is dropped.
-        return replies
-
-    def _execute_with_quota(self, session: Session, batch: Sequence[Message]) -> list[Message]:
-        """:meth:`execute`, keeping the bytes of stored tensors within the session's quota."""
-        objects = session.objects
-        quota = session.memory_quota
-        assert quota is not None
-        replies: list[Message] = []
-        for message in batch:
-            kind = type(message)
-            if kind is Call or kind is Store:
-                id_ = message.id  # type: ignore[union-attr]
-                session.memory_used -= tensor_bytes(objects.pop(id_, None))
-                value = (
-                    self._call(objects, message)  # type: ignore[arg-type]
-                    if kind is Call
-                    else message.value  # type: ignore[union-attr]
-                )
-                size = tensor_bytes(value)
-                if session.memory_used + size > quota:
-                    value = Failed(
-                        "limit",
-                        "MemoryQuotaExceeded",
-                        f"storing {size} bytes would pass the client's memory quota of "
-                        f"{quota} bytes ({session.memory_used} in use)",
-                    )
-                    size = 0
-                objects[id_] = value
-                session.memory_used += size
-            elif kind is Release:
-                for id_ in message.ids:  # type: ignore[union-attr]
-                    session.memory_used -= tensor_bytes(objects.pop(id_, None))
-            elif kind is Fetch:
-                if message.free:  # type: ignore[union-attr]
-                    session.memory_used -= tensor_bytes(objects.get(message.id))  # type: ignore[union-attr]
-                replies.append(self._fetch(session, message))  # type: ignore[arg-type]
-            elif kind is ListObjects:
-                replies.append(Reply(message.request, sorted(objects)))  # type: ignore[union-attr]
         return replies
 
     def _call(self, objects: dict[int, Any], message: Call) -> Any:
@@ -497,71 +496,27 @@ class WorkerActor:
 
 _MISSING: Any = object()
 
-# -- what runs inline -----------------------------------------------------------------------------
 
-#: Operations whose cost grows with the size of their tensor inputs and no
-#: other argument: elementwise arithmetic and math, comparisons, reductions,
-#: views, indexing, and products (matmul's work is at most the product of
-#: its inputs' sizes). Never: operations whose integer arguments set the size
-#: of the result (``repeat``, ``expand``, ``unfold``), autograd, plans.
-_INLINE_NAMES = frozenset(
-    {
-        "abs", "add", "addcdiv", "addcmul", "all", "amax", "amin", "any", "argmax", "argmin",
-        "bitwise_and", "bitwise_not", "bitwise_or", "bitwise_xor", "ceil", "clamp", "clip",
-        "clone", "contiguous", "cos", "cumsum", "detach", "div", "dot", "double", "eq", "exp",
-        "flatten", "float", "floor", "fmod", "ge", "gelu", "gt", "int", "isfinite", "isnan",
-        "le", "lerp", "log", "log1p", "log_softmax", "logical_and", "logical_not",
-        "logical_or", "long", "lt", "matmul", "max", "maximum", "mean", "min", "minimum",
-        "mm", "mul", "mv", "ne", "neg", "norm", "permute", "pow", "prod", "reciprocal",
-        "relu", "remainder", "reshape", "round", "rsqrt", "sigmoid", "sign", "silu", "sin",
-        "softmax", "sqrt", "square", "squeeze", "std", "sub", "sum", "t", "tanh",
-        "transpose", "true_divide", "unsqueeze", "var", "view", "where",
-        "add_", "clamp_", "div_", "mul_", "sub_", "zero_", "fill_",
-        "__abs__", "__add__", "__and__", "__eq__", "__floordiv__", "__ge__", "__getitem__",
-        "__gt__", "__iadd__", "__imul__", "__invert__", "__isub__", "__itruediv__", "__le__",
-        "__lt__", "__matmul__", "__mod__", "__mul__", "__ne__", "__neg__", "__or__",
-        "__pos__", "__pow__", "__radd__", "__rmatmul__", "__rmul__", "__rpow__", "__rsub__",
-        "__rtruediv__", "__setitem__", "__sub__", "__truediv__", "__xor__",
-    }
-)  # fmt: skip
-_INLINE_OPERATIONS = frozenset(
-    name for name in OPERATIONS if name.rpartition(".")[2] in _INLINE_NAMES
-)
-#: A cheap call's tensor inputs hold at most this many elements, multiplied
-#: together (which bounds a broadcast result and a matrix product's work): a
-#: few tens of microseconds at most.
-_INLINE_MAX_ELEMENTS = 1 << 16
-#: A cheap fetch replies with at most this many bytes of tensors.
-_INLINE_MAX_FETCH_BYTES = 1 << 16
-#: Commands run inline per frame, at most: a long pipelined burst goes to the actor.
-_INLINE_MAX_COMMANDS = 64
+def _within_quota(session: Session, replaced: Any, value: Any) -> Any:
+    """What to store in place of ``replaced``: ``value``, or a Failed marker if it would
+    pass ``session``'s memory quota; ``session.memory_used`` counts the change.
 
-
-def _is_cheap(objects: Mapping[int, Any], message: Message) -> bool:
-    """Whether ``message`` surely runs in microseconds, given the store ``objects``."""
-    kind = type(message)
-    if kind is Call:
-        if message.op not in _INLINE_OPERATIONS:  # type: ignore[union-attr]
-            return False
-        work = 1
-        for arg in (*message.args, *message.kwargs.values()):  # type: ignore[union-attr]
-            for item in arg if type(arg) is tuple or type(arg) is list else (arg,):
-                value = objects.get(item) if type(item) is Ref else item
-                if isinstance(value, torch.Tensor):
-                    work *= max(value.numel(), 1)
-                elif type(value) is tuple or type(value) is list:
-                    return False  # nested deeper than cost accounting looks
-        return work <= _INLINE_MAX_ELEMENTS
-    if kind is Store or kind is Release:
-        return True
-    if kind is Fetch:
-        value = objects.get(message.id)  # type: ignore[union-attr]
-        if isinstance(value, torch.Tensor):
-            # A grad travels too: only a leaf's (or a retained one) is read, as snapshot does.
-            has_grad = (value.is_leaf or value.retains_grad) and value.grad is not None
-            return value.nbytes <= _INLINE_MAX_FETCH_BYTES and not has_grad
-        return value is None or type(value) in (int, float, bool, Failed)
-    return False
+    ``value`` None is a release (or a fetch that frees): only ``replaced`` is uncounted.
+    """
+    quota = session.memory_quota
+    assert quota is not None
+    session.memory_used -= tensor_bytes(replaced)
+    size = tensor_bytes(value)
+    if session.memory_used + size > quota:
+        value = Failed(
+            "limit",
+            "MemoryQuotaExceeded",
+            f"storing {size} bytes would pass the client's memory quota of "
+            f"{quota} bytes ({session.memory_used} in use)",
+        )
+        size = 0
+    session.memory_used += size
+    return value
 
 
 def _not_found(id_: int) -> str:

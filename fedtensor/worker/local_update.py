@@ -2,11 +2,12 @@
 
 ``fedtensor.local_update`` is a worker operation like ``torch.add``, named by a
 string in a command, but written here rather than taken from torch. It takes a
-plan (:mod:`fedtensor.protocol.plan`), the global model's state, the worker's examples
-and labels, and the hyperparameters of a round; it trains a copy of the state
-for some epochs of minibatch SGD (or Adam) and returns the new state with the
-round's statistics. One command per worker per round, whatever the number of
-batches: no round trip per tensor operation.
+plan (:mod:`fedtensor.protocol.plan`, checked by :mod:`fedtensor.worker.compiler`),
+the global model's state, the worker's examples and labels, and the
+hyperparameters of a round; it trains a copy of the state for some epochs of
+minibatch SGD (or Adam) and returns the new state with the round's statistics.
+One command per worker per round, whatever the number of batches: no round
+trip per tensor operation.
 
 The order of the batches comes from ``seed`` alone (``torch.randperm`` on a
 generator seeded with it), and random operations in the plan (dropout) draw
@@ -23,12 +24,10 @@ from typing import Any
 import torch
 
 from fedtensor.errors import PlanError
-from fedtensor.protocol.plan import compile_plan, state_entries
+from fedtensor.protocol.plan import OPTIMIZERS
+from fedtensor.worker.compiler import compile_plan, state_entries
 
 __all__ = ["OPTIMIZERS", "local_update"]
-
-#: The optimizers a worker builds, by name.
-OPTIMIZERS = ("sgd", "adam")
 
 
 def _optimizer(
