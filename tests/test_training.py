@@ -10,7 +10,7 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,8 @@ import fedtensor.sync as sy
 from fedtensor.demo import DigitsCNN, load_digits, train_centrally
 from fedtensor.federated.fit import worker_seed
 from fedtensor.protocol.messages import Ref
-from fedtensor.protocol.plan import compile_plan
 from fedtensor.testing import WorkerFactory, WorkerProcess
+from fedtensor.worker.compiler import compile_plan
 
 pytestmark = pytest.mark.anyio
 
@@ -316,28 +316,6 @@ async def test_fedavg_weights_updates_by_examples(ft_virtual_workers: WorkerFact
     assert not _close(model.state_dict(), unweighted)
 
 
-def test_server_optimizers_follow_their_update_rules() -> None:
-    current = {"w": torch.zeros(3), "steps": torch.tensor(4)}
-    updates = [
-        ft.Update("a", {"w": torch.tensor([1.0, 2.0, 3.0]), "steps": torch.tensor(6)}, 3),
-        ft.Update("b", {"w": torch.tensor([-1.0, 2.0, 1.0]), "steps": torch.tensor(5)}, 1),
-    ]
-    averaged = ft.FedAvg().aggregate(current, updates, {"w"})
-    assert torch.allclose(averaged["w"], torch.tensor([0.5, 2.0, 2.5]))
-    assert int(averaged["steps"]) == 6  # integer buffers take the largest
-    plain = ft.FedAvgM(server_lr=1.0, beta=0.0).aggregate(current, updates, {"w"})
-    assert torch.allclose(plain["w"], averaged["w"])
-    momentum = ft.FedAvgM(server_lr=1.0, beta=0.5)
-    first = momentum.aggregate(current, updates, {"w"})
-    second = momentum.aggregate(first, updates, {"w"})
-    # v1 = d1 = avg; v2 = 0.5 v1 + (avg - first) = 0.5 avg; w2 = first + v2
-    assert torch.allclose(second["w"], averaged["w"] * 1.5)
-    adam = ft.FedAdam(server_lr=0.1, beta1=0.0, beta2=0.0, tau=0.0)
-    stepped = adam.aggregate(current, updates, {"w"})
-    assert torch.allclose(stepped["w"], torch.full((3,), 0.1))  # sign(delta) * server_lr
-    assert ft.FedProx(mu=0.5).prox_mu == 0.5
-
-
 async def test_fedprox_keeps_workers_near_the_global_model(
     ft_virtual_workers: WorkerFactory,
 ) -> None:
@@ -360,20 +338,41 @@ async def test_fedprox_keeps_workers_near_the_global_model(
 # -- accuracy, sampling, failures ------------------------------------------------------------------
 
 
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Train on one torch thread, as the digits tests do (the setting is restored after).
+
+    Their small convolutions gain nothing from a second thread, and while other processes
+    share the cores, torch's threads spin waiting on one another: two epochs of the digits
+    CNN (`train_centrally`, timed with `time.perf_counter`) took 12.9 s on two threads and
+    3.8 s on one, to the same accuracy, at a load average of 10 on this 2-core machine.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# Once, over encoded frames (the wire format): it checks the training, not the transport.
+# 8 epochs' worth of examples each way (2 workers, 4 rounds of 2 local epochs; 8 epochs
+# centrally) reach 97.5% and 98.9% on one torch thread. That took 9 s at a load average of 9,
+# and 6 s at 2 (on two threads, 110 s at a load average of 7: past the 60 s timeout).
+@pytest.mark.parametrize("ft_encode", [True])
+@pytest.mark.usefixtures("one_torch_thread")
 async def test_federated_digits_reach_centralized_accuracy(
     ft_virtual_workers: WorkerFactory,
 ) -> None:
     train, test = load_digits(seed=0)
-    workers = [await ft_virtual_workers(f"w{i}") for i in range(4)]
+    workers = [await ft_virtual_workers(f"w{i}") for i in range(2)]
     federated = ft.federate(train, workers, split="iid", seed=0)
     model = _model(DigitsCNN)
     history = await ft.fit(
-        model, federated, rounds=10, epochs=2, batch_size=16, lr=0.2, eval_data=test,
+        model, federated, rounds=4, epochs=2, batch_size=16, lr=0.2, eval_data=test,
         progress=False,
     )  # fmt: skip
     del federated
     central = _model(DigitsCNN)
-    train_centrally(central, train, epochs=20, lr=0.2, batch_size=16)
+    train_centrally(central, train, epochs=8, lr=0.2, batch_size=16)
     _, central_accuracy = ft.evaluate(central, *test)
     assert central_accuracy > 0.95
     assert history[-1].eval_accuracy >= central_accuracy - 0.02
@@ -510,33 +509,40 @@ async def test_a_straggler_times_out_and_too_few_updates_skip_the_round(
 # -- checkpoints, progress, plots ------------------------------------------------------------------
 
 
+# The server optimizers' state (Adam's moments, FedAvgM's velocity) must travel in the
+# checkpoint: a resumed run that started them afresh would end with other weights.
+@pytest.mark.parametrize(
+    "make_strategy",
+    [lambda: ft.FedAdam(server_lr=0.05), lambda: ft.FedAvgM(server_lr=1.0, beta=0.9)],
+    ids=["FedAdam", "FedAvgM"],
+)
 async def test_resuming_from_a_checkpoint_gives_the_uninterrupted_weights(
-    ft_virtual_workers: WorkerFactory, tmp_path: Path
+    ft_virtual_workers: WorkerFactory, tmp_path: Path, make_strategy: Callable[[], ft.Strategy]
 ) -> None:
     workers = [await ft_virtual_workers(f"w{i}") for i in range(3)]
     federated = ft.federate(_data(90), workers, seed=0)
     options: dict[str, Any] = {"fraction": 0.67, "progress": False, "seed": 5}
     straight = _model()
-    await ft.fit(straight, federated, rounds=4, strategy=ft.FedAdam(server_lr=0.05), **options)
+    await ft.fit(straight, federated, rounds=4, strategy=make_strategy(), **options)
     checkpoint = tmp_path / "run.pt"
     stopped = _model()
     await ft.fit(
-        stopped, federated, rounds=2, strategy=ft.FedAdam(server_lr=0.05),
-        checkpoint=checkpoint, **options,
-    )  # fmt: skip
+        stopped, federated, rounds=2, strategy=make_strategy(), checkpoint=checkpoint, **options
+    )
     assert checkpoint.exists()
     resumed = _model(seed=99)  # whatever it starts as, the checkpoint sets it
     history = await ft.fit(
-        resumed, federated, rounds=4, strategy=ft.FedAdam(server_lr=0.05),
-        checkpoint=checkpoint, resume=True, **options,
+        resumed, federated, rounds=4, strategy=make_strategy(), checkpoint=checkpoint,
+        resume=True, **options,
     )  # fmt: skip
     del federated
     assert [m.round for m in history] == [1, 2, 3, 4]
     assert _states_equal(resumed, straight)
-    with pytest.raises(ft.FedTensorError, match="seed 5 and FedAdam; this run has seed 6"):
+    name = type(make_strategy()).__name__
+    with pytest.raises(ft.FedTensorError, match=f"seed 5 and {name}; this run has seed 6"):
         await ft.fit(
             _model(), ft.FederatedDataset([]), rounds=1, checkpoint=checkpoint, resume=True, seed=6,
-            strategy=ft.FedAdam(), progress=False,
+            strategy=make_strategy(), progress=False,
         )  # fmt: skip
 
 
@@ -640,6 +646,14 @@ def test_the_blocking_facade_trains_too() -> None:
     assert dict(bob.objects) == {}
 
 
+def _percent(pattern: str, text: str) -> float:
+    """The percentage that ``pattern``'s group finds on a line of ``text``."""
+    found = re.search(pattern, text, re.M)
+    assert found is not None, text
+    return float(found.group(1))
+
+
+@pytest.mark.usefixtures("one_torch_thread")
 def test_the_demo_prints_rounds_and_both_accuracies() -> None:
     from fedtensor.demo import main
 
@@ -648,8 +662,9 @@ def test_the_demo_prints_rounds_and_both_accuracies() -> None:
     text = out.getvalue()
     assert "federated over 2 in-process virtual workers" in text
     assert re.search(r"^\s+3\s+2/2\s", text, re.M)
-    assert re.search(r"^federated: \d+\.\d% held-out accuracy after 3 rounds", text, re.M)
-    assert re.search(r"^centralized: \d+\.\d% after the same 3 epochs", text, re.M)
+    # 86.6% and 96.1% here (chance is 10%): the model learnt, both ways.
+    assert _percent(r"^federated: (\d+\.\d)% held-out accuracy after 3 rounds", text) >= 80.0
+    assert _percent(r"^centralized: (\d+\.\d)% after the same 3 epochs", text) >= 90.0
 
 
 def test_the_demo_trains_on_worker_processes(ft_worker_processes: StartWorker) -> None:
@@ -664,16 +679,19 @@ def test_the_demo_trains_on_worker_processes(ft_worker_processes: StartWorker) -
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "federated over 2 worker processes" in result.stdout
-    assert re.search(r"^federated: \d+\.\d% held-out accuracy after 2 rounds", result.stdout, re.M)
+    accuracy = _percent(r"^federated: (\d+\.\d)% held-out accuracy after 2 rounds", result.stdout)
+    assert accuracy >= 85.0  # 94.2% here after 2 rounds of 2 local epochs (chance is 10%)
 
 
 def test_the_federated_digits_example_runs() -> None:
     example = Path(__file__).parent.parent / "examples" / "federated_digits.py"
     result = subprocess.run(
-        [sys.executable, str(example), "--rounds", "2"],
+        [sys.executable, str(example), "--rounds", "4"],
         capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},  # as one_torch_thread does
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "<FederatedDataset 1437 examples; bob: 360, alice: 359" in result.stdout
-    assert re.search(r"^held-out accuracy: \d+\.\d%$", result.stdout, re.M)
-    assert "round 2/2: 4/4 workers" in result.stderr  # progress lines, not on a terminal
+    # 71.9% here after 4 rounds of one epoch on 4 workers (chance is 10%)
+    assert _percent(r"^held-out accuracy: (\d+\.\d)%$", result.stdout) >= 60.0
+    assert "round 4/4: 4/4 workers" in result.stderr  # progress lines, not on a terminal

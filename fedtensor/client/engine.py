@@ -322,7 +322,13 @@ def run_on_loop(
             "a blocking fedtensor.sync call was made on the runtime's own event loop; "
             "use the async API there"
         )
-    future = asyncio.run_coroutine_threadsafe(coro, loop)
+    try:
+        future = asyncio.run_coroutine_threadsafe(coro, loop)
+    except RuntimeError as exc:  # the loop is closed: fedtensor.sync.shutdown() has run
+        coro.close()
+        raise WorkerUnavailable(
+            "the fedtensor runtime was shut down (fedtensor.sync.shutdown), closing its workers"
+        ) from exc
     try:
         return future.result(timeout)
     except TimeoutError:

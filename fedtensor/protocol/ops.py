@@ -44,7 +44,8 @@ __all__ = [
 _DENIED = frozenset(
     {
         # storage, raw memory, other processes, foreign memory protocols
-        "storage", "untyped_storage", "storage_offset", "storage_type", "data_ptr",
+        "storage", "untyped_storage", "storage_offset", "storage_type",
+        "data_ptr", "const_data_ptr",
         "set_", "share_memory_", "is_shared", "pin_memory", "is_pinned", "record_stream",
         "as_strided", "as_strided_", "as_strided_scatter", "numpy",
         "__dlpack__", "__dlpack_device__", "__array__", "__array_wrap__",
