@@ -5,7 +5,8 @@
 3. bulk: ``ft.send`` + ``get`` of 64 MiB float32 (GB/s = 67,108,864 bytes / time, GB = 1e9
    bytes); local: ``clone``. Rows 1-3 again on ``encode=True`` workers (the wire format's cost).
 4. fan-out: ``ft.send(t, *workers)`` + ``get`` of 16 MiB to 1, 2, 4 and 8 workers (ms).
-5. open 10,000 ``ft.VirtualWorker`` s, then close them in opening order (s), against 1,000.
+5. open 10,000 ``ft.VirtualWorker`` s, then close them in opening order (s), against 1,000;
+   again with the cycle collector paused (what the runtime itself costs).
 6. a worker's ``decode_frame`` of a round trip's request frame (us), against ``cbor2.loads`` of
    the same bytes and, with ``--compare-codec PATH``, an older ``codec.py`` (imported by path,
    on its own frame of the same messages), whose figure then sets the target.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import gc
 import importlib.util
 import sys
 from collections.abc import Callable
@@ -135,39 +137,34 @@ async def bench_fanout(cfg: Config) -> list[Row]:
     return rows
 
 
-async def _open_close(n: int, prefix: str) -> int:
-    """Nanoseconds to open ``n`` virtual workers, then close them in opening order: with
-    ``start()`` and ``aclose()`` if there is a ``start``, else as context managers (whose anyio
-    task groups then raise: exited out of order). What is left open is closed in reverse."""
-    has_start = hasattr(ft.VirtualWorker, "start")
-
-    async def close(worker: ft.VirtualWorker) -> None:
-        await (worker.aclose() if has_start else worker.__aexit__(None, None, None))
-
+async def _open_close(n: int, prefix: str, *, collector: bool = True) -> int:
+    """Nanoseconds to open ``n`` virtual workers, then close them in opening order;
+    ``collector=False``: with Python's cycle collector paused meanwhile."""
     workers: list[ft.VirtualWorker] = []
-    start, closed = now(), 0
+    if not collector:
+        gc.disable()
     try:
+        start = now()
         for i in range(n):
-            worker = ft.VirtualWorker(f"{prefix}-{i}")
-            await (getattr(worker, "start")() if has_start else worker.__aenter__())  # noqa: B009
-            workers.append(worker)
+            workers.append(await ft.VirtualWorker(f"{prefix}-{i}").start())
         for worker in workers:
-            await close(worker)
-            closed += 1
-        end = now()
+            await worker.aclose()
+        return now() - start
     finally:
-        for worker in reversed(workers[closed:]):
-            with contextlib.suppress(Exception):
-                await close(worker)
-    return end - start
+        gc.enable()
+        for worker in workers:  # after a failure: aclose() is idempotent
+            await worker.aclose()
 
 
-async def bench_virtual_workers(cfg: Config) -> Row:
-    row = Row("virtual_workers", f"open + close {MANY_WORKERS:,} virtual workers", "s")
-
+async def bench_virtual_workers(cfg: Config, collector: bool) -> Row:
+    suffix = "" if collector else ", cycle collector paused"
+    key = "virtual_workers" + ("" if collector else "_nogc")
+    row = Row(key, f"open + close {MANY_WORKERS:,} virtual workers{suffix}", "s")
     contenders = {
-        "fedtensor": functools.partial(_open_close, MANY_WORKERS, "many"),
-        f"{FEW_WORKERS:,} virtual workers": functools.partial(_open_close, FEW_WORKERS, "few"),
+        "fedtensor": functools.partial(_open_close, MANY_WORKERS, "many", collector=collector),
+        f"{FEW_WORKERS:,} virtual workers": functools.partial(
+            _open_close, FEW_WORKERS, "few", collector=collector
+        ),
     }
     await common.timed_row(row, lambda ns: ns / 1e9, contenders, cfg)
     few = row.baselines[0].value or 1.0
@@ -241,7 +238,9 @@ async def run_memory(cfg: Config, compare_codec: Path | None) -> list[Row]:
             key = bench.__name__.removeprefix("bench_") + "_encode" * encode
             rows += await common.guarded(key, functools.partial(bench, cfg, encode))
     rows += await common.guarded("fanout", functools.partial(bench_fanout, cfg))
-    rows += await common.guarded("virtual_workers", functools.partial(bench_virtual_workers, cfg))
+    for collector in (True, False):
+        key = "virtual_workers" + ("" if collector else "_nogc")
+        rows += await common.guarded(key, functools.partial(bench_virtual_workers, cfg, collector))
     return rows + await common.guarded(
         "decode", functools.partial(bench_decode, cfg, compare_codec)
     )
@@ -249,7 +248,7 @@ async def run_memory(cfg: Config, compare_codec: Path | None) -> list[Row]:
 
 def run_from_args(args: argparse.Namespace) -> int:
     rounds = {"roundtrip": (2, 10), "chain": (3, 9), "bulk": (3, 15), "fanout": (3, 15)}
-    rounds |= {"virtual_workers": (1, 3), "decode": (30, 300)}
+    rounds |= {"virtual_workers": (1, 3), "virtual_workers_nogc": (1, 3), "decode": (30, 300)}
     cfg = Config.pick(args.quick, rounds, (150, 500), (3.0, 15.0))
     return common.run_suite(args, "memory", cfg, lambda env: run_memory(cfg, args.compare_codec))
 
