@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from types import TracebackType
 from typing import Any
 
 import torch
@@ -116,14 +115,6 @@ class VirtualWorker(WorkerHandle):
 
     async def __aenter__(self) -> VirtualWorker:
         return await self.start()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     # -- the object store, as the seed notebook shows it -----------------------------------------
 

@@ -112,6 +112,14 @@ class WorkerHandle:
             with anyio.CancelScope(shield=True):
                 await client.aclose()
 
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
     async def object_ids(self, *, timeout: float | None = None) -> list[int]:
         """The ids of every object this client holds on the worker (one round trip)."""
         return await self.client.list_objects(timeout=timeout)
@@ -180,14 +188,6 @@ class RemoteWorker(WorkerHandle):
         client's objects for a while, and the pointers made before work again.
         """
         await self.client.reconnect()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 class _Connecting:
