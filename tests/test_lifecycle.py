@@ -358,3 +358,12 @@ def test_without_an_asyncio_loop_entry_points_say_fedtensor_needs_asyncio() -> N
         connecting.send(None)
     connecting.close()
     assert "no-loop" not in in_process_workers()
+
+
+async def test_a_remote_worker_handle_opens_in_async_with() -> None:
+    async with ft.VirtualWorker("lifecycle-remote-target"):
+        async with ft.RemoteWorker("memory://lifecycle-remote-target") as handle:
+            x = ft.send(torch.tensor([1.0, 2.0]), handle)
+            assert torch.equal(await (x * 2).get(), torch.tensor([2.0, 4.0]))
+        with pytest.raises(ft.WorkerUnavailable):
+            await ft.send(torch.ones(1), handle)

@@ -178,8 +178,16 @@ class RemoteWorker(WorkerHandle):
         super().__init__(urlsplit(url).netloc or url, timeout=timeout)
         self.url = url
 
-    async def __aenter__(self) -> RemoteWorker:
+    async def open(self, **options: Any) -> RemoteWorker:
+        """Connect as a new client (``options`` as for :func:`connect`); returns ``self``."""
+        require_asyncio("ft.connect")
+        with anyio.fail_after(self.timeout):
+            await self._open_client(self.url, **options)
         return self
+
+    async def __aenter__(self) -> RemoteWorker:
+        # ``async with ft.RemoteWorker(url)`` opens it; a handle from ``ft.connect`` is open.
+        return self if self._client is not None else await self.open()
 
     async def reconnect(self) -> None:
         """Connect again after a lost connection (a restarted worker, a network drop).
@@ -198,10 +206,7 @@ class _Connecting:
         self._options = options
 
     async def _open(self) -> RemoteWorker:
-        require_asyncio("ft.connect")
-        with anyio.fail_after(self._worker.timeout):
-            await self._worker._open_client(self._worker.url, **self._options)
-        return self._worker
+        return await self._worker.open(**self._options)
 
     def __await__(self) -> Generator[Any, None, RemoteWorker]:
         return self._open().__await__()
