@@ -24,7 +24,11 @@ them while the transport accepts more: when asyncio pauses writing, the rest
 waits for ``resume_writing``, so a 64 MiB tensor is never copied whole into
 the transport's buffer. A client masks each message as it writes it (RFC
 6455 requires it); a server writes the tensors' own memory. Pongs are written
-at once; a close frame waits behind the messages queued before it.
+at once; a close frame waits behind the messages queued before it. A control
+frame (a pong, a close frame) written while asyncio has paused writing goes
+into a buffer the peer is not draining: :meth:`control_backed_up` says so, and
+the worker stops reading from that peer until writing resumes, so that a
+peer that pings and never reads cannot grow the buffer of pongs without bound.
 
 The connection's states, its closing handshake and its keepalive pings are
 :class:`~fedtensor.protocol.wsconnection.Connection`'s (sans I/O; its module
@@ -36,6 +40,11 @@ while the connection is open goes straight to the reassembler, with no call
 into the state machine. The event loop never waits on computation (the worker
 computes on a thread of its own), so a long operation does not delay pongs.
 :meth:`connection_closed` is called once, when TCP is gone.
+
+When TCP is gone the parser and the reassembler drop their buffers and the
+parser its callbacks (bound methods of this object): a closed peer holds no
+reference cycle, so it is freed, buffers and all, as soon as the last
+reference to it goes, without waiting for the garbage collector.
 """
 
 from __future__ import annotations
@@ -185,6 +194,14 @@ class WebSocketPeer(asyncio.BufferedProtocol):
     def unsent_changed(self) -> None:
         """:attr:`unsent` changed (a frame was queued, or all of one written)."""
 
+    def control_backed_up(self) -> None:
+        """A control frame was written while writing is paused: the peer is not reading.
+
+        The worker stops reading until ``resume_writing``. The client does not: a
+        client that stopped reading while the worker also holds back (for replies
+        the client has not taken) would wait on the worker forever.
+        """
+
     @property
     def remote_address(self) -> object:
         return self.transport.get_extra_info("peername") if self.transport else None
@@ -224,6 +241,8 @@ class WebSocketPeer(asyncio.BufferedProtocol):
             return
         self._act(self.websocket.connection_lost())
         self._drop_outgoing()
+        self._parser.release()  # breaks the cycle through its callbacks (see above)
+        self._reassembler.clear()
         if not self.closed.done():
             self.closed.set_result(None)
         self.connection_closed()
@@ -372,6 +391,8 @@ class WebSocketPeer(asyncio.BufferedProtocol):
             match action:
                 case Send(data=data):
                     self._write(data)
+                    if self._paused:  # set by the write itself past the high-water mark
+                        self.control_backed_up()
                 case SetTimer(seconds=seconds):
                     if self._timer is not None:
                         self._timer.cancel()

@@ -88,6 +88,11 @@ class Reassembler:
         """Bytes of the frame being reassembled that are still to come."""
         return 0 if self._buffer is None else len(self._buffer) - self._filled
 
+    def clear(self) -> None:
+        """Drop the frame being reassembled (the connection is gone)."""
+        self._buffer = self._view = self._placed = None
+        self._filled = 0
+
     def destination(self, length: int) -> memoryview | None:
         """Where the next message, of ``length`` bytes, can be received in place.
 
@@ -134,6 +139,9 @@ class Reassembler:
     def _append(self, data: memoryview) -> memoryview | None:
         assert self._buffer is not None
         assert self._view is not None
+        if not data:
+            # split_frame never sends one: a peer that does makes no progress.
+            raise ProtocolError("an empty message in a split frame")
         end = self._filled + len(data)
         if end > len(self._buffer):
             raise ProtocolError("a split frame carried more bytes than it declared")

@@ -89,8 +89,9 @@ this class, or the worker (``worker.server``)::
       length with its top bit set, a bad close code
     a close reason that is not UTF-8                       1007 INVALID_DATA      parser
     a text message (fedtensor speaks binary)               1003 UNSUPPORTED_DATA  this class
-    a message over max_message, a frame over max_frame     1009 MESSAGE_TOO_BIG   parser,
-                                                                                  reassembler
+    a message over max_message, a frame over max_frame,    1009 MESSAGE_TOO_BIG   parser,
+      a message in over max_fragments frames (a count:                            reassembler
+      empty continuation frames count)
     a valid message that is not a valid fedtensor frame    1007 INVALID_DATA      reassembler,
       (a chunk header, the CBOR, a message's shape)                               codec
     a valid frame the receiver does not take (a reply      1008 POLICY_VIOLATION  worker

@@ -18,10 +18,13 @@ shapes they are not built for, and both are measured in ``benchmarks/``:
   slot in the frame being reassembled), and unmasks it there.
 
 What the parser accepts: binary messages, possibly fragmented, each at most
-``max_message`` bytes (:class:`Violation` with ``MESSAGE_TOO_BIG`` beyond it,
-checked on the header, before any allocation); ping, pong and close control
-frames. What it refuses, with the close code the peer is owed
-(``PROTOCOL_ERROR`` unless said otherwise): reserved bits (no extension is
+``max_message`` bytes and ``max_fragments`` frames (:class:`Violation` with
+``MESSAGE_TOO_BIG`` beyond either, checked on the header, before any
+allocation); ping, pong and close control frames. A fragmented message's
+pieces are joined as they come, into one buffer: what it costs grows with its
+bytes, never with its frame count (an empty continuation frame costs nothing
+but its count, and the count is bounded). What it refuses, with the close
+code the peer is owed (``PROTOCOL_ERROR`` unless said otherwise): reserved bits (no extension is
 ever negotiated), unknown opcodes, control frames that are fragmented or
 longer than 125 bytes, a continuation without a start, unmasked frames from a
 client or masked frames from a server, a close frame with a malformed code,
@@ -51,6 +54,7 @@ from fedtensor.errors import ProtocolError
 
 __all__ = [
     "DIRECT_THRESHOLD",
+    "MAX_FRAGMENTS",
     "Close",
     "CloseCode",
     "Event",
@@ -116,6 +120,11 @@ _CONTROL_OPCODES = (_CLOSE, _PING, _PONG)
 #: Payloads at least this long are received straight into their destination;
 #: shorter ones are copied out of the receive buffer (cheaper than a switch).
 DIRECT_THRESHOLD = 64 << 10
+
+#: Frames in one fragmented message, by default. fedtensor's own peers never
+#: fragment; another client might, in pieces of a few KiB. A bound in bytes
+#: alone would let a peer send empty frames forever, each costing a parse.
+MAX_FRAGMENTS = 1024
 
 #: Registered close codes a peer may send (RFC 6455 section 7.4), by value; 3000-4999
 #: (libraries' and applications' own) may be sent as well.
@@ -249,7 +258,8 @@ class Parser:
     """Turns the bytes of one direction of a websocket connection into events.
 
     ``masked``: whether frames must be masked (frames a server receives) or must
-    not be (frames a client receives). ``allocate(length)`` gives the writable
+    not be (frames a client receives). ``max_message`` bounds a message's bytes,
+    ``max_fragments`` its frames. ``allocate(length)`` gives the writable
     buffer that a large unfragmented binary message is received into.
 
     Feed it as an :class:`asyncio.BufferedProtocol` is fed: write into
@@ -265,11 +275,13 @@ class Parser:
         *,
         masked: bool,
         max_message: int,
+        max_fragments: int = MAX_FRAGMENTS,
         allocate: Callable[[int], memoryview] = _fresh_buffer,
         handle: Callable[[Event], None] | None = None,
     ) -> None:
         self.masked = masked
         self.max_message = max_message
+        self.max_fragments = max_fragments
         self._allocate = allocate
         self._buffer = bytearray(max(4 * DIRECT_THRESHOLD, 256 << 10))
         self._view = memoryview(self._buffer)
@@ -281,9 +293,10 @@ class Parser:
         self._direct_key: bytes | None = None
         self._direct_fin = True
         self._direct_opcode = _BINARY
-        # A fragmented message so far: its opcode and pieces.
-        self._fragments: list[Buffer] | None = None
-        self._fragments_size = 0
+        # A fragmented message so far: its bytes joined (one buffer, not one object
+        # per fragment: memory follows the bytes received), its frame count, its kind.
+        self._fragments: bytearray | None = None
+        self._fragment_count = 0
         self._fragments_text = False
         self.events: list[Event] = []
         self._emit = handle or self.events.append
@@ -319,6 +332,21 @@ class Parser:
             target[:n] = source[:n]
             source = source[n:]
             self.buffer_updated(n)
+
+    def release(self) -> None:
+        """Drop the buffers, and the owner's callbacks: nothing more will be parsed.
+
+        The callbacks are usually the owner's bound methods, so the owner and its
+        parser hold each other: a cycle only the garbage collector would free,
+        with every buffer in it.
+        """
+        self._emit = self.events.append
+        self._allocate = _fresh_buffer
+        self._buffer = bytearray()
+        self._view = memoryview(self._buffer)
+        self._start = self._end = 0
+        self._direct = self._direct_key = None
+        self._fragments = None
 
     def take_events(self) -> list[Event]:
         """The events collected so far (without ``handle``)."""
@@ -414,7 +442,12 @@ class Parser:
                 raise Violation(
                     CloseCode.PROTOCOL_ERROR, "a continuation frame without a message to continue"
                 )
-            total = self._fragments_size + length
+            if self._fragment_count >= self.max_fragments:
+                raise Violation(
+                    CloseCode.MESSAGE_TOO_BIG,
+                    f"a message in more than {self.max_fragments} fragments",
+                )
+            total = len(self._fragments) + length
         else:
             if self._fragments is not None:
                 raise Violation(
@@ -444,23 +477,18 @@ class Parser:
         elif opcode == _PONG:
             self._emit(Pong(bytes(payload)))
         elif opcode == _CONTINUATION:
-            assert self._fragments is not None
-            self._fragments.append(payload)
-            self._fragments_size += len(payload)
+            joined = self._fragments
+            assert joined is not None
+            joined += payload
+            self._fragment_count += 1
             if fin:
-                joined = bytearray(self._fragments_size)
-                position = 0
-                for piece in self._fragments:
-                    joined[position : position + len(piece)] = piece
-                    position += len(piece)
-                self._emit(Message(memoryview(joined), self._fragments_text))
                 self._fragments = None
-                self._fragments_size = 0
+                self._emit(Message(memoryview(joined), self._fragments_text))
         elif fin:
             self._emit(Message(payload, opcode == _TEXT))
         else:
-            self._fragments = [payload]
-            self._fragments_size = len(payload)
+            self._fragments = bytearray(payload)
+            self._fragment_count = 1
             self._fragments_text = opcode == _TEXT
 
 

@@ -29,6 +29,13 @@ Per connection:
   :data:`READ_AHEAD` bytes of frames waiting for the actor, or of replies
   the client has not taken yet, the worker stops reading from that client
   until the actor (or the client) has caught up; TCP slows the client down.
+  Control frames too: a pong (or a close frame) written while the client is
+  not taking what the worker writes (the transport's buffer is past its
+  high-water mark) stops reading until that buffer drains, so a client that
+  pings and never reads holds a bounded buffer of pongs, not one per ping.
+- A connection's objects are freed when it ends, by reference counting: the
+  session's callbacks, which hold the connection, are dropped then (a detached
+  named session keeps its objects, not the connection).
 - Replies are encoded on the actor's thread (so a value that cannot be encoded
   fails its own fetch) and handed to the event loop, which writes them split
   into messages of at most ``max_message`` bytes.
@@ -244,6 +251,10 @@ class WorkerServer:
         session, name = peer.session, peer.name
         if session is None:
             return
+        # The session's callbacks hold the peer, and the peer the session: a cycle,
+        # and for a named session a closed connection kept for session_ttl.
+        peer.session = None
+        session.deliver, session.lost = _drop_replies, _ignore_loss
         count = len(session.objects)
         if name is None:
             session.close()
@@ -283,6 +294,7 @@ class WorkerServer:
         """Keep a named session's objects for ``session_ttl`` seconds, for a reconnection."""
         self._attached.discard(name)
         session.deliver = _drop_replies  # nobody to answer until the client is back
+        session.lost = _ignore_loss
         loop = asyncio.get_running_loop()
         expiry = loop.call_later(self._session_ttl, self._expire, name)
         self._detached[name] = (session, expiry)
@@ -341,7 +353,8 @@ class _ServerPeer(WebSocketPeer):
         self.name: str | None = None
         #: Bytes of frames queued for the actor since it last caught up.
         self.queued = 0
-        #: Why reading from this client is paused ("queued", "unsent"); empty: reading.
+        #: Why reading from this client is paused ("queued", "unsent", "control");
+        #: empty: reading.
         self.holds: set[str] = set()
 
     def handshake_received(self, head: bytes) -> bool:
@@ -386,6 +399,14 @@ class _ServerPeer(WebSocketPeer):
                 _log.debug("read from %s again", self.remote_address)
                 self.transport.resume_reading()
 
+    def control_backed_up(self) -> None:
+        if "control" not in self.holds:  # called for each pong until writing resumes
+            self.hold("control")
+
+    def resume_writing(self) -> None:
+        self.release("control")  # what the client had not taken is down to the low mark
+        super().resume_writing()
+
     def actor_caught_up(self) -> None:
         self.queued = 0
         self.release("queued")
@@ -401,6 +422,10 @@ class _ServerPeer(WebSocketPeer):
 
 
 def _drop_replies(replies: list[Message]) -> None:
+    pass
+
+
+def _ignore_loss(exc: BaseException) -> None:
     pass
 
 
