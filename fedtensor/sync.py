@@ -36,15 +36,44 @@ from fedtensor import virtual as _virtual
 from fedtensor.client import handles as _workers
 from fedtensor.client.engine import run_on_loop
 from fedtensor.client.handles import DEFAULT_TIMEOUT, LocalWorker, RemoteWorker, local_worker
-from fedtensor.errors import TimeoutError
+from fedtensor.errors import (
+    AuthenticationFailed,
+    FedTensorError,
+    ForbiddenOperation,
+    LimitExceeded,
+    LocationError,
+    ObjectNotFound,
+    PlanError,
+    PointerReleased,
+    ProtocolError,
+    RemoteError,
+    TimeoutError,
+    TransportNotFound,
+    WorkerUnavailable,
+)
 from fedtensor.federated import datasets as _federate
 from fedtensor.federated import fit as _fit
 from fedtensor.federated.datasets import FederatedDataset
 from fedtensor.federated.fit import History
 
+# The exceptions are fedtensor's own (the same classes as ``fedtensor.RemoteError`` ...), so
+# a script written against either API catches the other's errors.
 __all__ = [
+    "AuthenticationFailed",
+    "FedTensorError",
+    "ForbiddenOperation",
+    "LimitExceeded",
+    "LocationError",
+    "ObjectNotFound",
+    "PlanError",
+    "PointerReleased",
+    "ProtocolError",
+    "RemoteError",
+    "TimeoutError",
     "TorchHook",
+    "TransportNotFound",
     "VirtualWorker",
+    "WorkerUnavailable",
     "connect",
     "fit",
     "load_dataset",

@@ -123,6 +123,9 @@ class VirtualWorker(WorkerHandle):
         """A snapshot of every object stored on this worker, by id (read-only).
 
         It reflects every command sent before it was read: pending commands run first.
+        On a blocking worker (:mod:`fedtensor.sync`), PySyft's ``bob._objects.clear()``
+        frees this client's objects (see :meth:`clear_objects`); async code awaits
+        ``bob.clear_objects()``.
         """
         actor = self._actor
         if actor is None:
@@ -133,7 +136,9 @@ class VirtualWorker(WorkerHandle):
                 client.drain()
             else:
                 return client.run_threadsafe(self._objects_on_loop(), None)  # type: ignore[no-any-return]
-        return ReadOnlyDict(actor.iter_objects())
+        return ReadOnlyDict(
+            actor.iter_objects(), clear=self.clear_objects if self._blocking else None
+        )
 
     async def _objects_on_loop(self) -> Mapping[int, Any]:
         return self.objects

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -85,6 +85,10 @@ class WorkerHandle:
         self._client: Client | None = None
         # Set by fedtensor.sync: pointers to this worker then block instead of awaiting.
         self._blocking = False
+        # Results of commands that nothing awaits (``backward()``), checked by the next
+        # await of a pointer to this worker so that their failure is not lost (see
+        # PointerBase.backward). Used on the client's loop thread only.
+        self._unchecked: list[PointerBase] = []
 
     @property
     def client(self) -> Client:
@@ -124,15 +128,66 @@ class WorkerHandle:
         """The ids of every object this client holds on the worker (one round trip)."""
         return await self.client.list_objects(timeout=timeout)
 
+    def clear_objects(self, *, timeout: float | None = None) -> Any:
+        """Free every object this client holds on the worker; returns the handle.
+
+        ``await worker.clear_objects()`` on an async handle; a blocking handle's
+        (:mod:`fedtensor.sync`) call blocks until it is done, as PySyft's did. Commands
+        sent before it run first; pointers to the freed objects then fail with
+        :class:`~fedtensor.ObjectNotFound`. Other clients' objects are theirs to free.
+        """
+        if self._blocking:
+            self.client.run_threadsafe(self._clear_objects(timeout), timeout)
+            return self
+        return self._clear_objects(timeout)
+
+    async def _clear_objects(self, timeout: float | None) -> WorkerHandle:
+        client = self.client
+        # The listing runs behind every command queued so far, so it includes their
+        # results; the releases then go out at once as one Release, ahead of anything
+        # sent after this (a later snapshot or listing sees them gone).
+        for id_ in await client.list_objects(timeout=timeout):
+            client.release(id_)
+        client.drain()
+        self._unchecked.clear()  # their objects are gone: nothing left to check
+        return self
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} id:{self.id}>"
 
 
 class ReadOnlyDict(Mapping[int, Any]):
-    """A read-only snapshot that prints like the dict PySyft users know."""
+    """A read-only snapshot that prints like the dict PySyft users know.
 
-    def __init__(self, items: Iterator[tuple[int, Any]]) -> None:
+    Its one mutation is PySyft's ``worker._objects.clear()``: given ``clear`` (a
+    blocking worker's :meth:`WorkerHandle.clear_objects`), it frees this client's
+    objects on the worker and empties the snapshot. Anything else that would change
+    it raises a :class:`TypeError`: a snapshot is not the worker's store.
+    """
+
+    def __init__(
+        self, items: Iterator[tuple[int, Any]], *, clear: Callable[[], object] | None = None
+    ) -> None:
         self._data = dict(items)
+        self._clear = clear
+
+    def clear(self) -> None:
+        """Free every object this client holds on the worker (PySyft's ``_objects.clear()``)."""
+        if self._clear is None:
+            raise TypeError(
+                "these objects are a snapshot; free them on the worker with "
+                "`await worker.clear_objects()`"
+            )
+        self._clear()
+        self._data.clear()
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            "a worker's objects are a read-only snapshot: send tensors to the worker to add "
+            "objects, drop (or get()) their pointers to free them, or clear() them all"
+        )
+
+    __setitem__ = __delitem__ = pop = popitem = setdefault = update = _refuse
 
     def __getitem__(self, key: int) -> Any:
         return self._data[key]
@@ -167,7 +222,7 @@ class RemoteWorker(WorkerHandle):
         client = self.client
         ids = await client.list_objects()
         values = await asyncio.gather(*(client.fetch(id_, free=False) for id_ in ids))
-        return ReadOnlyDict(iter(zip(ids, values, strict=True)))
+        return ReadOnlyDict(iter(zip(ids, values, strict=True)), clear=self.clear_objects)
 
     def __repr__(self) -> str:
         return f"<RemoteWorker id:{self.id} {self.url}>"

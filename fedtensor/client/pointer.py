@@ -12,18 +12,32 @@ blocking twins for :mod:`fedtensor.sync`. All share one dispatch path,
 :func:`remote_call`, which turns the arguments into wire values, checks that
 all pointers live on one worker (or spreads a multi-pointer operation over its
 workers), and queues one ``Call``.
+
+A command whose result nothing awaits would fail unseen: ``backward()`` is the one
+PySyft code calls that way. So it is refused at once where the pointer knows its shape
+and it cannot work, and otherwise its result is kept on the worker handle and checked
+by the next await of a pointer to that worker, whose fetches travel behind it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import math
+import threading
 from collections.abc import Callable, Generator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fedtensor.errors import FedTensorError, ForbiddenOperation, LocationError, PointerReleased
+from fedtensor.errors import (
+    FedTensorError,
+    ForbiddenOperation,
+    LocationError,
+    PointerReleased,
+    RemoteError,
+)
 from fedtensor.protocol.messages import Call, Ref
 from fedtensor.protocol.ops import ATTRIBUTES, FUNCTION_NAMES, OPERATIONS
 from fedtensor.protocol.values import snapshot
@@ -33,6 +47,7 @@ if TYPE_CHECKING:
     from fedtensor.client.handles import WorkerHandle
 
 __all__ = [
+    "MAX_UNCHECKED",
     "LocalWorker",
     "MultiPointerTensor",
     "PointerBase",
@@ -116,6 +131,11 @@ class PointerBase:
         client = self._client
         if client is None:
             raise PointerReleased(f"{self!r} was already consumed by get()")
+        if self.location._unchecked:
+            # Before a get() takes the object: a failure raised here leaves it to the pointer.
+            await _check_unchecked(self.location, client, timeout)
+            if self._client is None:  # another get() took it meanwhile
+                raise PointerReleased(f"{self!r} was already consumed by get()")
         if free:
             # From here on the remote object belongs to this fetch, not to the pointer.
             self._client = None
@@ -167,6 +187,42 @@ class PointerBase:
     ) -> Any:
         return _torch_function(func, args, kwargs)
 
+    def backward(self, *args: Any, **kwargs: Any) -> Any:
+        """``Tensor.backward`` on the worker; refused at once where it is sure to fail there.
+
+        Without a gradient, torch back-propagates only from a one-element tensor. Where this
+        pointer knows its shape locally (a sent tensor, or one fetched before), a tensor
+        of more elements is refused here, with the error the worker would give, instead of
+        failing on the worker where nothing awaits the result of ``backward()``. (The
+        element count is checked, not the shape: in-place view operations such as
+        ``unsqueeze_`` may make the known shape stale, but not the count.) Where the shape
+        is unknown (the result of a remote operation), the command is sent as it is, and
+        its failure is raised by the next await of any pointer to this worker (or of the
+        pointer this returns), once: the result is kept until then, up to
+        :data:`MAX_UNCHECKED` of them per worker (older ones are then dropped unchecked).
+        """
+        gradient = args[0] if args else kwargs.get("gradient")
+        shape = self._shape
+        if gradient is None and shape is not None and math.prod(shape) != 1:
+            raise RemoteError(
+                "RuntimeError",
+                "grad can be implicitly created only for scalar outputs (this tensor's "
+                f"shape is {tuple(shape)}, known locally): pass a gradient, or reduce it "
+                "first, e.g. x.sum().backward()",
+                getattr(self.location, "id", "?"),
+            )
+        result: PointerBase = remote_call("Tensor.backward", (self, *args), kwargs)
+        if result._error is not None:
+            raise result._error  # known here (mixed workers, a consumed pointer): say so now
+        client = result._client
+        if client is not None:
+            if threading.get_ident() == client._thread:
+                _keep_unchecked(result)
+            else:  # the blocking API's thread: hop onto the loop, behind the command itself
+                with contextlib.suppress(RuntimeError):  # a closed loop: the worker is gone
+                    client.loop.call_soon_threadsafe(_keep_unchecked, result)
+        return result
+
     def __getattr__(self, name: str) -> Any:
         if name in ATTRIBUTES:
             return remote_call(f"Tensor.{name}", (self,), {})
@@ -182,6 +238,39 @@ class PointerBase:
 
         method.__name__ = name
         return method
+
+
+#: How many results of unawaited ``backward()`` calls a worker handle keeps for the next
+#: await to check; beyond it the oldest is dropped unchecked. It bounds what a loop that
+#: never awaits keeps alive on the worker.
+MAX_UNCHECKED = 64
+
+
+def _keep_unchecked(result: PointerBase) -> None:
+    unchecked = result.location._unchecked
+    if len(unchecked) >= MAX_UNCHECKED:
+        del unchecked[0]
+    unchecked.append(result)
+
+
+async def _check_unchecked(worker: WorkerHandle, client: Client, timeout: float | None) -> None:
+    """Raise the first remote failure among the results nothing awaited (see ``backward``).
+
+    Their fetches go out together, ahead of the await that checks them; a lost connection
+    or a timeout is left for that await to report.
+    """
+    unchecked, worker._unchecked = worker._unchecked, []
+    outcomes = await asyncio.gather(
+        *(
+            client.fetch(result.id_at_location, free=False, timeout=timeout)
+            for result in unchecked
+            if result._client is client
+        ),
+        return_exceptions=True,
+    )
+    for outcome in outcomes:
+        if isinstance(outcome, RemoteError):
+            raise outcome
 
 
 def _torch_function(func: Any, args: Sequence[Any], kwargs: dict[str, Any] | None) -> Any:
@@ -390,10 +479,14 @@ def _wire(value: Any, target: _Target) -> Any:
         return {key: _wire(item, target) for key, item in value.items()}
     if isinstance(value, torch.Tensor):
         return snapshot(value)  # the worker must not see later local changes
+    if kind is torch.device:
+        # A device travels as its name, which torch takes wherever it takes a device
+        # (``x.to("cpu")``); the worker's torch refuses a device it lacks, as it would here.
+        return str(value)
     raise TypeError(
         f"a {type(value).__qualname__} cannot be sent to a worker: arguments of remote "
-        "operations are tensors, pointers, numbers, strings, dtypes, slices and "
-        "lists, tuples or dicts of those"
+        "operations are tensors, pointers, numbers, strings, dtypes, devices, slices "
+        "and lists, tuples or dicts of those"
     )
 
 
