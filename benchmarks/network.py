@@ -10,6 +10,9 @@ torch.distributed.rpc (TensorPipe), every party a process of its own on 127.0.0.
    each given the previous RRef (resolved by its owner, the peer), then ``to_here()``.
 5. fan-out: ``ft.send(t, *workers)`` + ``get`` of 5 elements to 8 worker processes vs 1 (ms),
    and a 32-byte echo to 8 echo processes at once vs 1 (the transport's own scaling here).
+6. fairness: another client's round trip (as in 1) while one client runs a ~3 s chain of
+   matrix products on the same worker (us), against the same client's round trip on an
+   idle worker, measured just before.
 
 Commands: ``profile ROW [--top N]`` (the client's cProfile), ``idle-cost``; helper processes:
 ``echo``, ``rpc-peer PORT``. rpc's start-up reads bytes through numpy, absent here: both rpc
@@ -86,6 +89,8 @@ TARGET_ECHO_FACTOR = 1.5
 TARGET_PIPELINED_OPS = 20_000.0
 TARGET_DEPENDENT_MS = 10.0
 TARGET_FANOUT_VS_ECHO = 1.15
+TARGET_FAIRNESS_FACTOR = 10.0
+FAIRNESS_CHAIN_S = 3.0
 
 
 def spawn(name: str, *args: str) -> WorkerProcess:
@@ -300,6 +305,46 @@ async def bench_fanout(cfg: Config, workers: list[Any], echoes: list[ClientConne
     return row
 
 
+async def bench_fairness(cfg: Config, url: str, token: str) -> Row:
+    """Client B's round trips while client A keeps the worker busy with a long chain."""
+    row = Row("ws_fairness", "6 another client's round trip during a 3 s chain", "us")
+    row.target_text = f"<= {TARGET_FAIRNESS_FACTOR:g}x idle"
+    t, local = torch.tensor([1, 2, 3, 4, 5]), torch.randn(600, 600) / 25
+
+    def chain(x: Any, steps: int) -> Any:
+        for _ in range(steps):
+            x = (x @ x).tanh()
+        return x
+
+    async with (
+        ft.connect(url, token=token, timeout=120) as a,
+        ft.connect(url, token=token, timeout=120) as b,
+    ):
+        idle = await common.timed_roundtrips(b, t, 20)  # warm-up
+        x = ft.send(local, a)
+        await chain(x, 10).sum().get()  # warm-up
+        started = now()
+        await chain(x, 10).sum().get()  # the chain's speed on this worker, as it runs now
+        steps = max(10, round(FAIRNESS_CHAIN_S / ((now() - started) / 1e9 / 10)))
+        idle = await common.timed_roundtrips(b, t, max(cfg.block, 50))
+        busy: list[int] = []
+        started = now()
+        done = asyncio.ensure_future(chain(x, steps).sum().get())
+        while not done.done():
+            busy += await common.timed_roundtrips(b, t, 1)
+        await done
+        chain_s = (now() - started) / 1e9
+        del x
+    idle_us, busy_us = statistics.median(idle) / 1e3, statistics.median(busy) / 1e3
+    row.fedtensor = busy_us
+    row.baselines.append(Baseline("the same round trip, worker idle", idle_us))
+    row.target = TARGET_FAIRNESS_FACTOR * idle_us
+    row.ratio_text = f"{busy_us / idle_us:.1f}x idle"
+    row.baselines[0].versus = f"{busy_us / idle_us:.1f}x slower"
+    row.extra.update(chain_s=chain_s, round_trips=len(busy), worst_us=max(busy) / 1e3, steps=steps)
+    return row
+
+
 async def run_network(cfg: Config, env: dict[str, Any]) -> list[Row]:
     """Start every process at once (a worker imports torch: seconds), run the rows, stop all."""
     workers: list[WorkerProcess] = []  # appended to by the starting threads: all are stopped
@@ -335,7 +380,11 @@ async def run_network(cfg: Config, env: dict[str, Any]) -> list[Row]:
             rows += await guarded("ws_pipelined", lambda: bench_pipelined(cfg, bob, rpcs))
             rows += await guarded("ws_bulk", lambda: bench_bulk(cfg, bob, rpcs))
             rows += await guarded("ws_dependent", lambda: bench_dependent(cfg, bob, rpcs))
-            return rows + await guarded("ws_fanout", lambda: bench_fanout(cfg, handles, links))
+            rows += await guarded("ws_fanout", lambda: bench_fanout(cfg, handles, links))
+            first = workers[0]
+            return rows + await guarded(
+                "ws_fairness", lambda: bench_fairness(cfg, first.url, first.token)
+            )
     finally:
         env["rpc_error"] = rpcs.error
         await rpcs.stop()
@@ -372,6 +421,19 @@ def profile(name: str, top: int) -> None:
             p.stop()
 
 
+def fairness_alone() -> None:
+    """Row 6 on its own (``python -m benchmarks.network fairness``), one worker process."""
+    process = start_worker_process("fair", timeout=START_TIMEOUT_S)
+    try:
+        cfg = Config(quick=False, rounds={}, block=100)
+        row = asyncio.run(bench_fairness(cfg, process.url, process.token)).finish()
+    finally:
+        process.stop()
+    idle = row.baselines[0].value or 0.0
+    print(f"{row.title}: {row.fedtensor:,.0f} us, idle {idle:,.0f} us: {row.ratio_text}")
+    print(f"  target {row.target_text}: {row.status}; {row.extra}")
+
+
 def idle_cost(reps: int = 2000) -> None:
     """How much slower Python runs after a wait (as a process waiting for the network does)
     than hot: decoding a round trip's request frame back to back, after sleeps, spinning."""
@@ -401,6 +463,7 @@ def main() -> None:
     prof.add_argument("row", choices=("roundtrip", "pipelined", "bulk", "dependent", "fanout"))
     prof.add_argument("--top", type=int, default=20)
     roles.add_parser("idle-cost", help="how much slower Python runs right after a wait")
+    roles.add_parser("fairness", help="row 6 alone, against one worker process")
     roles.add_parser("echo", help="websockets echo server on a free 127.0.0.1 port")
     roles.add_parser("rpc-peer", help="torch.distributed.rpc rank 1").add_argument("port", type=int)
     args = parser.parse_args()
@@ -408,6 +471,8 @@ def main() -> None:
         profile(args.row, args.top)
     elif args.role == "idle-cost":
         idle_cost()
+    elif args.role == "fairness":
+        fairness_alone()
     elif args.role == "echo":
         echo_role()
     else:  # the rpc peer: it serves until rank 0 shuts down too

@@ -13,6 +13,8 @@ The blocking twin for scripts and notebooks is :mod:`fedtensor.sync`; user tests
 ready workers from the pytest plugin :mod:`fedtensor.testing`.
 """
 
+# ft.ray.workers (Ray itself is imported only when they start)
+from fedtensor import ray as ray
 from fedtensor.client.handles import (
     LocalWorker,
     RemoteWorker,
@@ -21,8 +23,15 @@ from fedtensor.client.handles import (
     local_worker,
     send,
 )
+from fedtensor.client.modules import copy_model, get_model, move_model
 from fedtensor.client.pointer import MultiPointerTensor, PointerTensor
 from fedtensor.client.registry import register_transport
+from fedtensor.client.sharing import (
+    AdditiveSharingTensor,
+    FixedPrecisionTensor,
+    fix_precision,
+    share,
+)
 from fedtensor.errors import (
     AuthenticationFailed,
     FedTensorError,
@@ -46,26 +55,49 @@ from fedtensor.federated.datasets import (
     split_indices,
 )
 from fedtensor.federated.fit import evaluate, fit
+from fedtensor.federated.privacy import DPSGD, AdaptiveClipping, CentralDP, LocalDP
 from fedtensor.federated.progress import History, RoundMetrics
-from fedtensor.federated.strategies import FedAdam, FedAvg, FedAvgM, FedProx, Strategy, Update
+from fedtensor.federated.secagg import SecAggPlus
+from fedtensor.federated.simulation import SimulatedClients, simulate_clients
+from fedtensor.federated.strategies import (
+    FedAdam,
+    FedAsync,
+    FedAvg,
+    FedAvgM,
+    FedBuff,
+    FedProx,
+    Staleness,
+    Strategy,
+    Update,
+)
 from fedtensor.federated.trace import Plan, trace
+from fedtensor.local import LocalWorkers, local_workers
 from fedtensor.protocol.ops import allowed_operations
 from fedtensor.virtual import VirtualWorker
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DPSGD",
+    "AdaptiveClipping",
+    "AdditiveSharingTensor",
     "AuthenticationFailed",
+    "CentralDP",
     "FedAdam",
+    "FedAsync",
     "FedAvg",
     "FedAvgM",
+    "FedBuff",
     "FedProx",
     "FedTensorError",
     "FederatedDataset",
+    "FixedPrecisionTensor",
     "ForbiddenOperation",
     "History",
     "LimitExceeded",
+    "LocalDP",
     "LocalWorker",
+    "LocalWorkers",
     "LocationError",
     "MultiPointerTensor",
     "ObjectNotFound",
@@ -77,7 +109,10 @@ __all__ = [
     "RemoteError",
     "RemoteWorker",
     "RoundMetrics",
+    "SecAggPlus",
     "Shard",
+    "SimulatedClients",
+    "Staleness",
     "Strategy",
     "TimeoutError",
     "TransportNotFound",
@@ -87,13 +122,20 @@ __all__ = [
     "WorkerUnavailable",
     "allowed_operations",
     "connect",
+    "copy_model",
     "evaluate",
     "federate",
     "fit",
+    "fix_precision",
+    "get_model",
     "load_dataset",
     "local_worker",
+    "local_workers",
+    "move_model",
     "register_transport",
     "send",
+    "share",
+    "simulate_clients",
     "split_indices",
     "trace",
 ]

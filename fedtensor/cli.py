@@ -2,6 +2,7 @@
 
     fedtensor worker --id bob --host 127.0.0.1 --port 8765
     fedtensor demo                   # federated training on digits (see fedtensor.demo)
+    fedtensor demo --secure-aggregation   # the same, aggregated by SecAgg+
 
 A worker can hold data sets of its own, which clients reach by name with
 :func:`fedtensor.load_dataset`: ``--dataset NAME=FILE`` loads FILE, written by
@@ -16,24 +17,31 @@ a token must be asked for explicitly with ``--no-auth``.
 The worker prints one line when it is ready (``fedtensor worker bob ready on
 ws://127.0.0.1:8765``), stops cleanly on SIGINT or SIGTERM (commands already
 received finish and are answered, then connections close), and exits with
-status 2 and a one-line reason when its configuration is bad.
+status 2 and a one-line reason when its configuration is bad. With
+``--stop-on-stdin-eof`` it also stops when its standard input ends: the parent
+of :func:`fedtensor.local_workers` holds that pipe, so its workers go with it
+however it dies.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import gc
 import logging
 import os
 import re
 import signal
 import ssl
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Mapping, Sequence
 
 import anyio
 import torch
 
+from fedtensor.worker.scheduler import default_compute_threads
 from fedtensor.worker.server import Limits, WorkerServer
 
 __all__ = ["main"]
@@ -51,6 +59,19 @@ def _size(text: str) -> int:
     if match is None:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 1048576, 512M, 2G)")
     return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def _quota(text: str) -> int | None:
+    """A size, or ``none`` for no bound."""
+    return None if text.strip().lower() == "none" else _size(text)
+
+
+def _format_size(size: int | None) -> str:
+    if size is None:
+        return "none"
+    if size >= 1 << 30:
+        return f"{size / (1 << 30):.1f}G"
+    return f"{size >> 20}M" if size >= 1 << 20 else str(size)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,7 +100,12 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--certfile", help="TLS certificate chain (PEM): serve wss://")
     worker.add_argument("--keyfile", help="TLS private key (PEM)")
     worker.add_argument(
-        "--memory-quota", type=_size, help="bytes of tensors one client may store (e.g. 2G)"
+        "--memory-quota",
+        type=_quota,
+        default=Limits.memory_quota,
+        help="bytes one client may hold: every value it stores, what one operation may "
+        "allocate (e.g. 2G; default a quarter of this machine's memory, here "
+        f"{_format_size(Limits.memory_quota)}; 'none': no bound)",
     )
     worker.add_argument(
         "--max-message-size",
@@ -100,6 +126,21 @@ def _parser() -> argparse.ArgumentParser:
         help="commands one client may have waiting (default 100000)",
     )
     worker.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=Limits.handshake_timeout,
+        metavar="SECONDS",
+        help="from a connection's accept to its accepted handshake, TLS included (default 10)",
+    )
+    worker.add_argument(
+        "--max-unauthenticated",
+        type=int,
+        default=Limits.max_unauthenticated,
+        metavar="N",
+        help="connections at once that have not completed the handshake; more are closed "
+        "at once (default 256)",
+    )
+    worker.add_argument(
         "--session-ttl",
         type=float,
         default=300.0,
@@ -113,11 +154,61 @@ def _parser() -> argparse.ArgumentParser:
         help="hold the data set in FILE (torch.save of {'data': ..., 'targets': ...}) as NAME",
     )
     worker.add_argument(
+        "--dataset-tags",
+        action="append",
+        default=[],
+        metavar="NAME=TAG[,TAG...]",
+        help="tags a search finds data set NAME by, besides NAME and #NAME (bob.search)",
+    )
+    worker.add_argument(
+        "--federation-key-env",
+        default="FEDTENSOR_FEDERATION_KEY",
+        metavar="NAME",
+        help="environment variable holding the secret shared by the workers between which "
+        "tensors move directly (ptr.move); without it, they cannot (default "
+        "FEDTENSOR_FEDERATION_KEY)",
+    )
+    worker.add_argument(
+        "--advertise-url",
+        metavar="URL",
+        help="the ws:// or wss:// URL other workers reach this one at, for moves "
+        "(default: the address it listens on)",
+    )
+    worker.add_argument(
+        "--capability-ttl",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long a capability to deliver a tensor here stays valid (default 60)",
+    )
+    worker.add_argument(
         "--threads",
         type=int,
         metavar="N",
-        help="torch's intra-op threads (default: torch's, one per core); give each of "
-        "several workers on one machine its share of the cores",
+        help="torch's intra-op threads (default: the cores divided between the compute "
+        "threads); give each of several workers on one machine its share of the cores",
+    )
+    worker.add_argument(
+        "--compute-threads",
+        type=int,
+        metavar="N",
+        help="threads that run clients' commands, round robin by client, so that one "
+        "client's long operation does not hold up another's (default: one per core, "
+        "2 to 4)",
+    )
+    worker.add_argument(
+        "--stop-on-stdin-eof",
+        action="store_true",
+        help="shut down when standard input closes: a parent holding the other end of a "
+        "pipe (ft.local_workers) takes its workers with it even if it is killed",
+    )
+    worker.add_argument(
+        "--step-delay",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="FOR TESTS AND BENCHMARKS ONLY: sleep this long after every local training "
+        "step, to simulate a slow worker (default 0)",
     )
     worker.add_argument("--ping-interval", type=float, default=20.0, help="seconds (default 20)")
     worker.add_argument("--ping-timeout", type=float, default=20.0, help="seconds (default 20)")
@@ -176,6 +267,18 @@ def _datasets(specs: Sequence[str]) -> dict[str, tuple[torch.Tensor, torch.Tenso
     return datasets
 
 
+def _dataset_tags(specs: Sequence[str], datasets: Mapping[str, object]) -> dict[str, list[str]]:
+    tags: dict[str, list[str]] = {}
+    for spec in specs:
+        name, sep, listed = spec.partition("=")
+        if not sep or name not in datasets:
+            raise ConfigurationError(
+                f"--dataset-tags takes NAME=TAG,... for a --dataset NAME, not {spec!r}"
+            )
+        tags.setdefault(name, []).extend(tag.strip() for tag in listed.split(",") if tag.strip())
+    return tags
+
+
 def _ssl_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     if not args.certfile and not args.keyfile:
         return None
@@ -189,10 +292,39 @@ def _ssl_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     return context
 
 
-async def _run_worker(server: WorkerServer, host: str, port: int) -> None:
+#: Seconds a worker whose parent went away (--stop-on-stdin-eof) has to shut down
+#: cleanly before it exits anyway: nobody is left to read what it would still answer.
+ORPHAN_GRACE = 5.0
+
+
+def _stop_when_stdin_closes(loop: asyncio.AbstractEventLoop, server: WorkerServer) -> None:
+    """Block until standard input ends, then shut down (a thread of its own).
+
+    The parent never writes; the pipe ends when the parent closes it or dies, however
+    it dies (SIGKILL included: the kernel closes its files). A thread, not the event
+    loop's reader, so that a busy or wedged loop cannot keep an orphan alive.
+    """
+    try:
+        while os.read(0, 4096):
+            pass
+    except OSError:
+        pass
+    with contextlib.suppress(RuntimeError):  # the loop already closed: we are exiting
+        loop.call_soon_threadsafe(server.shutdown)
+    threading.Event().wait(ORPHAN_GRACE)
+    os._exit(1)
+
+
+async def _run_worker(
+    server: WorkerServer, host: str, port: int, stop_on_stdin_eof: bool = False
+) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, server.shutdown)
+    if stop_on_stdin_eof:
+        threading.Thread(
+            target=_stop_when_stdin_closes, args=(loop, server), name="stdin-watch", daemon=True
+        ).start()
     async with anyio.create_task_group() as task_group:
         url = await task_group.start(server.serve, host, port)
         # Logged before the ready line: whoever waits for that line may read the log.
@@ -220,12 +352,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_frame=args.max_frame_size,
             memory_quota=args.memory_quota,
             max_pending=args.max_pending,
+            handshake_timeout=args.handshake_timeout,
+            max_unauthenticated=args.max_unauthenticated,
         )
         datasets = _datasets(args.dataset)
+        dataset_tags = _dataset_tags(args.dataset_tags, datasets)
+        federation_key = os.environ.get(args.federation_key_env, "").strip().encode() or None
+        if args.advertise_url is not None and not args.advertise_url.startswith(
+            ("ws://", "wss://")
+        ):
+            raise ConfigurationError("--advertise-url must be a ws:// or wss:// URL")
+        if not args.capability_ttl > 0:
+            raise ConfigurationError("--capability-ttl must be more than 0")
+        compute_threads = args.compute_threads or default_compute_threads()
+        if compute_threads < 1:
+            raise ConfigurationError("--compute-threads must be at least 1")
         if args.threads is not None:
             if args.threads < 1:
                 raise ConfigurationError("--threads must be at least 1")
             torch.set_num_threads(args.threads)
+        else:
+            # Each compute thread's operations use torch's intra-op threads: N threads
+            # of one per core each would oversubscribe the cores N times.
+            torch.set_num_threads(max(1, torch.get_num_threads() // compute_threads))
+        if not args.step_delay >= 0:
+            raise ConfigurationError("--step-delay must be at least 0")
+        if args.handshake_timeout <= 0 or args.max_unauthenticated < 1:
+            raise ConfigurationError(
+                "--handshake-timeout must be positive and --max-unauthenticated at least 1"
+            )
         if args.max_message_size < 64:
             raise ConfigurationError("--max-message-size must be at least 64 bytes")
     except ConfigurationError as exc:
@@ -242,9 +397,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         ping_timeout=args.ping_timeout or None,
         session_ttl=args.session_ttl,
         datasets=datasets,
+        dataset_tags=dataset_tags,
+        federation_key=federation_key,
+        advertise_url=args.advertise_url,
+        capability_ttl=args.capability_ttl,
+        compute_threads=compute_threads,
     )
+    server.actor.step_delay = args.step_delay
+    # What is alive now (torch's ~170,000 objects from its import) lives as long as the
+    # process: the cycle collector need not walk it again in every full collection,
+    # each of which holds every thread (a client storing many Python values triggers many).
+    gc.collect()
+    gc.freeze()
     try:
-        asyncio.run(_run_worker(server, args.host, args.port))
+        asyncio.run(_run_worker(server, args.host, args.port, args.stop_on_stdin_eof))
     except* OSError as group:
         # Binding fails inside the task group, so the error arrives in a group.
         print(

@@ -9,7 +9,9 @@ trains centrally, in plain torch, for the same number of epochs, and the two
 accuracies are printed side by side.
 
 Without ``--workers`` the workers are in-process virtual workers; with
-``--workers ws://HOST:PORT ...`` they are ``fedtensor worker`` processes.
+``--workers ws://HOST:PORT ...`` they are ``fedtensor worker`` processes; with
+``--parallel`` one worker process per core, started and stopped by the demo
+(:func:`fedtensor.local_workers`), so that the workers train in parallel.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import sys
 import time
@@ -31,7 +34,10 @@ from fedtensor.client.handles import WorkerHandle, connect
 from fedtensor.errors import FedTensorError
 from fedtensor.federated.datasets import federate
 from fedtensor.federated.fit import evaluate, fit
+from fedtensor.federated.privacy import DPSGD, CentralDP
+from fedtensor.federated.secagg import SecAggPlus
 from fedtensor.federated.strategies import FedAdam, FedAvg, FedAvgM, FedProx, Strategy
+from fedtensor.local import available_cores, local_workers
 from fedtensor.virtual import VirtualWorker
 
 __all__ = ["DigitsCNN", "load_digits", "main", "train_centrally"]
@@ -119,6 +125,12 @@ def _parser() -> argparse.ArgumentParser:
         "--virtual", type=int, default=4, metavar="N", help="virtual workers (default 4)"
     )
     parser.add_argument(
+        "--parallel",
+        action="store_true",
+        help="train on one worker process per core (ft.local_workers), in parallel, "
+        "instead of virtual workers (which train one after another)",
+    )
+    parser.add_argument(
         "--token-env",
         default="FEDTENSOR_TOKEN",
         metavar="NAME",
@@ -140,6 +152,21 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="start after the checkpoint's round")
     parser.add_argument("--plot", metavar="PNG", help="write the curves to this PNG file")
     parser.add_argument("--no-central", action="store_true", help="skip the centralized baseline")
+    parser.add_argument(
+        "--dp-epsilon",
+        type=float,
+        metavar="E",
+        help="train with differential privacy, spending at most E (at delta 1e-5): DP-SGD "
+        "on every worker (example-level), or central DP with --dp-level user; the noise is "
+        "derived from E and the rounds",
+    )
+    parser.add_argument("--dp-level", choices=("example", "user"), default="example")
+    parser.add_argument("--dp-clip", type=float, default=1.0, help="DP's clipping norm")
+    parser.add_argument(
+        "--secure-aggregation",
+        action="store_true",
+        help="aggregate by SecAgg+: this process learns only the sum of each round's updates",
+    )
     return parser
 
 
@@ -153,13 +180,21 @@ async def _run(options: argparse.Namespace, out: Any) -> int:
                 await stack.enter_async_context(connect(url, token=token))
                 for url in options.workers
             ]
+        elif options.parallel:
+            workers = list(await stack.enter_async_context(local_workers(available_cores())))
         else:
             workers = [
                 await stack.enter_async_context(VirtualWorker(f"worker{i}"))
                 for i in range(options.virtual)
             ]
         data = federate(train, workers, split=options.split, alpha=options.alpha, seed=options.seed)
-        where = "worker processes" if options.workers else "in-process virtual workers"
+        where = (
+            "worker processes"
+            if options.workers
+            else "local worker processes (one per core)"
+            if options.parallel
+            else "in-process virtual workers"
+        )
         print(f"digits: {len(train[0])} training and {len(test[0])} held-out images", file=out)
         print(f"federated over {len(workers)} {where}: {data}", file=out)
         torch.manual_seed(options.seed)
@@ -182,6 +217,8 @@ async def _run(options: argparse.Namespace, out: Any) -> int:
             resume=options.resume,
             progress=out,
             seed=options.seed,
+            **_privacy_options(options, data, out),
+            secure_aggregation=SecAggPlus() if options.secure_aggregation else None,
         )
         federated_seconds = time.perf_counter() - started
     print("", file=out)
@@ -217,6 +254,39 @@ async def _run(options: argparse.Namespace, out: Any) -> int:
         path = history.plot(options.plot)
         print(f"curves written to {path}", file=out)
     return 0
+
+
+def _privacy_options(options: argparse.Namespace, data: Any, out: Any) -> dict[str, Any]:
+    """``fit``'s ``dp`` and ``target_epsilon`` for ``--dp-epsilon`` (none without it)."""
+    if options.dp_epsilon is None:
+        return {}
+    dp: CentralDP | DPSGD
+    if options.dp_level == "user":
+        workers = len(data.shards)
+        dp = CentralDP.for_epsilon(
+            options.dp_epsilon,
+            rounds=options.rounds,
+            workers=workers,
+            sampled=min(workers, max(options.min_workers, math.ceil(options.fraction * workers))),
+            clip_norm=options.dp_clip,
+        )
+        what = "user-level central DP"
+    else:
+        dp = DPSGD.for_epsilon(
+            options.dp_epsilon,
+            rounds=options.rounds,
+            examples=min(shard.size for shard in data.shards),
+            batch_size=options.batch_size,
+            epochs=options.epochs,
+            clip_norm=options.dp_clip,
+        )
+        what = "example-level DP-SGD"
+    print(
+        f"differential privacy: {what}, clip {options.dp_clip:g}, noise multiplier "
+        f"{dp.noise_multiplier:.3f} for epsilon {options.dp_epsilon:g} at delta {dp.delta:g}",
+        file=out,
+    )
+    return {"dp": dp, "target_epsilon": options.dp_epsilon}
 
 
 def main(argv: Sequence[str] | None = None, out: Any = None) -> int:

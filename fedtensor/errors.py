@@ -87,7 +87,11 @@ class LimitExceeded(FedTensorError):
 
 
 class LocationError(FedTensorError):
-    """One operation mixed pointers that live on different workers."""
+    """One operation mixed pointers that live on different workers.
+
+    ``await ptr.move(worker)`` (or ``ptr.copy(worker)``, keeping the original) brings
+    them onto one worker first.
+    """
 
 
 class PlanError(FedTensorError):

@@ -36,7 +36,7 @@ raises a :class:`~fedtensor.FedTensorError` that says so.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -70,6 +70,8 @@ class VirtualWorker(WorkerHandle):
     network transport does (default: the ``FEDTENSOR_MEMORY_ENCODE`` variable).
     ``datasets`` are data sets the worker holds itself, by name, as ``(examples,
     labels)`` tensors: clients reach them with :func:`fedtensor.load_dataset`.
+    ``step_delay`` (for tests and benchmarks only) sleeps that many seconds after
+    every local training step, on the event loop: a simulated slow worker.
     """
 
     def __init__(
@@ -79,8 +81,15 @@ class VirtualWorker(WorkerHandle):
         timeout: float = DEFAULT_TIMEOUT,
         encode: bool | None = None,
         datasets: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        step_delay: float = 0.0,
+        dataset_tags: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         super().__init__(id, timeout=timeout)
+        # Tags a search finds each data set by, besides NAME and #NAME (worker/catalog.py).
+        self._dataset_tags = dataset_tags
+        if not step_delay >= 0:
+            raise ValueError("step_delay must be at least 0")
+        self._step_delay = step_delay
         self._encode = encode
         self._datasets = datasets  # the actor takes its own copy when it starts
         self._actor: WorkerActor | None = None
@@ -92,7 +101,10 @@ class VirtualWorker(WorkerHandle):
         if self._started:
             raise FedTensorError(f"virtual worker {self.id!r} was already started")
         self._started = True
-        actor = self._actor = WorkerActor(self.id, datasets=self._datasets)
+        actor = self._actor = WorkerActor(
+            self.id, datasets=self._datasets, step_delay=self._step_delay
+        )
+        actor.exchange.set_dataset_tags(self._dataset_tags)
         # A newer worker of the same id takes the name over; closing this one frees it only
         # while it is still this actor's (see _retire).
         in_process_workers()[self.id] = actor

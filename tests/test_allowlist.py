@@ -217,6 +217,6 @@ async def test_lu_unpack_checks_the_pivots_a_client_chooses(
         await torch.lu_unpack(lu, pivots)[0].get()
     assert not isinstance(caught.value, ft.ForbiddenOperation)  # torch's check, not ours
     good = ft.send(torch.tensor([1, 2, 3], dtype=torch.int32), bob)
-    permutation, lower, upper = await torch.lu_unpack(lu, good).get()
+    permutation, lower, upper = [await part.get() for part in torch.lu_unpack(lu, good)]
     assert torch.equal(permutation, torch.eye(3))
     assert torch.equal(lower @ upper, torch.eye(3))

@@ -52,9 +52,9 @@ async def test_methods_functional_and_indexing(ft_worker: ft.WorkerHandle) -> No
     assert torch.equal(await x[1:3].get(), torch.tensor([1.0, 2.0]))
     assert torch.equal(await x[[0, 5]].get(), torch.tensor([0.0, 5.0]))
     assert torch.equal(await torch.cat([x, x]).get(), torch.cat([torch.arange(6.0)] * 2))
-    values, indices = await torch.max(x.view(2, 3), dim=1).get()
-    assert torch.equal(values, torch.tensor([2.0, 5.0]))
-    assert torch.equal(indices, torch.tensor([2, 2]))
+    values, indices = torch.max(x.view(2, 3), dim=1)  # one pointer per output
+    assert torch.equal(await values.get(), torch.tensor([2.0, 5.0]))
+    assert torch.equal(await indices.get(), torch.tensor([2, 2]))
     assert await x.sum().item().get() == 15.0
     # A local tensor as an argument travels along with the command.
     assert torch.equal(await (x + torch.ones(6)).get(), torch.arange(1.0, 7.0))

@@ -138,6 +138,14 @@ def test_worker_help_lists_its_options_and_takes_no_token_on_the_command_line() 
         "--certfile", "--keyfile", "--memory-quota", "--max-message-size", "--max-frame-size",
         "--max-pending", "--session-ttl", "--dataset", "--threads", "--ping-interval",
         "--ping-timeout", "--log-level",
+        # moving tensors between workers, tags for held data sets (test_move_search.py)
+        "--dataset-tags", "--federation-key-env", "--advertise-url", "--capability-ttl",
+        # ft.local_workers: no orphans when the parent dies (test_local_workers.py)
+        "--stop-on-stdin-eof",
+        # before authentication (test_preauth.py), fair service (test_fairness.py)
+        "--handshake-timeout", "--max-unauthenticated", "--compute-threads",
+        # slow workers for tests and benchmarks of asynchronous training (test_fedbuff.py)
+        "--step-delay",
     }  # fmt: skip
     assert "--token" not in _options(result.stdout)  # a token on the command line is visible
 

@@ -7,7 +7,8 @@ The layers, lowest first (the README's Design section draws them):
 2. ``abc`` (the transport interface) and ``net/`` (the websocket connection on asyncio)
 3. ``worker/`` and ``client/``: side by side, neither imports the other
 4. ``transports/`` (installed as ``fedtensor.transports``)
-5. ``federated/`` and ``virtual`` (a worker actor and its handle in one process)
+5. ``federated/``, ``virtual`` (a worker actor and its handle in one process), ``local``
+   (worker processes on this machine) and ``ray`` (workers as Ray actors)
 6. the faces: ``fedtensor`` itself, ``sync``, ``testing``, ``cli``, ``demo``, ``__main__``
 
 A module may import from a lower layer, or from its own folder. Imports under
@@ -34,10 +35,12 @@ RANKS = {
     "fedtensor.transports": 4,
     "fedtensor.federated": 5,
     "fedtensor.virtual": 5,
+    "fedtensor.local": 5,
     "fedtensor.sync": 6,
     "fedtensor.testing": 6,
     "fedtensor.cli": 6,
     "fedtensor.demo": 6,
+    "fedtensor.ray": 6,
     "fedtensor.__main__": 6,
     "fedtensor": 6,
 }

@@ -16,6 +16,7 @@ import torch
 
 import fedtensor as ft
 from fedtensor.testing import WorkerProcess
+from fedtensor.worker.budget import TENSOR_OVERHEAD
 from fedtensor.worker.server import Limits, WorkerServer
 
 pytestmark = pytest.mark.anyio
@@ -75,23 +76,25 @@ async def test_the_count_follows_what_is_stored_and_freed(quota_server: WorkerSe
     async with ft.connect(quota_server.url, token="t") as client:
         first = ft.send(torch.ones(FITS), client)
         assert torch.equal(await first, torch.ones(FITS))
-        assert _stored_bytes(quota_server) == FITS_BYTES
+        # A tensor costs its elements and the objects that hold them.
+        assert _stored_bytes(quota_server) == FITS_BYTES + TENSOR_OVERHEAD
         second = ft.send(torch.ones(FITS), client)
         with pytest.raises(ft.LimitExceeded, match="memory quota"):
             await second
-        assert _stored_bytes(quota_server) == FITS_BYTES  # what was refused counts nothing
-        half = first[: FITS // 2]  # a view: counted in full, 80,000 bytes more
+        # What was refused counts nothing.
+        assert _stored_bytes(quota_server) == FITS_BYTES + TENSOR_OVERHEAD
+        half = first[: FITS // 2]  # a view: its storage is counted once, with first's
         assert torch.equal(await half, torch.ones(FITS // 2))
-        assert _stored_bytes(quota_server) == FITS_BYTES + FITS_BYTES // 2
+        assert _stored_bytes(quota_server) == FITS_BYTES + 2 * TENSOR_OVERHEAD
         del half, second
         await client.object_ids(timeout=30)  # after the releases, which were sent first
-        assert _stored_bytes(quota_server) == FITS_BYTES
+        assert _stored_bytes(quota_server) == FITS_BYTES + TENSOR_OVERHEAD
         assert torch.equal(await first.get(), torch.ones(FITS))  # get() frees as well
         assert _stored_bytes(quota_server) == 0
         # With the bytes given back, the store refused before fits.
         again = ft.send(torch.ones(FITS), client)
         assert torch.equal(await again, torch.ones(FITS))
-        assert _stored_bytes(quota_server) == FITS_BYTES
+        assert _stored_bytes(quota_server) == FITS_BYTES + TENSOR_OVERHEAD
         del again
         await client.object_ids(timeout=30)
         assert _stored_bytes(quota_server) == 0

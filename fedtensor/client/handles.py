@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -20,7 +20,9 @@ import anyio
 import anyio.abc
 import torch
 
+from fedtensor.client import transfer as _transfer
 from fedtensor.client.engine import Client
+from fedtensor.client.modules import send_model
 from fedtensor.client.pointer import (
     LocalWorker,
     MultiPointerTensor,
@@ -89,6 +91,10 @@ class WorkerHandle:
         # await of a pointer to this worker so that their failure is not lost (see
         # PointerBase.backward). Used on the client's loop thread only.
         self._unchecked: list[PointerBase] = []
+        # backward() calls sent to this worker: a remote model's parameter has a
+        # gradient once one was sent after its gradient was last set to None
+        # (fedtensor.client.modules).
+        self._backward_calls = 0
 
     @property
     def client(self) -> Client:
@@ -154,6 +160,20 @@ class WorkerHandle:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} id:{self.id}>"
+
+    def search(self, *query: Any, timeout: float | None = None) -> Any:
+        """Pointers to what matches every term of ``query`` (PySyft's ``search``).
+
+        The client's own objects tagged or described so (``ft.send(..., tags=...)``,
+        ``ptr.tag(...)``), then the data sets the worker holds (tagged with their name,
+        ``#name``, ``#data`` or ``#target``, and what the worker was told). One round
+        trip; never another client's objects. ``await worker.search("#mnist")``; a
+        blocking handle's (:mod:`fedtensor.sync`) call blocks.
+        """
+        terms = _transfer.search_terms(query)
+        if self._blocking:
+            return self.client.run_threadsafe(_transfer.search(self, terms, timeout), timeout)
+        return _transfer.search(self, terms, timeout)
 
 
 class ReadOnlyDict(Mapping[int, Any]):
@@ -289,18 +309,35 @@ def connect(url: str, *, timeout: float = DEFAULT_TIMEOUT, **options: Any) -> _C
     return _Connecting(url, timeout, options)
 
 
-def send(tensor: torch.Tensor, *workers: WorkerHandle) -> Any:
+def send(
+    tensor: torch.Tensor | torch.nn.Module,
+    *workers: WorkerHandle,
+    tags: Iterable[str] | None = None,
+    description: str | None = None,
+) -> Any:
     """Send a copy of ``tensor`` to each worker.
 
     One worker gives a :class:`PointerTensor`, several a
     :class:`MultiPointerTensor`. Returns at once: the transfers run in the
     background, concurrently, and the local tensor may be changed right away.
+    ``tags`` and ``description`` (or those set on the tensor by ``t.tag(...)`` and
+    ``t.describe(...)`` after ``sy.TorchHook``) let ``worker.search`` find it.
+    A ``torch.nn.Module`` is sent to one worker as a remote model, and returned
+    (:mod:`fedtensor.client.modules`).
     """
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"send() takes a torch.Tensor, not {type(tensor).__name__}")
     if not workers:
         raise TypeError("send() needs at least one worker")
+    if isinstance(tensor, torch.nn.Module):  # a remote model (fedtensor.client.modules)
+        return send_model(tensor, *workers)
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"send() takes a torch.Tensor, not {type(tensor).__name__}")
     pointers: list[PointerBase] = [worker.client.store(tensor) for worker in workers]
+    tags = [*(getattr(tensor, "tags", None) or ()), *(tags or ())]
+    if description is None:
+        description = getattr(tensor, "description", None)
+    if tags or description is not None:
+        for pointer in pointers:
+            _transfer.describe(pointer, tags, description)
     if len(pointers) == 1:
         return pointers[0]
     blocking = all(worker._blocking for worker in workers)

@@ -11,12 +11,18 @@ is released.
 blocking twins for :mod:`fedtensor.sync`. All share one dispatch path,
 :func:`remote_call`, which turns the arguments into wire values, checks that
 all pointers live on one worker (or spreads a multi-pointer operation over its
-workers), and queues one ``Call``.
+workers), and queues one ``Call``. Its result knows its shape and dtype where torch
+can infer them without values (:mod:`fedtensor.client.meta`); a result that is a tuple of
+tensors (``split``, ``max(dim=...)``) becomes a tuple of pointers, one per element, each
+taken out on the worker by a ``fedtensor.element`` command queued behind it. Called inside
+the client's ``torch.no_grad()``, an operation travels as ``fedtensor.no_grad``, so that
+the worker runs it without autograd too.
 
 A command whose result nothing awaits would fail unseen: ``backward()`` is the one
 PySyft code calls that way. So it is refused at once where the pointer knows its shape
 and it cannot work, and otherwise its result is kept on the worker handle and checked
-by the next await of a pointer to that worker, whose fetches travel behind it.
+by the next await of a pointer to that worker: that fetch reads a ``fedtensor.checked``
+command queued behind the results, in the same round trip.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fedtensor.client import transfer as _transfer
+from fedtensor.client.meta import infer
 from fedtensor.errors import (
     FedTensorError,
     ForbiddenOperation,
@@ -39,7 +47,7 @@ from fedtensor.errors import (
     RemoteError,
 )
 from fedtensor.protocol.messages import Call, Ref
-from fedtensor.protocol.ops import ATTRIBUTES, FUNCTION_NAMES, OPERATIONS
+from fedtensor.protocol.ops import ATTRIBUTES, FUNCTION_NAMES, OPERATIONS, WORKER_FUNCTIONS
 from fedtensor.protocol.values import snapshot
 
 if TYPE_CHECKING:
@@ -69,11 +77,17 @@ class PointerBase:
         "_client",
         "_dtype",
         "_error",
+        "_meta",
+        "_origin",
         "_shape",
         "id",
         "id_at_location",
         "location",
     )
+    # Set only on some pointers (read with getattr): tags and description, and what a
+    # pointer's ``send`` copied from (fedtensor.client.transfer).
+    _meta: tuple[frozenset[str], str | None]
+    _origin: PointerBase | None
 
     def __init__(
         self,
@@ -114,6 +128,67 @@ class PointerBase:
         """The dtype, where known without asking the worker (else ``None``)."""
         return self._dtype
 
+    # Metadata methods, answered locally where the shape (or dtype) is known, as torch's
+    # own module code asks them (``if input.dim() != 2``); else remote calls, as before.
+
+    def dim(self) -> Any:
+        """The number of dimensions (a pointer to it where the shape is unknown)."""
+        shape = self._shape
+        return len(shape) if shape is not None else remote_call("Tensor.dim", (self,), {})
+
+    ndimension = dim
+
+    @property
+    def ndim(self) -> Any:
+        return self.dim()
+
+    def size(self, dim: int | None = None) -> Any:
+        """``torch.Size`` of the shape, or one dimension's length (remote where unknown)."""
+        shape = self._shape
+        if shape is None:
+            return remote_call("Tensor.size", (self,) if dim is None else (self, dim), {})
+        return torch.Size(shape) if dim is None else shape[dim]
+
+    def numel(self) -> Any:
+        """The number of elements (a pointer to it where the shape is unknown)."""
+        shape = self._shape
+        return math.prod(shape) if shape is not None else remote_call("Tensor.numel", (self,), {})
+
+    nelement = numel
+
+    def is_floating_point(self) -> Any:
+        dtype = self._dtype
+        if dtype is None:
+            return remote_call("Tensor.is_floating_point", (self,), {})
+        return dtype.is_floating_point
+
+    def is_complex(self) -> Any:
+        dtype = self._dtype
+        if dtype is None:
+            return remote_call("Tensor.is_complex", (self,), {})
+        return dtype.is_complex
+
+    # -- tags and description (PySyft's; see fedtensor.client.transfer) ----------------------
+
+    @property
+    def tags(self) -> set[str]:
+        """The tags this tensor carries (given when sent, by ``tag()``, or found by a search)."""
+        return set(_transfer.metadata(self)[0])
+
+    @property
+    def description(self) -> str | None:
+        return _transfer.metadata(self)[1]
+
+    def tag(self, *tags: str) -> Any:
+        """Add tags, on the worker (so ``worker.search`` finds it) and here; returns ``self``."""
+        _transfer.describe(self, tags, None)
+        return self
+
+    def describe(self, description: str) -> Any:
+        """Set the description (``worker.search`` matches words in it); returns ``self``."""
+        _transfer.describe(self, (), description)
+        return self
+
     def __repr__(self) -> str:
         where = getattr(self.location, "id", "?")
         state = ""
@@ -131,15 +206,18 @@ class PointerBase:
         client = self._client
         if client is None:
             raise PointerReleased(f"{self!r} was already consumed by get()")
-        if self.location._unchecked:
-            # Before a get() takes the object: a failure raised here leaves it to the pointer.
-            await _check_unchecked(self.location, client, timeout)
-            if self._client is None:  # another get() took it meanwhile
-                raise PointerReleased(f"{self!r} was already consumed by get()")
+        if free and getattr(self, "_origin", None) is not None:
+            # PySyft's x.send(bob).send(alice).get(): the pointer to bob (see transfer.py)
+            origin = _transfer.hand_back(self)
+            if origin is not None:
+                return origin
         if free:
             # From here on the remote object belongs to this fetch, not to the pointer.
             self._client = None
-        value = await client.fetch(self.id_at_location, free=free, timeout=timeout)
+        if self.location._unchecked:
+            value = await _fetch_checked(self, client, free=free, timeout=timeout)
+        else:
+            value = await client.fetch(self.id_at_location, free=free, timeout=timeout)
         if isinstance(value, torch.Tensor):
             self._shape = tuple(value.shape)
             self._dtype = value.dtype
@@ -169,8 +247,26 @@ class PointerBase:
 
     __hash__ = object.__hash__
 
+    def __len__(self) -> int:
+        """The length of the first dimension, where the shape is known locally."""
+        shape = self._shape
+        if shape is None:
+            raise TypeError(
+                "the length of a remote tensor whose shape is not known locally needs a "
+                "round trip: await it (or get()) first"
+            )
+        if not shape:
+            raise TypeError("len() of a 0-d tensor")
+        return shape[0]
+
     def __iter__(self) -> Any:
-        raise TypeError("a remote tensor is not iterable locally: await it (or get()) first")
+        """Pointers to ``self[0]``, ``self[1]``, ...: iteration and unpacking, no round trip."""
+        if self._shape is None:
+            raise TypeError(
+                "a remote tensor whose shape is not known locally is not iterable: "
+                "await it (or get()) first"
+            )
+        return (remote_call("Tensor.__getitem__", (self, index), {}) for index in range(len(self)))
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         raise TypeError("a pointer cannot be pickled: get() its value first")
@@ -196,7 +292,8 @@ class PointerBase:
         failing on the worker where nothing awaits the result of ``backward()``. (The
         element count is checked, not the shape: in-place view operations such as
         ``unsqueeze_`` may make the known shape stale, but not the count.) Where the shape
-        is unknown (the result of a remote operation), the command is sent as it is, and
+        is unknown (a result whose shape depends on values, such as ``x[x > 0]``; see
+        :mod:`fedtensor.client.meta`), the command is sent as it is, and
         its failure is raised by the next await of any pointer to this worker (or of the
         pointer this returns), once: the result is kept until then, up to
         :data:`MAX_UNCHECKED` of them per worker (older ones are then dropped unchecked).
@@ -214,6 +311,8 @@ class PointerBase:
         result: PointerBase = remote_call("Tensor.backward", (self, *args), kwargs)
         if result._error is not None:
             raise result._error  # known here (mixed workers, a consumed pointer): say so now
+        # Remote parameters have a gradient from now on (fedtensor.client.modules).
+        self.location._backward_calls += 1
         client = result._client
         if client is not None:
             if threading.get_ident() == client._thread:
@@ -253,29 +352,37 @@ def _keep_unchecked(result: PointerBase) -> None:
     unchecked.append(result)
 
 
-async def _check_unchecked(worker: WorkerHandle, client: Client, timeout: float | None) -> None:
-    """Raise the first remote failure among the results nothing awaited (see ``backward``).
+async def _fetch_checked(
+    pointer: PointerBase, client: Client, *, free: bool, timeout: float | None
+) -> Any:
+    """Fetch ``pointer``'s value behind the results nothing awaited (see ``backward``).
 
-    Their fetches go out together, ahead of the await that checks them; a lost connection
-    or a timeout is left for that await to report.
+    One command (``fedtensor.checked``) reads those results, then the object: it fails
+    with the first failure among them, or is the object. Fetching it costs the same one
+    round trip as a plain fetch. A failure is raised once (the results are dropped) and
+    leaves the object to the pointer; the object is freed only once it came back.
     """
-    unchecked, worker._unchecked = worker._unchecked, []
-    outcomes = await asyncio.gather(
-        *(
-            client.fetch(result.id_at_location, free=False, timeout=timeout)
-            for result in unchecked
-            if result._client is client
-        ),
-        return_exceptions=True,
+    unchecked, pointer.location._unchecked = pointer.location._unchecked, []
+    refs = [Ref(result.id_at_location) for result in unchecked if result._client is client]
+    checked_id = client.new_id()
+    client.submit(
+        Call(checked_id, "fedtensor.checked", (*refs, Ref(pointer.id_at_location)), _NO_KWARGS)
     )
-    for outcome in outcomes:
-        if isinstance(outcome, RemoteError):
-            raise outcome
+    del unchecked  # released behind the check, not before it
+    try:
+        value = await client.fetch(checked_id, free=True, timeout=timeout)
+    except BaseException:
+        if free:
+            pointer._client = client  # not taken: the object stays the pointer's
+        raise
+    if free:
+        client.release(pointer.id_at_location)
+    return value
 
 
 def _torch_function(func: Any, args: Sequence[Any], kwargs: dict[str, Any] | None) -> Any:
     """A torch function called with pointers among its arguments: run it remotely."""
-    name = FUNCTION_NAMES.get(func)
+    name = FUNCTION_NAMES.get(func) or WORKER_FUNCTIONS.get(func)
     if name is None:
         qualname = getattr(func, "__qualname__", repr(func))
         raise ForbiddenOperation(
@@ -328,6 +435,33 @@ class PointerTensor(PointerBase, _Operators):
         """A copy of the remote value (what ``await ptr`` gives), with a timeout."""
         return await self._fetch(free=False, timeout=timeout)
 
+    # -- between workers (fedtensor.client.transfer; README "Moving tensors between workers")
+
+    async def move(self, location: WorkerHandle, *, timeout: float | None = None) -> Any:
+        """Move the tensor to ``location`` (freed here); returns this pointer, now there."""
+        return await _transfer.transfer(self, location, keep=False, timeout=timeout)
+
+    async def copy(
+        self, location: WorkerHandle | None = None, *, timeout: float | None = None
+    ) -> Any:
+        """A pointer to a copy on ``location`` (default: this worker); this one stays."""
+        return await _transfer.transfer(self, location or self.location, keep=True, timeout=timeout)
+
+    async def send(self, location: WorkerHandle, *, timeout: float | None = None) -> Any:
+        """PySyft's ``send`` of a pointer: a copy on ``location``, the source kept until
+        ``remote_get()`` (see the README for how this maps PySyft's pointer chains)."""
+        sent = await _transfer.transfer(self, location, keep=True, timeout=timeout)
+        sent._origin = self
+        return sent
+
+    async def remote_get(self, *, timeout: float | None = None) -> Any:
+        """Free the source a ``send`` left behind: only ``location`` holds it; returns ``self``."""
+        origin, self._origin = getattr(self, "_origin", None), None
+        if origin is not None and origin._client is not None:
+            client, origin._client = origin._client, None
+            client.release(origin.id_at_location)
+        return self
+
 
 class SyncPointerTensor(PointerBase, _Operators):
     """A pointer to a tensor on a worker (blocking API of :mod:`fedtensor.sync`)."""
@@ -349,6 +483,33 @@ class SyncPointerTensor(PointerBase, _Operators):
     def value(self, *, timeout: float | None = None) -> Any:
         """A copy of the remote value (blocks)."""
         return self._blocking(False, timeout)
+
+    # -- between workers: the blocking twins of PointerTensor's --------------------------------
+
+    def _run(self, coro: Any, timeout: float | None) -> Any:
+        client = self._client
+        if client is None:
+            coro.close()
+            if self._error is not None:
+                raise type(self._error)(*self._error.args)
+            raise PointerReleased(f"{self!r} was already consumed by get()")
+        return client.run_threadsafe(coro, timeout)
+
+    def move(self, location: WorkerHandle, *, timeout: float | None = None) -> Any:
+        """Move the tensor to ``location`` (freed here); returns this pointer, now there."""
+        return self._run(PointerTensor.move(self, location, timeout=timeout), timeout)  # type: ignore[arg-type]
+
+    def copy(self, location: WorkerHandle | None = None, *, timeout: float | None = None) -> Any:
+        """A pointer to a copy on ``location`` (default: this worker); this one stays."""
+        return self._run(PointerTensor.copy(self, location, timeout=timeout), timeout)  # type: ignore[arg-type]
+
+    def send(self, location: WorkerHandle, *, timeout: float | None = None) -> Any:
+        """PySyft's ``send`` of a pointer (see :meth:`PointerTensor.send`)."""
+        return self._run(PointerTensor.send(self, location, timeout=timeout), timeout)  # type: ignore[arg-type]
+
+    def remote_get(self, *, timeout: float | None = None) -> Any:
+        """Free the source a ``send`` left behind; returns ``self``."""
+        return self._run(PointerTensor.remote_get(self, timeout=timeout), timeout)  # type: ignore[arg-type]
 
     def __await__(self) -> Generator[Any, None, Any]:
         # Lets a notebook cell with its own running loop `await` a blocking pointer.
@@ -478,6 +639,10 @@ def _wire(value: Any, target: _Target) -> Any:
     if kind is dict:
         return {key: _wire(item, target) for key, item in value.items()}
     if isinstance(value, torch.Tensor):
+        # A remote model's parameter or gradient (fedtensor.client.modules) is a pointer.
+        remote = getattr(value, "_fedtensor_pointer", None)
+        if remote is not None:
+            return _wire_pointer(remote, target)
         return snapshot(value)  # the worker must not see later local changes
     if kind is torch.device:
         # A device travels as its name, which torch takes wherever it takes a device
@@ -510,7 +675,9 @@ def _wire_pointer(pointer: PointerBase, target: _Target) -> Ref | None:
     if target.error is None:
         target.error = LocationError(
             f"an operation mixes tensors on worker {target.client.worker.id!r} "
-            f"and worker {client.worker.id!r}; move them to one worker first"
+            f"and worker {client.worker.id!r}; move one to the other's worker first: "
+            f"`await ptr.move({target.client.worker.id})` (`ptr.move(...)` in fedtensor.sync), "
+            "or `await ptr.copy(worker)` to keep the original"
         )
     return None
 
@@ -539,8 +706,45 @@ def remote_call(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     client = target.client
     assert client is not None
     id_ = client.new_id()
-    client.submit(Call(id_, op, wire_args, wire_kwargs))
-    return client.pointer_class(client, id_)
+    if torch.is_grad_enabled() or (op.startswith("fedtensor.") and op not in _GRAD_MODE_OPS):
+        client.submit(Call(id_, op, wire_args, wire_kwargs))
+    else:  # the client's torch.no_grad() reaches the worker with each operation it encloses
+        client.submit(Call(id_, "fedtensor.no_grad", (op, *wire_args), wire_kwargs))
+    result = client.pointer_class(client, id_)
+    described = infer(op, args, kwargs, PointerBase)
+    if described is None:
+        return result
+    return _described(result, op, args, described)
+
+
+# fedtensor's own operations that run under the client's grad mode (torch's all do).
+_GRAD_MODE_OPS = frozenset({"fedtensor.autograd_grad", "fedtensor.set_attribute"})
+
+
+def _described(result: PointerBase, op: str, args: tuple[Any, ...], described: Any) -> Any:
+    """``result`` with its shape and dtype, or one pointer per element of a tuple result.
+
+    The elements are taken out of the worker's tuple by ``fedtensor.element`` commands
+    queued behind the operation, each under an id of its own, so each is usable at once;
+    the tuple itself is released behind them.
+    """
+    first, second = described
+    if type(first) is tuple:  # one tensor: (shape, dtype)
+        result._shape, result._dtype = first, second
+        name = op.rpartition(".")[2]
+        if name[-1] == "_" and name[0] != "_" and args and isinstance(args[0], PointerBase):
+            # An in-place operation returns its tensor: unsqueeze_ and friends reshape it.
+            args[0]._shape, args[0]._dtype = first, second
+        return result
+    client = result._client
+    assert client is not None
+    tuple_ref = Ref(result.id_at_location)
+    elements = []
+    for index, (shape, dtype) in enumerate(second):
+        element_id = client.new_id()
+        client.submit(Call(element_id, "fedtensor.element", (tuple_ref, index), _NO_KWARGS))
+        elements.append(client.pointer_class(client, element_id, shape, dtype))
+    return first(elements)
 
 
 def call_on(client: Client, op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -591,6 +795,8 @@ def _spread_call(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     multi_class = (
         SyncMultiPointerTensor if isinstance(first, SyncMultiPointerTensor) else MultiPointerTensor
     )
+    if isinstance(results[0], (tuple, list)):  # a multi-output operation: a multi-pointer each
+        return type(results[0])([multi_class(parts) for parts in zip(*results, strict=True)])
     return multi_class(results)
 
 

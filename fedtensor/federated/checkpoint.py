@@ -36,8 +36,13 @@ def save(
     strategy: Strategy,
     history: History,
     seed: int,
+    extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write the state after ``round`` to ``path``."""
+    """Write the state after ``round`` to ``path``.
+
+    ``extra``: more plain data the run needs to resume (an asynchronous run's
+    updates in flight), given back by :func:`load`.
+    """
     payload = {
         "format": FORMAT,
         "round": round,
@@ -46,6 +51,7 @@ def save(
         "model": model.state_dict(),
         "strategy_state": strategy.state_dict(),
         "history": [_plain(asdict(m)) for m in history],
+        "extra": extra or {},
     }
     # Written beside and renamed: a run stopped mid-write leaves the last good checkpoint.
     partial = path.with_name(path.name + ".partial")
@@ -60,11 +66,17 @@ def _plain(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def load(
-    path: Path, model: torch.nn.Module, strategy: Strategy, history: History, seed: int
+    path: Path,
+    model: torch.nn.Module,
+    strategy: Strategy,
+    history: History,
+    seed: int,
+    extra: dict[str, Any] | None = None,
 ) -> int:
     """Load a checkpoint into ``model``, ``strategy`` and ``history``; the round it holds.
 
-    No file: nothing is loaded, and the round is 0.
+    No file: nothing is loaded, and the round is 0. ``extra`` is filled with what
+    :func:`save` was given as its ``extra``.
     """
     if not path.exists():
         return 0
@@ -80,9 +92,9 @@ def load(
     model.load_state_dict(payload["model"])
     strategy.load_state_dict(payload["strategy_state"])
     for values in payload["history"]:
-        values["sampled"], values["completed"] = (
-            tuple(values["sampled"]),
-            tuple(values["completed"]),
-        )
+        # Tuples were saved as lists (_plain): every list field is a tuple again.
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
         history.append(RoundMetrics(**values))
+    if extra is not None:
+        extra.update(payload.get("extra", {}))
     return int(payload["round"])

@@ -16,9 +16,17 @@ pure part, which decides who gets which examples:
     The pathological split of McMahan et al. (2017): examples sorted by label,
     cut into ``shards_per_worker`` x workers shards, each worker given
     ``shards_per_worker`` of them at random.
+``"contiguous"``
+    The examples in their order, cut into near-equal parts (what PySyft's
+    ``dataset.federate`` did).
 
 Every split is reproducible from its ``seed`` and uses its own random number
 generators, never torch's or Python's global ones.
+
+``holdout`` (a fraction) keeps part of each worker's examples out of training, on
+that worker, for federated evaluation (:mod:`fedtensor.federated.evaluation`):
+:func:`holdout_split` picks them from a generator seeded with the split's seed and
+the worker's position, so the same call holds out the same examples.
 """
 
 from __future__ import annotations
@@ -33,9 +41,16 @@ import torch
 from fedtensor.client.handles import WorkerHandle, send
 from fedtensor.client.pointer import call_on
 
-__all__ = ["FederatedDataset", "Shard", "federate", "load_dataset", "split_indices"]
+__all__ = [
+    "FederatedDataset",
+    "Shard",
+    "federate",
+    "holdout_split",
+    "load_dataset",
+    "split_indices",
+]
 
-SPLITS = ("iid", "dirichlet", "shards")
+SPLITS = ("iid", "dirichlet", "shards", "contiguous")
 
 
 @dataclass(frozen=True)
@@ -49,6 +64,18 @@ class Shard:
     targets: Any
     #: How many examples the worker holds.
     size: int
+    #: Pointers to the worker's held-out examples and labels (``holdout``), kept out
+    #: of training for federated evaluation; None without a held-out part.
+    eval_data: Any = None
+    eval_targets: Any = None
+    #: How many examples are held out.
+    eval_size: int = 0
+
+    @property
+    def name(self) -> str:
+        """Whose shard this is, as ``History`` names it: the worker's id (a simulated
+        client's own name, :mod:`fedtensor.federated.simulation`)."""
+        return self.worker.id
 
 
 class FederatedDataset:
@@ -97,6 +124,9 @@ def split_indices(
     if split == "iid":
         order = torch.randperm(count, generator=generator)
         parts = list(torch.tensor_split(order, workers))
+    elif split == "contiguous":
+        # In order, near-equal parts: PySyft's dataset.federate (fedtensor.sync.fl).
+        parts = list(torch.tensor_split(torch.arange(count), workers))
     elif split == "dirichlet":
         if alpha <= 0:
             raise ValueError("alpha must be positive")
@@ -156,6 +186,25 @@ def _shards(
     ]
 
 
+def holdout_split(
+    count: int, fraction: float, *, seed: int = 0, index: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (sorted) among ``count`` examples kept for training, and those held out.
+
+    ``round(fraction * count)`` are held out, at least one (when ``fraction`` > 0)
+    and never all; which ones comes from a generator seeded with ``seed`` and the
+    worker's ``index``, so the split is reproducible.
+    """
+    if not 0 <= fraction < 1:
+        raise ValueError("holdout must be in [0, 1)")
+    held = 0 if fraction == 0 else min(count - 1, max(1, round(fraction * count)))
+    if held <= 0:
+        return torch.arange(count), torch.arange(0)
+    generator = torch.Generator().manual_seed((seed * 1_000_033 + index * 7_877 + 1) % (2**63))
+    order = torch.randperm(count, generator=generator)
+    return order[held:].sort().values, order[:held].sort().values
+
+
 def _as_tensors(dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(dataset, tuple) and len(dataset) == 2:
         data, targets = dataset
@@ -183,13 +232,18 @@ def federate(
     shards_per_worker: int = 2,
     seed: int = 0,
     min_size: int = 1,
+    holdout: float = 0.0,
 ) -> FederatedDataset:
     """Send one shard of ``dataset`` to each worker; see :func:`split_indices` for ``split``.
 
     ``dataset`` is a ``(data, targets)`` pair of tensors or a map-style torch
     ``Dataset`` of ``(example, label)`` items. The sends run concurrently and
     the local tensors may change right away: each worker holds its own copy.
+    ``holdout`` > 0 keeps that fraction of each worker's shard out of training,
+    on the worker, for federated evaluation (:func:`holdout_split`).
     """
+    if not 0 <= holdout < 1:
+        raise ValueError("holdout must be in [0, 1)")
     data, targets = _as_tensors(dataset)
     parts = split_indices(
         targets,
@@ -200,6 +254,13 @@ def federate(
         seed=seed,
         min_size=min_size,
     )
+    if holdout:
+        return FederatedDataset(
+            [
+                _held_out_shard(worker, data[part], targets[part], holdout, seed, index)
+                for index, (worker, part) in enumerate(zip(workers, parts, strict=True))
+            ]
+        )
     shards = [
         Shard(worker, send(data[part], worker), send(targets[part], worker), len(part))
         for worker, part in zip(workers, parts, strict=True)
@@ -207,8 +268,33 @@ def federate(
     return FederatedDataset(shards)
 
 
+def _held_out_shard(
+    worker: WorkerHandle,
+    data: torch.Tensor,
+    targets: torch.Tensor,
+    holdout: float,
+    seed: int,
+    index: int,
+) -> Shard:
+    train, held = holdout_split(len(data), holdout, seed=seed, index=index)
+    return Shard(
+        worker,
+        send(data[train], worker),
+        send(targets[train], worker),
+        len(train),
+        send(data[held], worker),
+        send(targets[held], worker),
+        len(held),
+    )
+
+
 async def load_dataset(
-    workers: Sequence[WorkerHandle], name: str, *, timeout: float | None = None
+    workers: Sequence[WorkerHandle],
+    name: str,
+    *,
+    timeout: float | None = None,
+    holdout: float = 0.0,
+    seed: int = 0,
 ) -> FederatedDataset:
     """Pointers to the data set ``name`` that each worker holds itself.
 
@@ -217,7 +303,12 @@ async def load_dataset(
     NAME=FILE``), a :class:`~fedtensor.VirtualWorker` those of its
     ``datasets`` argument. Each client gets its own copy of the examples on the
     worker. Raises :class:`~fedtensor.RemoteError` if a worker lacks ``name``.
+    ``holdout`` > 0 keeps that fraction of each worker's examples out of training
+    for federated evaluation, chosen by :func:`holdout_split` from ``seed``: the
+    split happens on the worker (only index lists travel).
     """
+    if not 0 <= holdout < 1:
+        raise ValueError("holdout must be in [0, 1)")
     sizes = [call_on(worker.client, "fedtensor.dataset", (name, "size"), {}) for worker in workers]
     shards = [
         Shard(
@@ -229,6 +320,22 @@ async def load_dataset(
         for worker in workers
     ]
     counts = [await size.fetch(free=True, timeout=timeout) for size in sizes]
+    if holdout:
+        split = []
+        for index, (shard, count) in enumerate(zip(shards, counts, strict=True)):
+            train, held = holdout_split(int(count), holdout, seed=seed, index=index)
+            split.append(
+                Shard(
+                    shard.worker,
+                    shard.data[train],
+                    shard.targets[train],
+                    len(train),
+                    shard.data[held],
+                    shard.targets[held],
+                    len(held),
+                )
+            )
+        return FederatedDataset(split)
     return FederatedDataset(
         [
             Shard(shard.worker, shard.data, shard.targets, int(count))

@@ -31,8 +31,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -46,9 +46,13 @@ from fedtensor.client.pointer import PointerBase, call_on
 from fedtensor.errors import RemoteError, WorkerUnavailable
 from fedtensor.errors import TimeoutError as FedTimeoutError
 from fedtensor.federated import checkpoint as _checkpoint
+from fedtensor.federated import privacy as _privacy
+from fedtensor.federated.asynchronous import fit_asynchronously
 from fedtensor.federated.datasets import FederatedDataset
+from fedtensor.federated.evaluation import FederatedEvaluator, evaluate
 from fedtensor.federated.progress import History, ProgressDisplay, RoundMetrics
-from fedtensor.federated.strategies import FedAvg, Strategy, Update
+from fedtensor.federated.secagg import SecAggPlus, secure_round
+from fedtensor.federated.strategies import AsynchronousStrategy, FedAvg, Strategy, Update
 from fedtensor.federated.trace import Plan, trace
 from fedtensor.protocol.plan import OPTIMIZERS
 from fedtensor.protocol.values import tensor_bytes
@@ -63,33 +67,6 @@ def worker_seed(seed: int, round: int, index: int) -> int:
 
 def _sampling_generator(seed: int, round: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 7_919 + round) % (2**63))
-
-
-def evaluate(
-    model: torch.nn.Module,
-    data: torch.Tensor,
-    targets: torch.Tensor,
-    loss: Callable[..., Any] = torch.nn.functional.cross_entropy,
-    *,
-    batch_size: int = 1024,
-) -> tuple[float, float]:
-    """Mean loss and accuracy of ``model`` (in eval mode) on local held-out data."""
-    was_training = model.training
-    model.eval()
-    total_loss = 0.0
-    correct = 0
-    try:
-        with torch.no_grad():
-            for start in range(0, len(data), batch_size):
-                x, y = data[start : start + batch_size], targets[start : start + batch_size]
-                output = model(x)
-                total_loss += float(loss(output, y)) * len(x)
-                if output.dim() == 2 and y.dim() == 1 and not y.is_floating_point():
-                    correct += int((output.argmax(1) == y).sum())
-    finally:
-        model.train(was_training)
-    count = max(len(data), 1)
-    return total_loss / count, correct / count
 
 
 async def fit(
@@ -114,6 +91,12 @@ async def fit(
     progress: bool | IO[str] = True,
     seed: int = 0,
     on_round: Callable[[RoundMetrics], object] | None = None,
+    evaluate_fraction: float = 0.0,
+    evaluate_every: int = 1,
+    arrival_order: Sequence[str] | None = None,
+    dp: _privacy.Mechanism | Sequence[_privacy.Mechanism] | None = None,
+    target_epsilon: float | None = None,
+    secure_aggregation: SecAggPlus | None = None,
 ) -> History:
     """Train ``model`` federatedly on the workers holding ``data``; returns the history.
 
@@ -125,6 +108,18 @@ async def fit(
     ``resume`` as well, a run starts after the round the file holds.
     ``round_timeout`` bounds how long a round waits for updates (default: each
     worker handle's own timeout, 60 s unless given to ``connect``).
+    ``evaluate_fraction`` > 0 evaluates the global model every ``evaluate_every``
+    rounds on the held-out parts (``holdout``) of that fraction of the workers
+    (:mod:`fedtensor.federated.evaluation`). An asynchronous ``strategy``
+    (``ft.FedBuff``, ``ft.FedAsync``) trains without rounds, ``rounds`` being model
+    versions (:mod:`fedtensor.federated.asynchronous`); ``arrival_order`` replays
+    one run's order of updates (``history.arrival_order()``).
+    ``dp`` trains with differential privacy (``ft.CentralDP``, ``ft.LocalDP``,
+    ``ft.DPSGD``; :mod:`fedtensor.federated.privacy`); with ``target_epsilon`` the
+    run stops before a round that would pass that ε.
+    ``secure_aggregation`` (``ft.SecAggPlus()``) aggregates by SecAgg+: this
+    process learns only the sum of each round's updates
+    (:mod:`fedtensor.federated.secagg`).
     """
     if rounds < 0 or epochs < 1 or batch_size < 1:
         raise ValueError("rounds must be >= 0, epochs and batch_size >= 1")
@@ -134,8 +129,36 @@ async def fit(
         raise ValueError("min_workers must be at least 1")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}")
+    if dp is not None and resume:
+        raise ValueError("a private run cannot resume: checkpoints do not keep the accountant")
     strategy = strategy if strategy is not None else FedAvg()
-    plan = trace(model, loss, await _example_batch(data))
+    example = await _example_batch(data)
+    plan = trace(model, loss, example)
+    evaluator = None
+    if evaluate_fraction:
+        evaluator = FederatedEvaluator(
+            model, loss, data, example, fraction=evaluate_fraction, every=evaluate_every,
+            seed=seed, timeout=round_timeout,
+        )  # fmt: skip
+    if secure_aggregation is not None:
+        workers = len(data.shards)
+        per_round = min(workers, max(min_workers, math.ceil(fraction * workers)))
+        secure_aggregation.check(workers, per_round, strategy)
+    if isinstance(strategy, AsynchronousStrategy):  # FedBuff, FedAsync: no rounds
+        if dp is not None or secure_aggregation is not None:
+            raise ValueError("dp and secure_aggregation are for synchronous strategies only")
+        return await fit_asynchronously(
+            model, data, plan, strategy, rounds=rounds, loss=loss,
+            hyperparameters={
+                "epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer,
+                "momentum": momentum, "weight_decay": weight_decay,
+            },
+            update_timeout=round_timeout, eval_data=eval_data, evaluator=evaluator,
+            checkpoint=checkpoint, resume=resume, progress=progress, seed=seed,
+            on_round=on_round, arrival_order=arrival_order,
+        )  # fmt: skip
+    if arrival_order is not None:
+        raise ValueError("arrival_order is for asynchronous strategies (ft.FedBuff, ft.FedAsync)")
     history = History()
     first_round = 1
     if checkpoint is not None and resume:
@@ -146,6 +169,21 @@ async def fit(
         first_round = restored + 1
     if len(data.shards) < min_workers:
         raise ValueError(f"min_workers={min_workers} but the data is on {len(data.shards)} workers")
+    privacy = None
+    if dp is not None:
+        workers = len(data.shards)
+        privacy = _privacy.PrivacyRun(
+            dp,
+            target_epsilon=target_epsilon,
+            workers=workers,
+            sampled=min(workers, max(min_workers, math.ceil(fraction * workers))),
+            trainable=plan.trainable,
+            model=model,
+            fraction=fraction,
+            secure=secure_aggregation is not None,
+        )
+    elif target_epsilon is not None:
+        raise ValueError("target_epsilon needs dp (ft.CentralDP, ft.LocalDP or ft.DPSGD)")
     run = _Run(
         model=model,
         data=data,
@@ -160,6 +198,7 @@ async def fit(
             "momentum": momentum,
             "weight_decay": weight_decay,
             "prox_mu": strategy.prox_mu,
+            **(privacy.worker_arguments() if privacy is not None else {}),
         },
         fraction=fraction,
         min_workers=min_workers,
@@ -168,15 +207,26 @@ async def fit(
         shown=ProgressDisplay(rounds, progress),
         alive=list(range(len(data.shards))),
         plans={},
+        privacy=privacy,
+        secure_aggregation=secure_aggregation,
     )
     try:
         for round in range(first_round, rounds + 1):
             if not run.alive:
                 raise WorkerUnavailable("every worker of the federated data set is gone")
+            if privacy is not None and (reason := _privacy_stop(run, round)) is not None:
+                if round == first_round:
+                    raise ValueError(f"not even one round fits the privacy budget: {reason}")
+                history.stopped = f"stopped before round {round}: {reason}"
+                run.shown.note(history.stopped)
+                break
             metrics = await _round(run, round)
             if eval_data is not None:
                 eval_loss, eval_accuracy = evaluate(model, *eval_data, loss)
                 metrics = replace(metrics, eval_loss=eval_loss, eval_accuracy=eval_accuracy)
+            if evaluator is not None and evaluator.due(round):
+                evaluation = await evaluator.evaluate(model, round, run.alive)
+                metrics = replace(metrics, **evaluation.metrics())
             history.append(metrics)
             run.shown.finished(metrics)
             if checkpoint is not None:
@@ -187,6 +237,9 @@ async def fit(
                 on_round(metrics)
     finally:
         run.plans.clear()  # the pointers go: the plans are released on the workers
+        run.plans_by_client.clear()
+        if evaluator is not None:
+            evaluator.close()
     return history
 
 
@@ -209,37 +262,92 @@ class _Run:
     alive: list[int]
     #: The plan stored on each worker that has it, by index.
     plans: dict[int, PointerBase]
+    #: Differential privacy's state (accountants, clipping bound), if the run is private.
+    privacy: _privacy.PrivacyRun | None = None
+    #: SecAgg+ (fedtensor.federated.secagg), if the run aggregates securely.
+    secure_aggregation: SecAggPlus | None = None
+    #: The plan stored on each worker, by ``id`` of its client: the shards of one
+    #: worker (simulated clients, fedtensor.federated.simulation) share one.
+    plans_by_client: dict[int, PointerBase] = field(default_factory=dict)
 
 
 # Remote failures that are the plan's or the hyperparameters' fault, not the worker's.
 _PLAN_ERRORS = frozenset({"PlanError", "ForbiddenOperation"})
 
 
-async def _round(run: _Run, round: int) -> RoundMetrics:
-    started = time.perf_counter()
+def _sample(run: _Run, round: int) -> list[int]:
+    """The indices of the workers ``round`` samples (a function of the seed and round)."""
     alive = run.alive
     count = min(len(alive), max(run.min_workers, math.ceil(run.fraction * len(alive))))
     order = torch.randperm(len(alive), generator=_sampling_generator(run.seed, round)).tolist()
-    sampled = sorted(alive[position] for position in order[:count])
+    return sorted(alive[position] for position in order[:count])
+
+
+def _privacy_stop(run: _Run, round: int) -> str | None:
+    """Why ``round`` would pass the run's privacy budget, or None."""
+    assert run.privacy is not None
+    return run.privacy.would_exceed(
+        len(run.alive),
+        _sample(run, round),
+        {index: shard.size for index, shard in enumerate(run.data.shards)},
+        run.hyperparameters["epochs"],
+        run.hyperparameters["batch_size"],
+    )
+
+
+async def _round(run: _Run, round: int) -> RoundMetrics:
+    started = time.perf_counter()
+    alive = run.alive
+    alive_before = len(alive)
+    sampled = _sample(run, round)
     state = {key: value.detach() for key, value in run.model.state_dict().items()}
     shards = run.data.shards
+    if run.secure_aggregation is not None:
+        if run.privacy is None:
+            return await secure_round(run, round, sampled, state)
+        # Central DP's noise is added by the workers, before masking.
+        metrics = await secure_round(
+            run, round, sampled, state, **run.privacy.secure_arguments(len(sampled))
+        )
+        epsilon, example_epsilon = run.privacy.account(
+            alive_before,
+            sampled,
+            {index: shards[index].size for index in sampled},
+            run.hyperparameters["epochs"],
+            run.hyperparameters["batch_size"],
+            not metrics.skipped,
+            {},
+            survivors=len(metrics.completed),
+        )
+        return replace(
+            metrics,
+            epsilon=epsilon,
+            example_epsilon=example_epsilon,
+            clip_norm=run.privacy.clip_norm,
+        )
 
     # Every sampled worker's commands are queued before any reply is awaited: the
     # workers train concurrently.
     results: dict[int, PointerBase] = {}
+    # The global state goes once to each worker: its shards (simulated clients) share it.
+    stored: dict[int, PointerBase] = {}
     for index in sampled:
         shard = shards[index]
         client = shard.worker.client
         if index not in run.plans:
-            run.plans[index] = client.store(run.plan.wire)
-        stored = client.store(state)
+            shared = run.plans_by_client.get(id(client))
+            run.plans[index] = shared if shared is not None else client.store(run.plan.wire)
+            run.plans_by_client[id(client)] = run.plans[index]
+        if id(client) not in stored:
+            stored[id(client)] = client.store(state)
         results[index] = call_on(
             client,
             "fedtensor.local_update",
-            (run.plans[index], stored, shard.data, shard.targets),
+            (run.plans[index], stored[id(client)], shard.data, shard.targets),
             {**run.hyperparameters, "seed": worker_seed(run.seed, round, index)},
         )
-        del stored  # released on the worker right after the update read it
+    state_copies = len(stored)
+    del stored  # released on the workers right after their last update read it
     submitted = time.perf_counter()
 
     updates: dict[int, tuple[dict[str, Any], float]] = {}  # index -> (reply, seconds to it)
@@ -257,6 +365,7 @@ async def _round(run: _Run, round: int) -> RoundMetrics:
                 reasons[index] = f"unavailable: {exc}"
                 alive.remove(index)
                 run.plans.pop(index, None)
+                run.plans_by_client.pop(id(shards[index].worker.client), None)
             except FedTimeoutError as exc:
                 reasons[index] = f"{type(exc).__name__}: {exc}"
             except RemoteError as exc:
@@ -286,16 +395,32 @@ async def _round(run: _Run, round: int) -> RoundMetrics:
         raise remote_errors[min(remote_errors)]
 
     replies = [(index, *updates[index]) for index in sampled if index in updates]
-    name = [shard.worker.id for shard in shards]
+    name = {index: shards[index].name for index in sampled}  # only the sampled: O(round)
     examples = sum(int(reply["examples"]) for _, reply, _ in replies)
     skipped = len(replies) < run.min_workers
+    privacy = run.privacy
+    clip_norm = privacy.clip_norm if privacy is not None else math.nan
     if not skipped:
-        new_state = run.strategy.aggregate(
-            state,
-            [Update(name[i], reply["state"], int(reply["examples"])) for i, reply, _ in replies],
-            run.parameters,
-        )
+        updates_in = [
+            Update(name[i], reply["state"], int(reply["examples"])) for i, reply, _ in replies
+        ]
+        if privacy is not None and privacy.central is not None:
+            # Central DP: the strategy sees only the noised mean of the clipped updates.
+            noised = privacy.aggregate(state, [update.state for update in updates_in])
+            updates_in = [Update("(central DP)", noised, 1)]
+        new_state = run.strategy.aggregate(state, updates_in, run.parameters)
         run.model.load_state_dict(new_state)
+    epsilon = example_epsilon = math.nan
+    if privacy is not None:
+        epsilon, example_epsilon = privacy.account(
+            alive_before,
+            sampled,
+            {index: shards[index].size for index in sampled},
+            run.hyperparameters["epochs"],
+            run.hyperparameters["batch_size"],
+            not skipped,
+            {index: reply for index, reply, _ in replies},
+        )
     seen = examples * run.hyperparameters["epochs"]
     return RoundMetrics(
         round=round,
@@ -318,8 +443,11 @@ async def _round(run: _Run, round: int) -> RoundMetrics:
             if replies
             else 0.0
         ),
-        bytes_sent=tensor_bytes(state) * len(sampled),
+        bytes_sent=tensor_bytes(state) * state_copies,
         bytes_received=sum(tensor_bytes(reply["state"]) for _, reply, _ in replies),
+        epsilon=epsilon,
+        example_epsilon=example_epsilon,
+        clip_norm=clip_norm,
     )
 
 

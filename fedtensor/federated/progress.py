@@ -44,6 +44,35 @@ class RoundMetrics:
     #: Tensor bytes of model state sent to, and received from, the workers.
     bytes_sent: int = 0
     bytes_received: int = 0
+    #: Differential privacy (``dp``): the ε spent so far, at the mechanism's δ, by the
+    #: user-level mechanism (CentralDP, LocalDP) and by DP-SGD (example-level); NaN
+    #: without one. Central DP's clipping bound in this round (it moves if adaptive).
+    epsilon: float = math.nan
+    example_epsilon: float = math.nan
+    clip_norm: float = math.nan
+    #: Federated evaluation (``evaluate_fraction``): the global model after the round
+    #: on the held-out parts of a sample of workers. Worker id -> (mean loss,
+    #: accuracy, examples); the example-weighted mean loss and accuracy over them; the
+    #: 10th, 50th and 90th percentiles of per-client loss and accuracy.
+    client_eval: dict[str, tuple[float, float, int]] = field(default_factory=dict)
+    client_eval_loss: float = math.nan
+    client_eval_accuracy: float = math.nan
+    client_eval_loss_quantiles: tuple[float, ...] = ()
+    client_eval_accuracy_quantiles: tuple[float, ...] = ()
+    #: Asynchronous training (FedBuff, FedAsync), where a round is one model version
+    #: (``round`` its number): the updates it aggregated, in the order they arrived,
+    #: by worker id; the version each started from; their staleness (this version
+    #: - 1 - that one); when each arrived, in seconds since the run (or resume) began.
+    arrivals: tuple[str, ...] = ()
+    base_versions: tuple[int, ...] = ()
+    staleness: tuple[int, ...] = ()
+    arrival_seconds: tuple[float, ...] = ()
+    #: Secure aggregation (``secure_aggregation``): figures of the round's masked sum
+    #: (``quantization_step``: the largest error quantization adds to a coordinate of
+    #: the average; ``clipped``: how many coordinates were clipped, over all workers;
+    #: ``neighbours``, ``threshold``, ``dropped``), and why a skipped round was skipped.
+    secure_aggregation: dict[str, float] = field(default_factory=dict)
+    skip_reason: str = ""
 
 
 class History(Sequence[RoundMetrics]):
@@ -51,6 +80,8 @@ class History(Sequence[RoundMetrics]):
 
     def __init__(self, rounds: Sequence[RoundMetrics] = ()) -> None:
         self._rounds = list(rounds)
+        #: Why the run ended before its last round (a private run's budget), or None.
+        self.stopped: str | None = None
 
     def __len__(self) -> int:
         return len(self._rounds)
@@ -63,6 +94,13 @@ class History(Sequence[RoundMetrics]):
 
     def append(self, metrics: RoundMetrics) -> None:
         self._rounds.append(metrics)
+
+    def arrival_order(self) -> list[str]:
+        """Asynchronous runs: every aggregated update's worker, in arrival order.
+
+        ``ft.fit(..., arrival_order=history.arrival_order())`` replays it.
+        """
+        return [worker for m in self._rounds for worker in m.arrivals]
 
     def __repr__(self) -> str:
         return f"<History of {len(self)} rounds>"
@@ -103,6 +141,7 @@ class History(Sequence[RoundMetrics]):
             rounds, [m.train_accuracy for m in self._rounds], label="train (workers)"
         )
         accuracy_axes.plot(rounds, [m.eval_accuracy for m in self._rounds], label="held-out")
+        _plot_client_eval(loss_axes, accuracy_axes, self._rounds)
         accuracy_axes.set_xlabel("round")
         accuracy_axes.set_ylabel("accuracy")
         accuracy_axes.legend()
@@ -115,6 +154,39 @@ class History(Sequence[RoundMetrics]):
 
 def _percent(value: float) -> str:
     return "-" if math.isnan(value) else f"{100 * value:.1f}%"
+
+
+def _client_eval_text(m: RoundMetrics) -> str:
+    """Federated evaluation in a progress line: weighted mean, then p10/p50/p90."""
+    text = f"clients ({len(m.client_eval)}) acc {_percent(m.client_eval_accuracy)}"
+    if len(m.client_eval_accuracy_quantiles) == 3:
+        low, median, high = (_percent(q) for q in m.client_eval_accuracy_quantiles)
+        text += f" [p10 {low}, p50 {median}, p90 {high}]"
+    return text + f", loss {m.client_eval_loss:.4f}"
+
+
+def _plot_client_eval(loss_axes: Any, accuracy_axes: Any, rounds: Sequence[RoundMetrics]) -> None:
+    """Federated evaluation on the plot: the weighted mean, the median, the p10-p90 band."""
+    evaluated = [m for m in rounds if len(m.client_eval_accuracy_quantiles) == 3]
+    if not evaluated:
+        return
+    x = [m.round for m in evaluated]
+    for axes, mean, bands in (
+        (loss_axes, "client_eval_loss", "client_eval_loss_quantiles"),
+        (accuracy_axes, "client_eval_accuracy", "client_eval_accuracy_quantiles"),
+    ):
+        (line,) = axes.plot(x, [getattr(m, mean) for m in evaluated], label="clients (mean)")
+        band = [getattr(m, bands) for m in evaluated]
+        axes.plot(x, [q[1] for q in band], "--", color=line.get_color(), label="clients (median)")
+        axes.fill_between(
+            x,
+            [q[0] for q in band],
+            [q[2] for q in band],
+            color=line.get_color(),
+            alpha=0.2,
+            label="clients (p10-p90)",
+        )
+        axes.legend()
 
 
 class ProgressDisplay:
@@ -149,6 +221,14 @@ class ProgressDisplay:
             parts.append(f"train loss {m.train_loss:.4f}")
         if not math.isnan(m.eval_loss):
             parts.append(f"eval loss {m.eval_loss:.4f}, eval acc {_percent(m.eval_accuracy)}")
+        if m.staleness:
+            parts.append(f"staleness {'/'.join(str(s) for s in m.staleness)}")
+        if m.client_eval:
+            parts.append(_client_eval_text(m))
+        if not math.isnan(m.epsilon):
+            parts.append(f"epsilon {m.epsilon:.3g}")
+        if not math.isnan(m.example_epsilon):
+            parts.append(f"example-level epsilon {m.example_epsilon:.3g}")
         parts.append(f"{m.seconds:.2f} s")
         if self.tty:
             bar = "#" * self.WIDTH
@@ -157,3 +237,9 @@ class ProgressDisplay:
             line = f"round {m.round}/{self.rounds}: " + ", ".join(parts)
         self.stream.write(line + "\n")
         self.stream.flush()
+
+    def note(self, text: str) -> None:
+        """A line about the run itself (why it stopped early)."""
+        if self.stream is not None:
+            self.stream.write(text + "\n")
+            self.stream.flush()

@@ -30,7 +30,7 @@ their input, are traced with that check skipped even without an example;
 from __future__ import annotations
 
 import builtins
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +42,7 @@ from fedtensor.protocol import ops as _ops
 from fedtensor.protocol import plan as _plan
 from fedtensor.protocol.messages import Ref
 
-__all__ = ["EXAMPLE_BATCHES", "Plan", "trace"]
+__all__ = ["EXAMPLE_BATCHES", "Plan", "trace", "trace_forward"]
 
 #: The two batch sizes a traced model runs on, on the meta device, to settle control flow.
 EXAMPLE_BATCHES = (2, 3)
@@ -223,8 +223,13 @@ def trace(
     model: torch.nn.Module,
     loss: Callable[..., Any],
     example: tuple[torch.Tensor, torch.Tensor] | None = None,
+    *,
+    training: bool = True,
 ) -> Plan:
     """Trace ``loss(model(x), y)`` (in training mode) into a :class:`Plan`.
+
+    ``training=False`` traces the model in evaluation mode instead (dropout off,
+    batch norms on their running statistics): the plan federated evaluation runs.
 
     ``example`` is an ``(x, y)`` batch, or tensors shaped like one (only their
     shapes past the first dimension and their dtypes are used): with it, control
@@ -235,7 +240,7 @@ def trace(
     values (or, with an example, on the batch size).
     """
     was_training = model.training
-    model.train()
+    model.train(training)
     step = _TrainingStep(model, loss)
     examples = None
     if example is not None:
@@ -262,10 +267,55 @@ def trace(
         ) from exc
     finally:
         model.train(was_training)
-    # Parameters and buffers are found by identity, under their state-dict names.
+    nodes = _wire_nodes(graph, step, model, f"cannot trace {type(model).__name__}")
+    trainable = tuple(
+        name
+        for name, value in model.state_dict(keep_vars=True).items()
+        if isinstance(value, torch.nn.Parameter) and value.requires_grad
+    )
+    wire = {"format": _plan.FORMAT, "nodes": nodes, "trainable": list(trainable)}
+    return Plan(wire, trainable, sum(1 for entry in nodes if entry[0] == "call"))
+
+
+def _fetch_attribute(root: torch.nn.Module, path: str) -> Any:
+    value: Any = root
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def trace_forward(
+    module: torch.nn.Module, examples: Sequence[torch.Tensor], *, name: str
+) -> dict[str, Any]:
+    """``module.forward`` on ``examples`` as a plan's wire values: a forward-only plan
+    (PySyft's ``sy.Plan``, run by ``fedtensor.run_plan``), where :func:`trace` makes a
+    training step. ``name`` names the plan in errors."""
+    metas = (tuple(torch.empty_like(example, device="meta") for example in examples),)
+    tracer = _PlanTracer(metas)
+    try:
+        graph = tracer.trace(module)
+    except torch.fx.proxy.TraceError as exc:
+        raise PlanError(
+            f"cannot build plan {name!r}: {exc} (a plan is a straight-line graph)"
+        ) from exc
+    except (TypeError, RuntimeError) as exc:
+        raise PlanError(
+            f"cannot build plan {name!r}: {exc} (Python numbers in a plan may "
+            "come from shapes and settings, not from tensor values)"
+        ) from exc
+    nodes = _wire_nodes(graph, module, module, f"cannot build plan {name!r}")
+    return {"format": _plan.FORMAT, "nodes": nodes, "trainable": []}
+
+
+def _wire_nodes(
+    graph: torch.fx.Graph, root: torch.nn.Module, model: torch.nn.Module, failure: str
+) -> list[list[Any]]:
+    """``graph`` (traced from ``root``) as a plan's wire nodes; ``model``'s parameters and
+    buffers, found by identity, become ``state`` nodes under their state-dict names.
+    ``failure`` opens the message of a :class:`PlanError`."""
     state_names = {id(value): name for name, value in model.state_dict(keep_vars=True).items()}
-    qualified: dict[str, torch.Tensor] = dict(step.named_parameters(remove_duplicate=False))
-    qualified.update(step.named_buffers(remove_duplicate=False))
+    qualified: dict[str, torch.Tensor] = dict(root.named_parameters(remove_duplicate=False))
+    qualified.update(root.named_buffers(remove_duplicate=False))
     index: dict[torch.fx.Node, int] = {}
     nodes: list[list[Any]] = []
 
@@ -287,10 +337,7 @@ def trace(
             or value is Ellipsis
         ):
             return value
-        raise PlanError(
-            f"cannot trace {type(model).__name__}: a {type(value).__name__} constant "
-            "cannot travel in a plan"
-        )
+        raise PlanError(f"{failure}: a {type(value).__name__} constant cannot travel in a plan")
 
     inputs = 0
     for node in graph.nodes:
@@ -301,14 +348,14 @@ def trace(
             assert isinstance(node.target, str)
             tensor = qualified.get(node.target)
             if tensor is None:
-                tensor = _fetch_attribute(step, node.target)
-            name = state_names.get(id(tensor))
-            if name is not None:
-                entry = ["state", name, (), {}]
+                tensor = _fetch_attribute(root, node.target)
+            state_name = state_names.get(id(tensor))
+            if state_name is not None:
+                entry = ["state", state_name, (), {}]
             elif isinstance(tensor, torch.Tensor):
                 entry = ["value", None, (tensor.detach().clone(),), {}]
             else:
-                raise PlanError(f"cannot trace {type(model).__name__}: {node.target} is no tensor")
+                raise PlanError(f"{failure}: {node.target} is no tensor")
         elif node.op == "call_function" and node.target is torch._assert:
             continue  # an `assert` on traced values, true for the examples: validation only
         elif node.op in ("call_function", "call_method"):
@@ -316,20 +363,7 @@ def trace(
         elif node.op == "output":
             entry = ["output", None, (wire_arg(node.args[0]),), {}]
         else:  # call_module: is_leaf_module says never
-            raise PlanError(f"cannot trace {type(model).__name__}: unexpected {node.op} node")
+            raise PlanError(f"{failure}: unexpected {node.op} node")
         index[node] = len(nodes)
         nodes.append(entry)
-    trainable = tuple(
-        name
-        for name, value in model.state_dict(keep_vars=True).items()
-        if isinstance(value, torch.nn.Parameter) and value.requires_grad
-    )
-    wire = {"format": _plan.FORMAT, "nodes": nodes, "trainable": list(trainable)}
-    return Plan(wire, trainable, sum(1 for entry in nodes if entry[0] == "call"))
-
-
-def _fetch_attribute(root: torch.nn.Module, path: str) -> Any:
-    value: Any = root
-    for part in path.split("."):
-        value = getattr(value, part)
-    return value
+    return nodes

@@ -38,8 +38,14 @@ answers (write a control frame, drop the queued messages, set the one timer,
 close or abort TCP). Only the data path skips it: a binary message received
 while the connection is open goes straight to the reassembler, with no call
 into the state machine. The event loop never waits on computation (the worker
-computes on a thread of its own), so a long operation does not delay pongs.
+computes on threads of its own), so a long operation does not delay pongs.
 :meth:`connection_closed` is called once, when TCP is gone.
+
+Before the handshake a connection costs almost nothing: the head is read in
+pieces of :data:`HEAD_CHUNK` bytes into a buffer that grows only as bytes
+arrive (to ``max_head`` at most), and the frame parser, whose receive buffer
+is 256 KiB, is made only once the connection opens. A thousand connections
+that never send a byte cost a few MiB, not a quarter of a GiB.
 
 When TCP is gone the parser and the reassembler drop their buffers and the
 parser its callbacks (bound methods of this object): a closed peer holds no
@@ -88,12 +94,15 @@ from fedtensor.protocol.wsframes import (
     masked,
 )
 
-__all__ = ["MAX_HANDSHAKE", "WebSocketPeer"]
+__all__ = ["HEAD_CHUNK", "MAX_HANDSHAKE", "WebSocketPeer"]
 
 _log = logging.getLogger("fedtensor.websocket")
 
 #: Bytes of an HTTP upgrade request or response, headers included.
 MAX_HANDSHAKE = 16 << 10
+
+#: Bytes read at a time before the connection opens: a silent connection holds this much.
+HEAD_CHUNK = 1 << 10
 
 #: Messages shorter than this are written with their header in one call.
 _JOIN_BELOW = 64 << 10
@@ -110,6 +119,8 @@ class WebSocketPeer(asyncio.BufferedProtocol):
 
     #: True for the end that masks what it sends (RFC 6455 section 5.3).
     client: ClassVar[bool]
+    #: Bytes of the HTTP head this end reads before it gives up.
+    max_head: ClassVar[int] = MAX_HANDSHAKE
 
     def __init__(
         self,
@@ -133,17 +144,12 @@ class WebSocketPeer(asyncio.BufferedProtocol):
         )
         self.max_message = max_message
         self._reassembler = Reassembler(max_frame)
-        self._parser = Parser(
-            masked=not self.client,
-            # Room for the one-byte kind (or the 9-byte split header).
-            max_message=max_message + 16,
-            allocate=self._allocate,
-            handle=self._handle_event,
-        )
+        #: Made when the connection opens (see the module's theory: its buffer is 256 KiB).
+        self._parser: Parser | None = None
         #: What was received before the connection opened.
         self.handshake_bytes = bytearray()
         #: Where received bytes go while frames are not read (the handshake, the end).
-        self._head_buffer = memoryview(bytearray(MAX_HANDSHAKE))
+        self._head_buffer = memoryview(bytearray(HEAD_CHUNK))
         # Frames to send (their messages, and their size), and where a close frame goes.
         self._outgoing: collections.deque[tuple[Iterator[Chunk], int] | SendAfterQueued] = (
             collections.deque()
@@ -208,6 +214,13 @@ class WebSocketPeer(asyncio.BufferedProtocol):
 
     def opened(self) -> None:
         """Switch to the open phase (the subclass calls this once the handshake is done)."""
+        self._parser = Parser(
+            masked=not self.client,
+            # Room for the one-byte kind (or the 9-byte split header).
+            max_message=self.max_message + 16,
+            allocate=self._allocate,
+            handle=self._handle_event,
+        )
         self._act(self.websocket.opened())
 
     # -- asyncio callbacks ------------------------------------------------------------------------
@@ -218,8 +231,9 @@ class WebSocketPeer(asyncio.BufferedProtocol):
         self._act(self.websocket.connection_made())
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self.websocket.reading:
-            return self._parser.get_buffer(sizehint)
+        parser = self._parser
+        if parser is not None and self.websocket.reading:
+            return parser.get_buffer(sizehint)
         return self._head_buffer
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -229,7 +243,7 @@ class WebSocketPeer(asyncio.BufferedProtocol):
                 self._head_updated(nbytes)
             return  # after the peer's close frame, or a fault: dropped
         try:
-            self._parser.buffer_updated(nbytes)
+            self._parser.buffer_updated(nbytes)  # type: ignore[union-attr]  # reading: made
         except Violation as exc:
             self.fail(exc.code, exc.reason)
 
@@ -241,7 +255,8 @@ class WebSocketPeer(asyncio.BufferedProtocol):
             return
         self._act(self.websocket.connection_lost())
         self._drop_outgoing()
-        self._parser.release()  # breaks the cycle through its callbacks (see above)
+        if self._parser is not None:
+            self._parser.release()  # breaks the cycle through its callbacks (see above)
         self._reassembler.clear()
         if not self.closed.done():
             self.closed.set_result(None)
@@ -260,17 +275,17 @@ class WebSocketPeer(asyncio.BufferedProtocol):
         self.handshake_bytes += self._head_buffer[:nbytes]
         end = self.handshake_bytes.find(b"\r\n\r\n")
         if end < 0:
-            if len(self.handshake_bytes) >= MAX_HANDSHAKE:
-                self.abort(f"no HTTP head within {MAX_HANDSHAKE} bytes")
+            if len(self.handshake_bytes) >= self.max_head:
+                self.abort(f"no HTTP head within {self.max_head} bytes")
             return
         head, rest = bytes(self.handshake_bytes[: end + 4]), bytes(self.handshake_bytes[end + 4 :])
         if not self.handshake_received(head) or self.websocket.state is not OPEN:
             return
         self.handshake_bytes = bytearray()
-        self._head_buffer = _DISCARDED  # 16 KiB per connection no longer needed
+        self._head_buffer = _DISCARDED  # no longer needed
         if rest:
             try:
-                self._parser.receive(rest)
+                self._parser.receive(rest)  # type: ignore[union-attr]  # open: made
             except Violation as exc:
                 self.fail(exc.code, exc.reason)
 

@@ -1276,18 +1276,40 @@ def _head(data: Chunk, pos: int, major: int, what: str) -> tuple[int, int]:
     return int.from_bytes(data[pos + 1 : end], "big"), end
 
 
+#: Items of at least this many bytes are read by cbor2 through :class:`_YieldingStream`.
+YIELD_ABOVE = 4 << 10
+#: Bytes cbor2 reads at a time from a :class:`_YieldingStream`.
+_YIELD_READ_SIZE = 512
+
+
+class _YieldingStream(io.BytesIO):
+    """A stream whose reads are Python calls, so that other threads run between them.
+
+    cbor2's compiled decoder holds the GIL for a whole item: a 1 MB item of empty
+    lists holds every other thread (a worker's event loop, its other clients) for
+    seconds. Reading it through a Python method every ``_YIELD_READ_SIZE`` bytes
+    gives the interpreter a point to switch threads at (measured: the item's
+    decoding takes 1.4x as long; a large item is mostly tensor bytes, read whole).
+    """
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        return super().read(size)
+
+
 def _decode_item(data: Chunk, pos: int, tags: _Tags, max_depth: int) -> Any:
     """Have cbor2 decode the one item that fills ``data`` from ``pos`` to its end."""
     end = len(data)
+    stream_type = io.BytesIO if end - pos < YIELD_ABOVE else _YieldingStream
     if type(data) is bytes:
-        stream = io.BytesIO(data)  # shares the bytes
+        stream = stream_type(data)  # shares the bytes
         stream.seek(pos)
     else:
-        stream = io.BytesIO(memoryview(data)[pos:])  # a copy of the part cbor2 reads
+        stream = stream_type(memoryview(data)[pos:])  # a copy of the part cbor2 reads
         end -= pos
     try:
         item = cbor2.load(
             stream,
+            read_size=4096 if stream_type is io.BytesIO else _YIELD_READ_SIZE,
             semantic_decoders=tags,
             max_depth=max_depth,
             allow_indefinite=False,

@@ -43,6 +43,7 @@ __all__ = [
     "ATTRIBUTES",
     "FUNCTION_NAMES",
     "OPERATIONS",
+    "WORKER_FUNCTIONS",
     "WORKER_OPERATIONS",
     "allowed_operations",
     "is_allowed",
@@ -197,8 +198,45 @@ OPERATIONS, FUNCTION_NAMES = _build()
 
 #: Operations of fedtensor's own, which a worker binds to itself
 #: (:class:`fedtensor.worker.actor.WorkerActor`): a data set it holds, and a local
-#: training update (:mod:`fedtensor.worker.local_update`). Plans cannot call them.
-WORKER_OPERATIONS: frozenset[str] = frozenset({"fedtensor.dataset", "fedtensor.local_update"})
+#: training update (:mod:`fedtensor.worker.local_update`), a held-out evaluation
+#: (:mod:`fedtensor.worker.evaluate`). Plans cannot call them.
+WORKER_OPERATIONS: frozenset[str] = frozenset(
+    {"fedtensor.dataset", "fedtensor.evaluate", "fedtensor.local_update"}
+    # Secure aggregation's stages (fedtensor.worker.secagg).
+    | {
+        "fedtensor.secagg_setup",
+        "fedtensor.secagg_public_keys",
+        "fedtensor.secagg_share_keys",
+        "fedtensor.secagg_mask",
+        "fedtensor.secagg_unmask",
+    }
+    # Tags and search, and moving tensors between workers (fedtensor.worker.exchange).
+    | {
+        "fedtensor.alias",
+        "fedtensor.capability",
+        "fedtensor.deliver",
+        "fedtensor.describe",
+        "fedtensor.search",
+    }
+    # PySyft-style training on pointers: the client's no_grad, one pointer per element of
+    # a multi-output result, torch.autograd.grad, p.grad = None, a fetch that checks
+    # unawaited backward() results on its way (fedtensor.worker.autograd_ops).
+    | {
+        "fedtensor.autograd_grad",
+        "fedtensor.checked",
+        "fedtensor.element",
+        "fedtensor.no_grad",
+        "fedtensor.set_attribute",
+    }
+    # A PySyft-style plan stored on the worker, run once (fedtensor.worker.plan_run).
+    | {"fedtensor.run_plan"}
+    # The crypto provider's Beaver triples for secret sharing (fedtensor.worker.sharing).
+    | {"fedtensor.beaver_triple"}
+)
+
+#: Torch functions a pointer runs as one of fedtensor's own worker operations (the
+#: generic autograd entry points stay off the allow-list).
+WORKER_FUNCTIONS: dict[Any, str] = {torch.autograd.grad: "fedtensor.autograd_grad"}
 
 
 def is_allowed(name: str) -> bool:

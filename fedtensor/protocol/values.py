@@ -41,7 +41,8 @@ def snapshot(value: Any) -> Any:
 def tensor_bytes(value: Any) -> int:
     """The bytes of tensor data in ``value`` (grads included; views count in full).
 
-    What memory quotas count, and what a federated round reports it moved.
+    What a federated round reports it moved. (A worker's memory quota counts more:
+    every stored value, tensors once per storage; see :mod:`fedtensor.worker.budget`.)
     """
     if isinstance(value, torch.Tensor):
         size = value.numel() * value.element_size()

@@ -9,8 +9,8 @@ not touch the store: for every client that connects they open a
 callback they passed in. Each session is a namespace: ids name objects of that
 session only, so one client can neither read nor guess another's objects.
 
-All batches go through one FIFO mailbox and are executed one at a time, so the
-commands of one client run in the order they were sent and a pipelined chain is
+One client's batches are executed one at a time in the order they were posted,
+so its commands run in the order they were sent and a pipelined chain is
 correct without waiting. Executing a batch (:meth:`WorkerActor.execute`) is plain
 synchronous code with no I/O: it is what the unit tests drive directly.
 
@@ -23,14 +23,22 @@ and nothing per turn of the loop; it can be opened and closed from any task in
 any order, and :meth:`WorkerActor.close` is synchronous and complete: the
 mailbox is emptied and every object freed at once.
 
-A worker serving a network runs its mailbox on a thread of its own, so that
-its event loop stays free for I/O while an operation computes. Handing a batch
-to that thread and its replies back costs about 120 microseconds here, more
-than a small operation itself, so :meth:`WorkerActor.run_inline` runs the
-commands that are provably cheap (see :mod:`fedtensor.worker.inline`) on the caller's
-thread instead, when the actor is idle: nothing queued, nothing running. The
-order of commands is kept: the first command that is not cheap, and every
-command after it, goes through the mailbox.
+A worker serving a network computes on threads of its own, so that its event
+loop stays free for I/O while an operation computes, and so that one client's
+long operation does not hold up another's: each client has a lane of its own,
+and a bounded pool of threads runs the lanes round robin, a time slice at a
+time, cutting long batches between commands
+(:class:`~fedtensor.worker.scheduler.Scheduler`; every thread the server starts
+runs :meth:`WorkerActor.serve_in_thread`). A lane may also carry a frame still
+to decode (:meth:`WorkerActor.defer`): the server decodes large frames there,
+not on its event loop. Handing a batch to a thread and its replies back costs
+about 120 microseconds here, more than a small operation itself, so
+:meth:`WorkerActor.run_inline` runs the commands that are provably cheap (see
+:mod:`fedtensor.worker.inline`) on the caller's thread instead, when that
+client's lane is idle: nothing of its queued, nothing running. The order of
+commands is kept: the first command that is not cheap, and every command after
+it, goes through the lane. Sessions share only the actor's data sets, which
+operations read (``fedtensor.dataset`` hands out copies).
 
 A command that fails stores a :class:`Failed` marker under its result id; any
 later command reading that id fails with the same marker, and a fetch of it is
@@ -44,8 +52,8 @@ import asyncio
 import collections
 import contextlib
 import logging
-import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeAlias
 
@@ -65,10 +73,30 @@ from fedtensor.protocol.messages import (
 )
 from fedtensor.protocol.ops import OPERATIONS, WORKER_OPERATIONS
 from fedtensor.protocol.values import snapshot, tensor_bytes
+from fedtensor.worker.autograd_ops import (
+    autograd_grad,
+    checked,
+    element,
+    no_grad_operation,
+    set_attribute,
+)
+from fedtensor.worker.budget import (
+    Ledger,
+    Replies,
+    check_call,
+    check_worker_operation,
+    reply_bytes,
+)
+from fedtensor.worker.evaluate import evaluate
+from fedtensor.worker.exchange import Exchange
 from fedtensor.worker.failed import Failed
 from fedtensor.worker.inline import MAX_COMMANDS as INLINE_MAX_COMMANDS
 from fedtensor.worker.inline import is_cheap
 from fedtensor.worker.local_update import local_update
+from fedtensor.worker.plan_run import run_plan
+from fedtensor.worker.scheduler import Scheduler
+from fedtensor.worker.secagg import worker_operations as secagg_operations
+from fedtensor.worker.sharing import beaver_triple
 
 __all__ = ["Failed", "Session", "WorkerActor", "in_process_workers", "snapshot", "tensor_bytes"]
 
@@ -90,9 +118,25 @@ class _Unresolved(Exception):
 
 _log = logging.getLogger("fedtensor.worker")
 
-# (session, batch) runs a batch; (session, None) ends a session; (None, callback) is a
-# barrier; (None, None) wakes a threaded actor so it sees it is closed.
+# An in-process actor's letters: (session, batch) runs a batch; (session, None) ends a
+# session; (None, callback) is a barrier.
 _Letter: TypeAlias = "tuple[Session | None, Sequence[Message] | Callable[[], None] | None]"
+
+
+class _Rest:
+    """What is left of a batch whose lane's time slice ended (see the scheduler)."""
+
+    __slots__ = ("batch", "counted", "start")
+
+    def __init__(self, batch: Sequence[Message], start: int, counted: bool) -> None:
+        self.batch = batch
+        self.start = start
+        #: Whether the batch's commands count in Session.submitted (a deferred frame's do not).
+        self.counted = counted
+
+
+#: Commands run between two looks at the clock grow up to this many while they are quick.
+_MAX_STRIDE = 64
 
 
 def _storage_users(tensor: torch.Tensor) -> int:
@@ -131,20 +175,29 @@ class Session:
     or buffers written to a socket later): the worker then replies with copies,
     so the client never shares memory with the worker's store.
 
-    ``memory_quota`` bounds the bytes of tensors this session may store (``None``:
-    no bound).
+    ``memory_quota`` bounds the bytes of everything this session may store, and
+    what one of its operations may allocate (``None``: no bound; see
+    :mod:`fedtensor.worker.budget`). ``replies``, set by a transport that writes
+    replies later, bounds the bytes of replies the client has not taken: past it,
+    the session's commands are ``parked`` until the client has caught up.
     """
 
     __slots__ = (
         "_actor",
+        "_park_lock",
         "aliases_values",
         "closed",
         "deliver",
         "executed",
+        "ledger",
         "lost",
         "memory_quota",
         "memory_used",
+        "metadata",
         "objects",
+        "parked",
+        "replies",
+        "resuming",
         "submitted",
     )
 
@@ -162,12 +215,51 @@ class Session:
         self.aliases_values = aliases_values
         self.memory_quota = memory_quota
         self.memory_used = 0
+        #: What this client's stored objects cost (fedtensor.worker.budget), with a quota.
+        self.ledger = Ledger(memory_quota) if memory_quota is not None else None
         self.objects: dict[int, Any] = {}
+        # Tags and description by object id (fedtensor.worker.catalog), kept beside objects.
+        self.metadata: dict[int, tuple[frozenset[str], str | None]] = {}
         self.closed = False
         # Two counters, each written by one thread only (submitter, actor), so a
         # threaded actor needs no lock to know how many commands are queued.
         self.submitted = 0
         self.executed = 0
+        #: Bytes of replies the client has not taken, and their bound (None: unbounded).
+        self.replies: Replies | None = None
+        #: Commands held back while the client does not take its replies (None: none).
+        self.parked: list[Message] | None = None
+        self.resuming = False
+        self._park_lock = threading.Lock()
+
+    def resume_if_drained(self) -> bool:
+        """Run the parked commands again once the client took enough of its replies.
+
+        Called on the submitting thread whenever replies were sent; returns whether
+        the session is now not parked, or on its way to run its parked commands.
+        """
+        replies = self.replies
+        with self._park_lock:
+            if self.parked is None or self.resuming:
+                return True
+            if self.closed or (replies is not None and not replies.room_for_next()):
+                return False
+            self.resuming = True
+        self._actor._post(self, _RESUME)
+        return True
+
+    def _unpark(self, batch: Sequence[Message]) -> Sequence[Message]:
+        """On the actor's thread: what to run of ``batch`` now that the session is parked
+        (nothing: it joins the parked commands) or resumed (the parked commands)."""
+        with self._park_lock:
+            parked = self.parked
+            if batch is _RESUME:
+                self.parked, self.resuming = None, False
+                return parked or ()
+            if parked is not None:
+                parked.extend(batch)
+                return ()
+            return batch
 
     @property
     def pending(self) -> int:
@@ -193,9 +285,9 @@ class WorkerActor:
 
     An in-process worker's mailbox is run by callbacks on the event loop it was
     made on (see the module's theory of operation). A worker that
-    serves a network runs it on a thread of its own (``threaded=True``,
-    :meth:`serve_in_thread`) so its event loop keeps answering pings, handshakes
-    and other clients while a long operation computes.
+    serves a network runs its clients' lanes on threads of its own (``threaded=True``;
+    each runs :meth:`serve_in_thread`) so its event loop keeps answering pings,
+    handshakes and other clients while a long operation computes.
     """
 
     def __init__(
@@ -204,13 +296,17 @@ class WorkerActor:
         *,
         threaded: bool = False,
         datasets: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        step_delay: float = 0.0,
     ) -> None:
         self.id = id
         self.closed = False
+        #: Seconds slept after every local training step: a simulated slow worker, for
+        #: tests and benchmarks only (``fedtensor worker --step-delay``).
+        self.step_delay = step_delay
         self._sessions: set[Session] = set()
-        # A threaded actor's mailbox, read by its thread (serve_in_thread)...
-        self._mailbox: queue.SimpleQueue[_Letter] | None = queue.SimpleQueue() if threaded else None
-        # ...and an in-process actor's, run on its loop: by the one callback that
+        # A threaded actor's lanes, one per session, run by its threads (serve_in_thread)...
+        self._scheduler: Scheduler | None = Scheduler(self._run_for) if threaded else None
+        # ...and an in-process actor's mailbox, run on its loop: by the one callback that
         # _post schedules (_drain_scheduled) or by a caller that drains it.
         self._letters: collections.deque[_Letter] = collections.deque()
         self._drain_scheduled = False
@@ -218,19 +314,37 @@ class WorkerActor:
         if not threaded:
             with contextlib.suppress(RuntimeError):  # made outside a loop: bound on first post
                 self._loop = asyncio.get_running_loop()
-        # Mail posted (by the submitting thread) and mail run (by the actor's
-        # thread, holding _running): equal while the actor is idle.
-        self._posted = 0
-        self._finished = 0
-        self._running = threading.Lock()
         #: Data sets this worker holds itself, by name: (examples, labels).
         self.datasets: dict[str, tuple[torch.Tensor, torch.Tensor]] = dict(datasets or {})
         # Operations of fedtensor's own (see _ops.WORKER_OPERATIONS), bound to this worker.
         self._worker_operations: dict[str, Callable[..., Any]] = {
             "fedtensor.dataset": self._dataset,
-            "fedtensor.local_update": local_update,
+            "fedtensor.local_update": self._local_update,
+            "fedtensor.evaluate": evaluate,
+            "fedtensor.run_plan": run_plan,
+            "fedtensor.beaver_triple": beaver_triple,
+            **secagg_operations(),
         }
+        #: Tags, search and deliveries to other workers (fedtensor.worker.exchange).
+        self.exchange = Exchange(id, self.datasets)
+        self._worker_operations.update(self.exchange.operations())
+        # PySyft-style training on pointers (fedtensor.worker.autograd_ops).
+        self._worker_operations.update(
+            {
+                "fedtensor.autograd_grad": autograd_grad,
+                "fedtensor.checked": checked,
+                "fedtensor.element": element,
+                "fedtensor.no_grad": no_grad_operation(self._worker_operations),
+                "fedtensor.set_attribute": set_attribute,
+            }
+        )
         assert set(self._worker_operations) == set(WORKER_OPERATIONS)
+
+    def _local_update(self, *args: Any, **kwargs: Any) -> Any:
+        """``fedtensor.local_update`` with this worker's ``step_delay`` (never the client's)."""
+        if "step_delay" in kwargs:
+            raise TypeError("step_delay is the worker's setting, not a client's")
+        return local_update(*args, **kwargs, step_delay=self.step_delay)
 
     def _dataset(self, name: str, part: str) -> Any:
         """A copy of one part (``"data"``, ``"targets"``, ``"size"``) of a held data set."""
@@ -267,8 +381,8 @@ class WorkerActor:
         if self.closed:
             return
         self.closed = True
-        if self._mailbox is not None:
-            self._post(None, None)
+        if self._scheduler is not None:
+            self._scheduler.close()
         # Queued batches never run: dropping them frees the tensors they carry.
         self._letters.clear()
         error = WorkerUnavailable(f"worker {self.id!r} closed")
@@ -290,15 +404,10 @@ class WorkerActor:
     # -- the loop ---------------------------------------------------------------------------------
 
     def serve_in_thread(self) -> None:
-        """Run batches from the mailbox until :meth:`close` (the body of a thread)."""
-        mailbox = self._mailbox
-        assert mailbox is not None, "an in-process actor's mailbox runs on its event loop"
-        while not self.closed:
-            session, batch = mailbox.get()
-            with self._running:
-                self._run(session, batch)
-                self._finished += 1
-            del session, batch
+        """Run clients' lanes until :meth:`close` (the body of each compute thread)."""
+        scheduler = self._scheduler
+        assert scheduler is not None, "an in-process actor's mailbox runs on its event loop"
+        scheduler.serve()
 
     def run_inline(self, session: Session, batch: Sequence[Message]) -> bool:
         """Run ``batch`` for ``session``: its cheap commands now, if the actor is idle.
@@ -309,12 +418,11 @@ class WorkerActor:
         whether any were.
         """
         done = 0
-        if not session.closed and self._running.acquire(blocking=False):
-            try:
-                if self._posted == self._finished and not self.closed:
-                    done = self._run_cheap_prefix(session, batch)
-            finally:
-                self._running.release()
+        scheduler = self._scheduler
+        # Only this thread posts, so an idle lane stays idle while the prefix runs.
+        idle = scheduler.idle(session) if scheduler is not None else not self._letters
+        if idle and not session.closed and not self.closed:
+            done = self._run_cheap_prefix(session, batch)
         if done < len(batch):
             session.submit(batch[done:] if done else batch)
             return True
@@ -340,10 +448,13 @@ class WorkerActor:
     def _post(
         self, session: Session | None, item: Sequence[Message] | Callable[[], None] | None
     ) -> None:
-        self._posted += 1
-        mailbox = self._mailbox
-        if mailbox is not None:
-            mailbox.put_nowait((session, item))
+        scheduler = self._scheduler
+        if scheduler is not None:
+            if session is None:
+                assert callable(item)
+                scheduler.barrier(item)
+            else:
+                scheduler.post(session, item)
             return
         self._letters.append((session, item))
         if not self._drain_scheduled:
@@ -375,9 +486,78 @@ class WorkerActor:
                 self._loop.call_soon(self._drain_posted)
                 self._drain_scheduled = True
 
-    def barrier(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` (on the actor's thread) once everything queued before has run."""
-        self._post(None, callback)
+    def barrier(self, callback: Callable[[], None], session: Session | None = None) -> None:
+        """Call ``callback`` (on the actor's thread) once everything queued before has run
+        (for ``session`` only, on a threaded actor, if given)."""
+        if session is not None and self._scheduler is not None:
+            self._scheduler.barrier(callback, session)
+        else:
+            self._post(None, callback)
+
+    def defer(self, session: Session, produce: Callable[[], Sequence[Message] | None]) -> None:
+        """Queue ``produce`` on a threaded actor's lane for ``session``: it runs there,
+        in order with the session's batches, and the commands it returns run then
+        (they are not counted in :attr:`Session.pending`). The server decodes large
+        frames this way, off its event loop."""
+        assert self._scheduler is not None, "only a threaded actor defers"
+        if not session.closed:
+            self._scheduler.post(session, produce)
+
+    def _run_for(self, session: Session, item: Any, deadline: float) -> _Rest | None:
+        """Run one item of ``session``'s lane until ``deadline`` (between two commands);
+        return what is left of it (the scheduler's ``run``)."""
+        if item is None:
+            self._run(session, None)  # the end of the session
+            return None
+        if type(item) is _Rest:
+            rest = item
+        elif callable(item):
+            try:
+                batch = item()
+            except Exception:
+                _log.exception("worker %r failed to prepare a batch from a client", self.id)
+                return None
+            if not batch:
+                return None
+            rest = _Rest(batch, 0, counted=False)
+        else:
+            rest = _Rest(item, 0, counted=True)
+        batch, start = rest.batch, rest.start
+        end = len(batch)
+        done = start
+        stride = 1
+        replies: list[Message] = []
+        try:
+            if not end:  # an empty batch may mean something to execute (a resumption)
+                replies = self.execute(session, batch)
+            # A look at the clock every `stride` commands: one while they take long
+            # (a slice never outlasts one command past its deadline), more while quick.
+            while done < end:
+                began = time.perf_counter()
+                upto = min(done + stride, end)
+                replies += self.execute(session, batch[done:upto])
+                if rest.counted:
+                    session.executed += upto - done
+                done = upto
+                now = time.perf_counter()
+                if now >= deadline:
+                    break
+                if now - began < 0.0005 and stride < _MAX_STRIDE:
+                    stride *= 2
+                elif now - began >= 0.0005:
+                    stride = 1
+            if replies and not session.closed:
+                self._deliver(session, replies)
+        except Exception:
+            # A bug here must not stop the worker for every other client.
+            _log.exception("worker %r failed on a batch from a client", self.id)
+            if rest.counted:
+                session.executed += end - done
+            done = end
+        if done < end:
+            rest.start = done
+            return rest
+        return None
 
     def _run(
         self, session: Session | None, batch: Sequence[Message] | Callable[[], None] | None
@@ -421,45 +601,75 @@ class WorkerActor:
         """Run a batch of commands for ``session``; return the replies it produced.
 
         The one dispatch of every command. A session with a memory quota is kept
-        within it by an accounting hook (:func:`_within_quota`) told of every object
-        stored, replaced, released or fetched away; without a quota (the in-memory
-        hot path) the hook is ``None``, and a command pays one ``is None`` test for it.
+        within it by its :class:`~fedtensor.worker.budget.Ledger`, told of every object
+        stored, replaced, released or fetched away, and asked before an operation
+        runs (:func:`~fedtensor.worker.budget.check_call`); without a quota (the
+        in-memory hot path) the ledger is ``None``, and a command pays one ``is None``
+        test for it.
         """
+        if not torch.is_grad_enabled():
+            # An in-process worker runs on its client's thread, maybe inside the client's
+            # torch.no_grad(): commands carry their own grad mode (fedtensor.no_grad).
+            with torch.enable_grad():
+                return self.execute(session, batch)
         objects = session.objects
-        account = None if session.memory_quota is None else _within_quota
+        self.exchange.session = session  # what fedtensor.search and friends read
+        if session.parked is not None or batch is _RESUME:
+            batch = session._unpark(batch)
+        ledger = session.ledger
+        gate = session.replies
         replies: list[Message] = []
-        for message in batch:
+        for position, message in enumerate(batch):
             kind = type(message)
             if kind is Call:
-                if account is None:
+                if ledger is None:
                     objects[message.id] = self._call(objects, message)  # type: ignore[union-attr,arg-type]
                 else:
-                    value = self._call(objects, message)  # type: ignore[arg-type]
-                    objects[message.id] = account(session, objects.get(message.id), value)  # type: ignore[union-attr]
+                    value = self._call(objects, message, ledger)  # type: ignore[arg-type]
+                    objects[message.id] = ledger.store(message.id, value)  # type: ignore[union-attr]
+                    session.memory_used = ledger.used
             elif kind is Release:
-                if account is None:
+                if ledger is None:
                     for id_ in message.ids:  # type: ignore[union-attr]
                         objects.pop(id_, None)
                 else:
                     for id_ in message.ids:  # type: ignore[union-attr]
-                        account(session, objects.pop(id_, None), None)
+                        objects.pop(id_, None)
+                        ledger.release(id_)
+                    session.memory_used = ledger.used
             elif kind is Store:
-                if account is None:
+                if ledger is None:
                     objects[message.id] = message.value  # type: ignore[union-attr]
                 else:
                     value = message.value  # type: ignore[union-attr]
-                    objects[message.id] = account(session, objects.get(message.id), value)  # type: ignore[union-attr]
+                    objects[message.id] = ledger.store(message.id, value)  # type: ignore[union-attr]
+                    session.memory_used = ledger.used
             elif kind is Fetch:
-                if account is not None and message.free:  # type: ignore[union-attr]
-                    account(session, objects.get(message.id), None)  # type: ignore[union-attr]
+                if gate is not None:
+                    size = reply_bytes(objects.get(message.id))  # type: ignore[union-attr]
+                    with session._park_lock:
+                        held = gate.held()
+                        if held and held + size > gate.bound:
+                            # The client is not taking its replies: hold this and
+                            # everything after it until it has (resume_if_drained).
+                            session.parked = list(batch[position:])
+                            gate.needed = size
+                    if session.parked is not None:
+                        gate.parked()
+                        break
+                    gate.admit(message.request, size)  # type: ignore[union-attr]
+                if ledger is not None and message.free:  # type: ignore[union-attr]
+                    ledger.release(message.id)  # type: ignore[union-attr]
+                    session.memory_used = ledger.used
                 replies.append(self._fetch(session, message))  # type: ignore[arg-type]
             elif kind is ListObjects:
                 replies.append(Reply(message.request, sorted(objects)))  # type: ignore[union-attr]
             # Anything else (a reply sent to a worker) cannot be answered: it is dropped.
         return replies
 
-    def _call(self, objects: dict[int, Any], message: Call) -> Any:
+    def _call(self, objects: dict[int, Any], message: Call, ledger: Ledger | None = None) -> Any:
         func = OPERATIONS.get(message.op)
+        worker_operation = func is None
         if func is None:
             func = self._worker_operations.get(message.op)
             if func is None:
@@ -471,6 +681,23 @@ class WorkerActor:
             kwargs = _resolve_kwargs(objects, message.kwargs) if message.kwargs else {}
         except _Unresolved as exc:
             return exc.failed
+        if ledger is not None:
+            # Refused before it allocates: what it would make must fit the budget.
+            inner = args[0] if message.op == "fedtensor.no_grad" and args else None
+            try:
+                if type(inner) is str and inner in OPERATIONS:
+                    # A torch operation under the client's no_grad is checked as itself.
+                    refused = check_call(inner, OPERATIONS[inner], args[1:], kwargs, ledger)
+                elif worker_operation:
+                    refused = check_worker_operation(
+                        message.op, args, kwargs, ledger, self.datasets
+                    )
+                else:
+                    refused = check_call(message.op, func, args, kwargs, ledger)
+            except Exception as exc:  # a check that fails fails its command, not the batch
+                return Failed("limit", type(exc).__name__, f"{message.op}: {exc}")
+            if refused is not None:
+                return refused
         try:
             return func(*args, **kwargs)
         except ForbiddenOperation as exc:  # a plan naming an operation off the allow-list
@@ -497,26 +724,14 @@ class WorkerActor:
 _MISSING: Any = object()
 
 
-def _within_quota(session: Session, replaced: Any, value: Any) -> Any:
-    """What to store in place of ``replaced``: ``value``, or a Failed marker if it would
-    pass ``session``'s memory quota; ``session.memory_used`` counts the change.
+class _Resume(tuple):  # type: ignore[type-arg]
+    """An empty batch unlike any other (``()`` is a singleton): see _RESUME."""
 
-    ``value`` None is a release (or a fetch that frees): only ``replaced`` is uncounted.
-    """
-    quota = session.memory_quota
-    assert quota is not None
-    session.memory_used -= tensor_bytes(replaced)
-    size = tensor_bytes(value)
-    if session.memory_used + size > quota:
-        value = Failed(
-            "limit",
-            "MemoryQuotaExceeded",
-            f"storing {size} bytes would pass the client's memory quota of "
-            f"{quota} bytes ({session.memory_used} in use)",
-        )
-        size = 0
-    session.memory_used += size
-    return value
+    __slots__ = ()
+
+
+#: The letter that runs a session's parked commands (see Session.resume_if_drained).
+_RESUME: Sequence[Message] = _Resume()
 
 
 def _not_found(id_: int) -> str:

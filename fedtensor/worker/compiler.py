@@ -17,6 +17,9 @@ What compiling cannot see, the plan's Python arithmetic on sizes, is bounded as 
 runs: the operators come from :data:`fedtensor.protocol.plan.OPERATORS`, which raise
 :class:`~fedtensor.PlanError` rather than build huge ints or sequences.
 :func:`state_entries` checks the model state a client sends with the plan.
+What a step allocates is measured before training starts by
+:meth:`CompiledPlan.dry_run`, one run on ``meta`` tensors that checks each node's
+output against the client's memory budget (:mod:`fedtensor.worker.budget`).
 """
 
 from __future__ import annotations
@@ -67,6 +70,68 @@ class CompiledPlan:
             else:
                 append(target)
         return _bind(values, self._output)
+
+    def dry_run(self, state: Mapping[str, torch.Tensor], *inputs: Any, limit: int) -> int:
+        """Bytes one step allocates, node by node, from a run on ``meta`` tensors.
+
+        ``state`` and ``inputs`` are meta tensors (shapes, no memory). Every node's
+        output stays alive until the step ends (``run`` keeps them), so their sum
+        is the step's peak before backward. Raises :class:`MemoryError` naming the
+        node once one node, or the sum, passes ``limit``, or when a node has no
+        meta kernel (its output size depends on the data): then nothing bounds
+        what the nodes after it allocate, and the plan is not run.
+        """
+        values: list[Any] = []
+        append = values.append
+        known = {value.untyped_storage()._cdata for value in state.values()}
+        known.update(value.untyped_storage()._cdata for value in inputs)
+        total = 0
+        with torch.no_grad():
+            for position, (kind, target, args, kwargs) in enumerate(self._steps):
+                if kind == _CALL:
+                    try:
+                        value = target(*_bind(values, args), **_bind(values, kwargs))
+                    except PlanError:
+                        raise
+                    except Exception as exc:
+                        raise MemoryError(
+                            f"the memory of plan node {position} ({_name(target)}) cannot be "
+                            "bounded before it runs (its output size depends on the data)"
+                        ) from exc
+                    size = _meta_bytes(value, known)
+                    total += size
+                    if size > limit or total > limit:
+                        raise MemoryError(
+                            f"plan node {position} ({_name(target)}) would allocate {size} "
+                            f"bytes, {total} with the nodes before it"
+                        )
+                    append(value)
+                elif kind == _INPUT:
+                    append(inputs[target])
+                elif kind == _STATE:
+                    append(state[target])
+                else:
+                    append(target.to("meta") if isinstance(target, torch.Tensor) else target)
+        return total
+
+
+def _name(target: Any) -> str:
+    return str(getattr(target, "__qualname__", None) or getattr(target, "__name__", target))
+
+
+def _meta_bytes(value: Any, known: set[int]) -> int:
+    """Bytes of the storages in ``value`` not in ``known`` (which it then joins)."""
+    if isinstance(value, torch.Tensor):
+        storage = value.untyped_storage()
+        if storage._cdata in known:
+            return 0
+        known.add(storage._cdata)
+        return storage.nbytes()
+    if isinstance(value, list | tuple):
+        return sum(_meta_bytes(item, known) for item in value)
+    if isinstance(value, dict):
+        return sum(_meta_bytes(item, known) for item in value.values())
+    return 0
 
 
 def _bind(values: list[Any], template: Any) -> Any:

@@ -2,15 +2,37 @@
 
 Theory of operation
 -------------------
-One :class:`WorkerServer` owns one actor, which runs on a thread of its own so
-that this event loop stays free for I/O: handshakes, pings and other clients
-are answered while a long operation computes.
+One :class:`WorkerServer` owns one actor, which computes on a few threads of its
+own (``compute_threads``: a lane per client, run round robin; see
+:mod:`fedtensor.worker.scheduler`) so that this event loop stays free for I/O
+(handshakes, pings and other clients are answered while a long operation
+computes) and so that one client's long operation does not hold up another's.
+
+Before authentication a connection costs almost nothing and cannot linger:
+
+- The worker accepts TCP connections itself (:meth:`WorkerServer._accept`), so
+  that past ``Limits.max_unauthenticated`` connections that have not completed
+  the handshake, a new one is closed the moment it is accepted: nothing is
+  allocated for it, and clients already connected are served on.
+- A connection has ``Limits.handshake_timeout`` seconds from its TCP accept to
+  an accepted websocket handshake, the TLS handshake of ``wss://`` included
+  (asyncio's TLS layer gets that time, and the HTTP head what is left), else
+  TCP is dropped.
+- Until then it holds a 1 KiB read buffer and the head received so far (at
+  most :data:`MAX_REQUEST_HEAD` bytes); the frame parser and its buffers come
+  with the open connection (see :mod:`fedtensor.net.peer`). On ``wss://``,
+  asyncio's TLS layer adds its own read buffer (256 KiB) per connection, which
+  the cap on unauthenticated connections bounds.
 
 Per connection:
 
 - The handshake is refused (HTTP 401) unless it carries the worker's token as
   ``Authorization: Bearer <token>``; tokens are compared in constant time. The
-  response names the worker in ``X-Fedtensor-Worker``.
+  response names the worker in ``X-Fedtensor-Worker``. The one exception is
+  another worker delivering a tensor (``ptr.move``): its handshake carries a
+  one-time capability this worker issued and a proof made with the federation
+  key instead (403 otherwise), and the connection may only store one value where
+  the capability says (:mod:`fedtensor.worker.delivery`).
 - The connection gets its own :class:`~fedtensor.worker.actor.Session`: a namespace
   no other client can reach, freed when the connection ends. A client that
   names a session (``X-Fedtensor-Session``) keeps it for ``session_ttl``
@@ -19,7 +41,9 @@ Per connection:
 - Frames are read and written by a :class:`~fedtensor.net.peer.WebSocketPeer`
   (this module's :class:`_ServerPeer`) on the event loop. Each complete frame
   is decoded into commands (:mod:`fedtensor.protocol.codec`) and submitted in the same
-  call that received it. Bytes that are not a valid frame close the
+  call that received it; a frame of :data:`DECODE_ON_LOOP_BELOW` bytes or more
+  is decoded on the client's lane instead, in order with its commands, since
+  decoding takes time linear in the frame's items. Bytes that are not a valid frame close the
   connection with a reason and the code the fault is owed (the table in
   :mod:`fedtensor.protocol.wsconnection`: 1007 for bytes that are not a valid
   frame, 1009 for a frame over the size limit, 1008 for a message that is not
@@ -33,6 +57,14 @@ Per connection:
   not taking what the worker writes (the transport's buffer is past its
   high-water mark) stops reading until that buffer drains, so a client that
   pings and never reads holds a bounded buffer of pongs, not one per ping.
+  Replies are bounded before they exist: a fetch that would take the replies
+  computed and not yet written past :data:`READ_AHEAD` waits, with the
+  client's later commands, until the client has read enough (the session is
+  parked; see :class:`fedtensor.worker.budget.Replies`), so a small frame of
+  many fetches of a large tensor costs at most that much.
+- Everything a client stores, and what one of its operations would allocate,
+  is counted against ``Limits.memory_quota`` (by default a quarter of the
+  machine's memory; see :mod:`fedtensor.worker.budget`).
 - A connection's objects are freed when it ends, by reference counting: the
   session's callbacks, which hold the connection, are dropped then (a detached
   named session keeps its objects, not the connection).
@@ -50,6 +82,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import socket
 import ssl as ssl_module
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -64,10 +97,15 @@ from websockets.server import ServerProtocol
 
 from fedtensor.errors import LimitExceeded, ProtocolError
 from fedtensor.net.peer import WebSocketPeer
-from fedtensor.protocol.codec import decode_frame, encode_frame
+from fedtensor.protocol.codec import Chunk, decode_frame, encode_frame
 from fedtensor.protocol.messages import Call, Fetch, ListObjects, Message, Release, Store
+from fedtensor.protocol.wsconnection import close_code_for
 from fedtensor.protocol.wsframes import CloseCode
 from fedtensor.worker.actor import Failed, Session, WorkerActor
+from fedtensor.worker.budget import Replies, default_budget
+from fedtensor.worker.capabilities import CAPABILITY_HEADER, DEFAULT_TTL, CapabilityIssuer, Grant
+from fedtensor.worker.delivery import admit_delivery, delivery_received, send_blocking
+from fedtensor.worker.scheduler import default_compute_threads
 
 __all__ = ["Limits", "WorkerServer"]
 
@@ -86,9 +124,18 @@ SESSION_HEADER = "X-Fedtensor-Session"
 #: has caught up. (The pending-command limit bounds commands, not bytes.)
 READ_AHEAD = 64 << 20
 
-#: Seconds a client has to complete the handshake, and to answer a close.
-_OPEN_TIMEOUT = 10.0
+#: Seconds a client has to answer a close.
 _CLOSE_TIMEOUT = 10.0
+
+#: Frames at least this long are decoded on the client's lane, not on the event loop.
+DECODE_ON_LOOP_BELOW = 16 << 10
+
+#: Bytes of a client's HTTP upgrade request the worker reads before it gives up
+#: (a real one is a few hundred bytes).
+MAX_REQUEST_HEAD = 8 << 10
+
+#: Connections the kernel queues for the worker to accept.
+_BACKLOG = 512
 
 
 @dataclass(frozen=True)
@@ -99,10 +146,18 @@ class Limits:
     max_message: int = 1 << 20
     #: Bytes in one frame (a batch of commands, tensors included).
     max_frame: int = 4 << 30
-    #: Bytes of tensors one client may keep stored; ``None``: no bound.
-    memory_quota: int | None = None
+    #: Bytes one client may hold on the worker: every value it stores, and what
+    #: one of its operations may allocate (see :mod:`fedtensor.worker.budget`);
+    #: by default a quarter of the machine's memory; ``None``: no bound.
+    memory_quota: int | None = default_budget()
     #: Commands one client may have received and not yet run.
     max_pending: int = 100_000
+    #: Seconds from a connection's TCP accept to its accepted websocket handshake,
+    #: the TLS handshake included.
+    handshake_timeout: float = 10.0
+    #: Connections at once that have not completed the handshake; more are closed
+    #: as soon as they are accepted.
+    max_unauthenticated: int = 256
 
 
 class WorkerServer:
@@ -120,16 +175,43 @@ class WorkerServer:
         grace: float = 30.0,
         session_ttl: float = 300.0,
         datasets: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        dataset_tags: Mapping[str, Sequence[str]] | None = None,
+        federation_key: bytes | None = None,
+        advertise_url: str | None = None,
+        capability_ttl: float = DEFAULT_TTL,
+        compute_threads: int | None = None,
     ) -> None:
         self.id = id
         self.limits = limits or Limits()
+        #: Threads that run clients' commands, round robin by client (worker/scheduler.py).
+        self.compute_threads = compute_threads or default_compute_threads()
         self.actor = WorkerActor(id, threaded=True, datasets=datasets)
+        # Tags for held data sets, and moving tensors between workers (worker/delivery.py).
+        self.advertise_url = advertise_url
+        self._loop: asyncio.AbstractEventLoop | None = None
+        exchange = self.actor.exchange
+        exchange.set_dataset_tags(dataset_tags)
+        exchange.federation_key = federation_key
+        exchange.issuer = CapabilityIssuer(
+            id,
+            federation_key,
+            lambda: self.advertise_url or self.url,
+            ttl=capability_ttl,
+            max_message=self.limits.max_message,
+        )
+        exchange.send = lambda *args: send_blocking(self._loop, *args)
         self._token = token.encode() if token is not None else None
         self._ssl = ssl
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self._grace = grace
         self._peers: set[_ServerPeer] = set()
+        #: Connections accepted whose handshake is not done (TLS included).
+        self._handshaking: set[_ServerPeer] = set()
+        self._starting: set[asyncio.Task[None]] = set()
+        #: Connections closed at once because ``max_unauthenticated`` were handshaking.
+        self.refused = 0
+        self._refusal_logged_at = -1e9
         self._session_ttl = session_ttl
         self._attached: set[str] = set()  # named sessions with a live connection
         self._detached: dict[str, tuple[Session, asyncio.TimerHandle]] = {}
@@ -151,35 +233,54 @@ class WorkerServer:
         task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Listen on ``host:port`` (0: any free port) until :meth:`shutdown`."""
-        loop = asyncio.get_running_loop()
-        thread = threading.Thread(
-            target=self.actor.serve_in_thread, name=f"fedtensor-worker-{self.id}", daemon=True
-        )
-        thread.start()
+        loop = self._loop = asyncio.get_running_loop()
+        threads = [
+            threading.Thread(
+                target=self.actor.serve_in_thread,
+                name=f"fedtensor-worker-{self.id}-{number}",
+                daemon=True,
+            )
+            for number in range(self.compute_threads)
+        ]
+        for thread in threads:
+            thread.start()
+        accepting: list[asyncio.Task[None]] = []
         try:
-            server = await loop.create_server(lambda: _ServerPeer(self), host, port, ssl=self._ssl)
-            async with server:
-                bound = server.sockets[0].getsockname()
+            listener = await _listen(host, port)
+            try:
+                accepting.append(loop.create_task(self._accept(listener)))
+                bound = listener.getsockname()
                 scheme = "wss" if self._ssl is not None else "ws"
                 self.url = f"{scheme}://{bound[0]}:{bound[1]}"
                 task_status.started(self.url)
                 await self._stopping.wait()
-                await self._drain_and_close(server)
+                await self._drain_and_close(listener, accepting)
+            finally:
+                listener.close()
         finally:
-            for peer in list(self._peers):
+            tasks = accepting + list(self._starting)
+            for task in tasks:
+                task.cancel()
+            for peer in list(self._peers | self._handshaking):
                 peer.abort("the worker stopped")
+            await asyncio.gather(*tasks, return_exceptions=True)
             for _session, expiry in self._detached.values():
                 expiry.cancel()
             self._detached.clear()
             self.actor.close()
-            await anyio.to_thread.run_sync(thread.join, self._grace)
+            for thread in threads:
+                await anyio.to_thread.run_sync(thread.join, self._grace)
 
     def shutdown(self) -> None:
         """Finish in-flight commands, close every connection, and return from :meth:`serve`."""
         self._stopping.set()
 
-    async def _drain_and_close(self, server: asyncio.Server) -> None:
-        server.close()  # no new connections
+    async def _drain_and_close(
+        self, listener: socket.socket, accepting: list[asyncio.Task[None]]
+    ) -> None:
+        for task in accepting:  # no new connections
+            task.cancel()
+        listener.close()
         _log.info(
             "shutting down: finishing the commands received, then closing %d connections",
             len(self._peers),
@@ -198,12 +299,67 @@ class WorkerServer:
             for peer in peers:
                 await peer.closed
 
+    # -- accepting ---------------------------------------------------------------------------------
+
+    async def _accept(self, listener: socket.socket) -> None:
+        """Accept connections until cancelled, closing at once those past the cap."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                connection, _ = await loop.sock_accept(listener)
+            except OSError as exc:  # out of file descriptors, say: the next may work
+                _log.warning("cannot accept a connection: %s", exc)
+                await asyncio.sleep(0.1)  # not a busy loop while it lasts
+                continue
+            self._accepted(connection)
+            # (No local may keep the last connection's peer alive while waiting.)
+            del connection
+
+    def _accepted(self, connection: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        if len(self._handshaking) >= self.limits.max_unauthenticated:
+            connection.close()
+            self.refused += 1
+            now = loop.time()
+            if now - self._refusal_logged_at > 10.0:
+                self._refusal_logged_at = now
+                _log.warning(
+                    "refusing connections: %d are handshaking (--max-unauthenticated)",
+                    len(self._handshaking),
+                )
+            return
+        peer = _ServerPeer(self)
+        self._handshaking.add(peer)
+        task = loop.create_task(self._start(peer, connection))
+        self._starting.add(task)
+        task.add_done_callback(self._starting.discard)
+
+    async def _start(self, peer: _ServerPeer, connection: socket.socket) -> None:
+        """Make ``connection`` ``peer``'s transport (after the TLS handshake, for wss)."""
+        loop = asyncio.get_running_loop()
+        try:
+            if self._ssl is None:
+                await loop.connect_accepted_socket(lambda: peer, connection)
+            else:
+                await loop.connect_accepted_socket(
+                    lambda: peer,
+                    connection,
+                    ssl=self._ssl,
+                    ssl_handshake_timeout=self.limits.handshake_timeout,
+                )
+        except Exception as exc:  # a TLS handshake that failed or timed out; a reset
+            _log.debug("a connection ended before its handshake: %r", exc)
+            connection.close()
+            peer.handshake_over()
+
     # -- handshake ---------------------------------------------------------------------------------
 
     def _authenticate(
         self, peer: _ServerPeer, protocol: ServerProtocol, request: Request
     ) -> Response | None:
         """A response refusing the handshake, or None to accept it."""
+        if CAPABILITY_HEADER in request.headers:  # another worker delivering a tensor
+            return admit_delivery(self.actor.exchange.issuer, peer, protocol, request)
         if self._token is not None:
             given = request.headers.get("Authorization", "")
             scheme, _, credentials = given.partition(" ")
@@ -225,24 +381,41 @@ class WorkerServer:
     # -- one connection ----------------------------------------------------------------------------
 
     def _connected(self, peer: _ServerPeer, name: str | None) -> None:
+        if peer.delivery is not None:  # no session of its own: see worker/delivery.py
+            self._peers.add(peer)
+            return
         loop = asyncio.get_running_loop()
         loop_thread = threading.get_ident()
+        # Replies not taken yet, bounded per client (see fedtensor.worker.budget.Replies).
+        gate = Replies(
+            READ_AHEAD,
+            lambda: peer.unsent,
+            lambda: loop.call_soon_threadsafe(peer.replies_sent),  # stop reading from it
+        )
+
+        def send(chunks: list[Chunk], size: int) -> None:
+            peer.send_frame(chunks)  # counted in peer.unsent (or dropped) first...
+            gate.arrived += size  # ...then no longer in flight
+            peer.replies_sent()
 
         def deliver(replies: list[Message]) -> None:
             # On the actor's thread, or on this one for commands run inline.
             # Encoding here lets a value that cannot be encoded fail its own
             # fetch (the actor retries reply by reply).
             chunks = encode_frame(replies)
+            size = sum(memoryview(chunk).nbytes for chunk in chunks)
+            gate.hand_on(replies, size)
             if threading.get_ident() == loop_thread:
-                peer.send_frame(chunks)
+                send(chunks, size)
             else:
-                loop.call_soon_threadsafe(peer.send_frame, chunks)
+                loop.call_soon_threadsafe(send, chunks, size)
 
         def lost(exc: BaseException) -> None:
             loop.call_soon_threadsafe(peer.close, CloseCode.GOING_AWAY, "worker shutting down")
 
         peer.name = name
         peer.session = self._attach(name, deliver, lost)
+        peer.session.replies = gate
         self._peers.add(peer)
         _log.info("client %s connected (session %s)", peer.remote_address, name)
 
@@ -255,6 +428,7 @@ class WorkerServer:
         # and for a named session a closed connection kept for session_ttl.
         peer.session = None
         session.deliver, session.lost = _drop_replies, _ignore_loss
+        session.replies = None  # it reads the peer's unsent bytes: part of the cycle
         count = len(session.objects)
         if name is None:
             session.close()
@@ -263,6 +437,7 @@ class WorkerServer:
             )
         else:
             self._detach(name, session)
+            session.resume_if_drained()  # commands held for replies run, the replies dropped
             _log.info(
                 "client %s disconnected; session %s keeps its %d objects for %g s",
                 peer.remote_address,
@@ -306,38 +481,86 @@ class WorkerServer:
             _log.info("session %s expired; its objects are freed", name)
 
     def _frame_received(self, peer: _ServerPeer, frame: memoryview) -> None:
-        session, limits = peer.session, self.limits
+        if peer.delivery is not None:
+            delivery_received(peer, frame)
+            return
+        session = peer.session
         assert session is not None
+        if peer.faulted:  # a deferred frame was bad: the connection is closing
+            return
+        if len(frame) >= DECODE_ON_LOOP_BELOW:
+            # Decoding takes time linear in the frame's items (a 4 MB frame of empty
+            # lists: seconds), which would hold up every client and ping here: a
+            # large frame is decoded on the client's lane, in order with its commands.
+            loop = asyncio.get_running_loop()
+            self.actor.defer(session, lambda: self._commands(peer, session, frame, loop))
+            batch: Sequence[Message] | None = ()
+            submitted = True
+        else:
+            batch = self._commands(peer, session, frame, None)
+            if batch is None:
+                return
+            submitted = self.actor.run_inline(session, batch)
+        if submitted:
+            peer.queued += len(frame)
+            if peer.queued > READ_AHEAD and "queued" not in peer.holds:
+                # Read on once the actor has run everything this client queued so far.
+                peer.hold("queued")
+                loop = asyncio.get_running_loop()
+                self.actor.barrier(lambda: _call_soon(loop, peer.actor_caught_up), session)
+        if session.parked is not None:  # held for replies not taken: read no more
+            peer.replies_sent()
+
+    def _commands(
+        self,
+        peer: _ServerPeer,
+        session: Session,
+        frame: memoryview,
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> Sequence[Message] | None:
+        """The commands in ``frame``, or None after failing the connection for it.
+
+        On the event loop (``loop`` None), or on the client's lane (``loop`` the event
+        loop, to which a fault is handed).
+        """
+        if peer.faulted:
+            return None
+        limits = self.limits
+
+        def fault(code: int, reason: str) -> None:
+            if loop is None:
+                peer.fail(code, reason)
+            else:
+                peer.faulted = True  # this client's frames queued behind it are dropped
+                loop.call_soon_threadsafe(peer.fail, code, reason)
+
         try:
             batch = decode_frame(frame)
         except (LimitExceeded, ProtocolError) as exc:
-            peer.reject(exc)  # the code it is owed, as on the client
-            return
+            # The code it is owed, as on the client.
+            reason = str(exc) if isinstance(exc, LimitExceeded) else f"bad frame: {exc}"
+            fault(close_code_for(exc), reason)
+            return None
         stray = next((m for m in batch if not isinstance(m, _COMMANDS)), None)
         if stray is not None:
-            peer.fail(CloseCode.POLICY_VIOLATION, f"{type(stray).__name__} is not a command")
-            return
+            fault(CloseCode.POLICY_VIOLATION, f"{type(stray).__name__} is not a command")
+            return None
         if session.pending + len(batch) > limits.max_pending:
             if session.pending > 2 * limits.max_pending:
                 # Refusing costs queue space too: a client that keeps
                 # flooding is cut off rather than allowed to grow it.
-                peer.fail(CloseCode.POLICY_VIOLATION, f"over {limits.max_pending} pending commands")
-                return
+                fault(CloseCode.POLICY_VIOLATION, f"over {limits.max_pending} pending commands")
+                return None
             batch = _refuse(batch, limits.max_pending)
-        if self.actor.run_inline(session, batch):
-            peer.queued += len(frame)
-            if peer.queued > READ_AHEAD and "queued" not in peer.holds:
-                # Read on once the actor has run everything queued so far.
-                peer.hold("queued")
-                loop = asyncio.get_running_loop()
-                self.actor.barrier(lambda: _call_soon(loop, peer.actor_caught_up))
         _log.debug("received %d commands from %s", len(batch), peer.remote_address)
+        return batch
 
 
 class _ServerPeer(WebSocketPeer):
     """The worker's end of one client's connection."""
 
     client = False
+    max_head = MAX_REQUEST_HEAD
 
     def __init__(self, server: WorkerServer) -> None:
         super().__init__(
@@ -345,17 +568,32 @@ class _ServerPeer(WebSocketPeer):
             max_frame=server.max_frame,
             ping_interval=server.ping_interval,
             ping_timeout=server.ping_timeout,
-            open_timeout=_OPEN_TIMEOUT,
+            open_timeout=server.limits.handshake_timeout,
             close_timeout=_CLOSE_TIMEOUT,
         )
         self.server = server
+        #: When the handshake must be done by: from the TCP accept, TLS included.
+        self._deadline = self.loop.time() + server.limits.handshake_timeout
         self.session: Session | None = None
+        #: What a delivery connection from another worker may store (worker/delivery.py).
+        self.delivery: Grant | None = None
         self.name: str | None = None
         #: Bytes of frames queued for the actor since it last caught up.
         self.queued = 0
+        #: A frame decoded off the loop was bad: the connection is being failed.
+        self.faulted = False
         #: Why reading from this client is paused ("queued", "unsent", "control");
         #: empty: reading.
         self.holds: set[str] = set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # The handshake's time runs from the TCP accept: what the TLS handshake left.
+        self.websocket.open_timeout = max(self._deadline - self.loop.time(), 0.0)
+        super().connection_made(transport)
+
+    def handshake_over(self) -> None:
+        """The connection is authenticated, or gone: it leaves the unauthenticated count."""
+        self.server._handshaking.discard(self)
 
     def handshake_received(self, head: bytes) -> bool:
         assert self.transport is not None
@@ -379,6 +617,7 @@ class _ServerPeer(WebSocketPeer):
             self.transport.close()
             return False
         assert isinstance(request, Request)
+        self.handshake_over()
         self.opened()
         self.server._connected(self, request.headers.get(SESSION_HEADER))
         return True
@@ -416,9 +655,42 @@ class _ServerPeer(WebSocketPeer):
             self.hold("unsent")
         elif self.holds:
             self.release("unsent")
+        session = self.session
+        if session is not None and (session.parked is not None or "parked" in self.holds):
+            self.replies_sent()
+
+    def replies_sent(self) -> None:
+        """Replies were sent: commands parked for them may run, and reading go on;
+        or the client's commands are parked for them: read no more from it."""
+        session = self.session
+        if session is None:
+            return
+        if session.resume_if_drained():
+            self.release("parked")
+        elif "parked" not in self.holds:
+            self.hold("parked")
 
     def connection_closed(self) -> None:
+        self.handshake_over()
         self.server._disconnected(self)
+
+
+async def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket on the first address ``host`` resolves to."""
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    family, kind, protocol, _, address = infos[0]
+    listener = socket.socket(family, kind, protocol)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's servers
+        listener.bind(address)
+        listener.listen(_BACKLOG)
+        listener.setblocking(False)
+    except BaseException:
+        listener.close()
+        raise
+    return listener
 
 
 def _drop_replies(replies: list[Message]) -> None:

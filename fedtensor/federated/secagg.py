@@ -1,0 +1,525 @@
+"""Secure aggregation for :func:`fedtensor.fit`: the aggregator's half of SecAgg+.
+
+Theory of operation
+-------------------
+With ``fit(..., secure_aggregation=SecAggPlus())`` a round learns the sum of
+the sampled workers' updates and nothing about any one of them. Each worker
+masks its update with random vectors that cancel in the sum (Bell et al., CCS
+2020, "SecAgg+"; Flower's ``SecAggPlusWorkflow`` is the reference design). The
+worker's side is the ``fedtensor.secagg_*`` worker operations
+(:mod:`fedtensor.worker.secagg`); the arithmetic and cryptography are in
+:mod:`fedtensor.protocol.secagg_math`. :func:`secure_round` runs one round as
+four stages, each one command per worker and one wait (bounded by
+``round_timeout``); a worker that fails a stage is dropped from the round:
+
+1. **Setup** (queued with the round's training, no wait before it): each worker
+   makes two X25519 key pairs and stores its secrets in the client's session on
+   the worker; then it trains (``fedtensor.local_update``), and the aggregator
+   fetches the public keys only.
+2. **Share keys**: the workers that answered are put on a random ring, each
+   joined to its ``k`` nearest (``k = O(log n)``); each worker gets its
+   neighbours' public keys and answers with, for each neighbour, a Shamir share
+   of its self-mask seed and of its mask private key, sealed with AES-GCM for
+   that neighbour. The aggregator cannot open them; it relays them.
+3. **Masked input**: each worker opens the shares relayed to it (one that fails
+   authentication names its sender, who is then dropped) and answers with its
+   example-weighted, quantized update plus its self mask and pairwise masks.
+   The update itself never leaves the worker; the local update's result is
+   never fetched, only the statistics (examples, loss, correct answers, compute
+   seconds), which travel in the clear, as Flower's metrics and example counts do.
+4. **Unmask**: the survivors (those whose masked input arrived and whose shares
+   authenticated) and the dropped are announced; each survivor answers with its
+   shares of the survivors' seeds and of the dropped ones' mask keys. With at
+   least ``threshold`` shares of each, the aggregator rebuilds the seeds
+   (checked against the workers' commitments) and the dropped ones' mask keys
+   (checked against their public keys), removes the self masks and the pairwise
+   masks shared with dropped workers, and dequantizes the sum.
+
+The strategy then moves the model from the sum (:meth:`Strategy.aggregate_sum`).
+Fewer than ``threshold`` shares for someone (more than ``neighbours -
+threshold`` dropouts around one worker), or fewer survivors than
+``max(2, min_workers)``, skips the round with its reason in
+:attr:`RoundMetrics.skip_reason`.
+
+What is protected, and from whom: an aggregator that runs this protocol
+(honest but curious, or one that tampers with relayed shares) learns the sum
+only. The default threshold is a majority of the neighbours, so no split of
+the honest workers' answers reveals both the seed and the mask key of one
+worker. fedtensor's clients can also run other commands on the workers: a
+client that deliberately fetches the local update's result sees it; keeping
+that out of reach takes a worker-side policy, which this module does not add.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import torch
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from fedtensor.client.pointer import PointerBase, call_on
+from fedtensor.errors import RemoteError, WorkerUnavailable
+from fedtensor.errors import TimeoutError as FedTimeoutError
+from fedtensor.federated.progress import RoundMetrics
+from fedtensor.federated.strategies import Strategy
+from fedtensor.protocol import secagg_math as sm
+from fedtensor.protocol.values import tensor_bytes
+from fedtensor.worker.secagg import seed_commitment
+
+__all__ = ["SecAggPlus", "secure_round"]
+
+State = dict[str, torch.Tensor]
+
+# Remote failures that are the plan's fault: they would repeat on every worker.
+_PLAN_ERRORS = frozenset({"PlanError", "ForbiddenOperation"})
+
+
+@dataclass(frozen=True)
+class SecAggPlus:
+    """Secure aggregation by SecAgg+: the aggregator learns only the sum of the updates.
+
+    ``neighbours`` (k): how many others each worker agrees masks with and
+    shares its secrets among; default ``2 * ceil(log2 n)`` (at most ``n - 1``)
+    for ``n`` workers in the round. ``threshold`` (t): how many of them must
+    answer to unmask it; default a majority, ``k // 2 + 1``. Up to ``k - t``
+    workers may drop out after masking around any one worker. Each coordinate
+    of an update (its change in the round) is clipped to ``[-clip, clip]`` and
+    quantized to ``bits`` bits: the sum's error per coordinate of the average
+    is below ``2 * clip / (2**bits - 1)`` (reported as ``quantization_step``).
+    """
+
+    neighbours: int | None = None
+    threshold: int | None = None
+    clip: float = 8.0
+    bits: int = 22
+
+    def __post_init__(self) -> None:
+        if self.neighbours is not None and (
+            type(self.neighbours) is not int or self.neighbours < 1
+        ):
+            raise ValueError("neighbours must be an integer >= 1")
+        if self.threshold is not None and (type(self.threshold) is not int or self.threshold < 1):
+            raise ValueError("threshold must be an integer >= 1")
+        if (
+            self.neighbours is not None
+            and self.threshold is not None
+            and self.threshold > self.neighbours
+        ):
+            raise ValueError(
+                f"threshold {self.threshold} is above neighbours {self.neighbours}: "
+                "the secrets could never be rebuilt"
+            )
+        if not (isinstance(self.clip, int | float) and math.isfinite(self.clip) and self.clip > 0):
+            raise ValueError("clip must be a positive finite number")
+        if type(self.bits) is not int or not 8 <= self.bits <= 32:
+            raise ValueError(
+                f"bits must be between 8 and 32, not {self.bits!r}: fewer leave a "
+                "quantization step too coarse to train on, more overflow the 48-bit sums"
+            )
+
+    def neighbours_for(self, count: int) -> int:
+        """``k`` in a round of ``count`` workers."""
+        wanted = self.neighbours if self.neighbours is not None else sm.default_neighbours(count)
+        return min(wanted, count - 1)
+
+    def threshold_for(self, neighbours: int) -> int:
+        """``t`` for ``neighbours`` neighbours."""
+        return self.threshold if self.threshold is not None else sm.default_threshold(neighbours)
+
+    def check(self, workers: int, per_round: int, strategy: Strategy) -> None:
+        """``ValueError`` if a run with these figures cannot aggregate securely."""
+        if workers < 2 or per_round < 2:
+            raise ValueError(
+                "secure aggregation needs at least 2 workers per round "
+                f"(the data is on {workers}, a round samples {per_round}): "
+                "the sum of one update is that update"
+            )
+        if type(strategy).aggregate_sum is Strategy.aggregate_sum:
+            raise ValueError(f"{type(strategy).__name__} cannot aggregate a masked sum")
+        neighbours = self.neighbours_for(per_round)
+        if self.threshold_for(neighbours) > neighbours:
+            raise ValueError(
+                f"threshold {self.threshold} is above the {neighbours} neighbours a worker "
+                f"has in a round of {per_round}"
+            )
+
+
+@dataclass
+class _Recorder:
+    """Test hooks: see what the aggregator receives, alter what it relays, act between stages."""
+
+    #: Called with (stage, worker id, reply) for every reply the aggregator receives.
+    received: Callable[[str, str, Any], None] | None = None
+    #: Called with (round, sender position, receiver position, sealed share); returns
+    #: what is relayed instead.
+    relay: Callable[[int, int, int, torch.Tensor], torch.Tensor] | None = None
+    #: Called with (stage just finished, worker ids still in the round); may be async.
+    after_stage: Callable[[str, list[str]], Any] | None = None
+
+
+#: The hooks tests set (none by default).
+hooks = _Recorder()
+
+
+async def _after(stage: str, names: list[str]) -> None:
+    if hooks.after_stage is not None:
+        outcome = hooks.after_stage(stage, names)
+        if hasattr(outcome, "__await__"):
+            await outcome
+
+
+class _Skip(Exception):
+    """The round cannot finish securely; the message says why."""
+
+
+async def secure_round(
+    run: Any,
+    round: int,
+    sampled: list[int],
+    state: State,
+    *,
+    clip_norm: float | None = None,
+    noise_std: float = 0.0,
+    weight: int | None = None,
+) -> RoundMetrics:
+    """One round of :func:`fedtensor.fit` with secure aggregation (``run`` is fit's ``_Run``).
+
+    ``clip_norm`` and ``noise_std`` are handed to every worker's masking step
+    (differential privacy: each worker L2-clips its update and adds Gaussian
+    noise before masking, so the aggregator never sees an un-noised sum).
+    ``weight`` (differential privacy: 1) replaces each worker's example count as
+    its weight in the sum.
+    """
+    config: SecAggPlus = run.secure_aggregation
+    started = time.perf_counter()
+    shards = run.data.shards
+    name = [shard.worker.id for shard in shards]
+    position = {index: place for place, index in enumerate(sampled)}
+    index_at = dict(enumerate(sampled))
+    reasons: dict[int, str] = {}
+    received_bytes = 0
+    keys = sorted(k for k, v in state.items() if v.is_floating_point())
+
+    # 1. Setup and training, queued at once on every sampled worker.
+    setups: dict[int, PointerBase] = {}
+    results: dict[int, PointerBase] = {}
+    stored: dict[int, PointerBase] = {}
+    advertised_calls: dict[int, PointerBase] = {}
+    for index in sampled:
+        shard = shards[index]
+        client = shard.worker.client
+        if index not in run.plans:
+            run.plans[index] = client.store(run.plan.wire)
+        setups[index] = call_on(
+            client, "fedtensor.secagg_setup", (), {"round": round, "position": position[index]}
+        )
+        advertised_calls[index] = call_on(
+            client, "fedtensor.secagg_public_keys", (setups[index],), {}
+        )
+        stored[index] = client.store(state)
+        results[index] = call_on(
+            client,
+            "fedtensor.local_update",
+            (run.plans[index], stored[index], shard.data, shard.targets),
+            {**run.hyperparameters, "seed": _worker_seed(run.seed, round, index)},
+        )
+    submitted = time.perf_counter()
+    run.shown.update(round, 0, len(sampled))
+
+    async def gather(stage: str, calls: dict[int, PointerBase]) -> dict[int, Any]:
+        """Every worker's reply to ``calls``; who failed, and why, goes in ``reasons``."""
+        nonlocal received_bytes
+        replies: dict[int, Any] = {}
+        stopped: list[Exception] = []
+
+        async def one(index: int, pointer: PointerBase) -> None:
+            with anyio.move_on_after(run.round_timeout) as waited:
+                try:
+                    reply = await pointer.fetch(free=True, timeout=run.round_timeout)
+                except WorkerUnavailable as exc:
+                    reasons[index] = f"unavailable: {exc}"
+                    if index in run.alive:
+                        run.alive.remove(index)
+                    run.plans.pop(index, None)
+                except FedTimeoutError as exc:
+                    reasons[index] = f"{type(exc).__name__}: {exc}"
+                except RemoteError as exc:
+                    reasons[index] = f"{stage}: {type(exc).__name__}: {exc}"
+                    if exc.remote_type in _PLAN_ERRORS:
+                        stopped.append(exc)
+                else:
+                    replies[index] = reply
+                    if hooks.received is not None:
+                        hooks.received(stage, name[index], reply)
+            if waited.cancelled_caught:
+                reasons[index] = f"{stage}: no answer within {run.round_timeout} s"
+
+        async with anyio.create_task_group() as group:
+            for index, pointer in calls.items():
+                group.start_soon(one, index, pointer)
+        calls.clear()
+        if stopped:
+            raise stopped[0]
+        received_bytes += sum(tensor_bytes(reply) for reply in replies.values())
+        return replies
+
+    def live(indices: Any) -> list[str]:
+        return [name[index] for index in sorted(indices)]
+
+    masked: dict[int, dict[str, Any]] = {}
+    report: dict[str, float] = {}
+    skip_reason = ""
+    try:
+        # 1. Public keys (the workers train meanwhile).
+        advertised = await gather("setup", advertised_calls)
+        await _after("setup", live(advertised))
+        minimum = max(2, run.min_workers)
+        if len(advertised) < minimum:
+            raise _Skip(f"{len(advertised)} workers answered the setup, fewer than {minimum}")
+        neighbours = config.neighbours_for(len(advertised))
+        threshold = config.threshold_for(neighbours)
+        report.update(neighbours=float(neighbours), threshold=float(threshold))
+        if threshold > neighbours:
+            raise _Skip(
+                f"{len(advertised)} workers left: {neighbours} neighbours each, "
+                f"fewer than the threshold {threshold}"
+            )
+        graph = sm.neighbour_graph(
+            [position[index] for index in sorted(advertised)],
+            neighbours,
+            (run.seed * 7_919 + round) % (2**63),
+        )
+
+        # 2. Sealed shares.
+        share_calls: dict[int, PointerBase] = {}
+        for index in sorted(advertised):
+            client = shards[index].worker.client
+            peers = {
+                str(peer): [
+                    advertised[index_at[peer]]["encryption"],
+                    advertised[index_at[peer]]["masking"],
+                ]
+                for peer in sorted(graph[position[index]])
+            }
+            share_calls[index] = call_on(
+                client,
+                "fedtensor.secagg_share_keys",
+                (setups[index],),
+                {"neighbours": peers, "threshold": threshold},
+            )
+        shared = await gather("share keys", share_calls)
+        await _after("share keys", live(shared))
+        shared_positions = {position[index] for index in shared}
+        for index in shared:
+            remaining = len(graph[position[index]] & shared_positions)
+            if remaining < threshold:
+                raise _Skip(
+                    f"{name[index]} has {remaining} neighbours left after the key sharing, "
+                    f"fewer than the threshold {threshold}"
+                )
+
+        # 3. Masked inputs: each worker gets the shares sealed for it.
+        mask_calls: dict[int, PointerBase] = {}
+        peers_of: dict[int, list[int]] = {}
+        for index in sorted(shared):
+            me = position[index]
+            peers_of[index] = sorted(graph[me] & shared_positions)
+            sealed = {}
+            for peer in peers_of[index]:
+                share = shared[index_at[peer]]["shares"][str(me)]
+                if hooks.relay is not None:
+                    share = hooks.relay(round, peer, me, share)
+                sealed[str(peer)] = share
+            client = shards[index].worker.client
+            mask_calls[index] = call_on(
+                client,
+                "fedtensor.secagg_mask",
+                (setups[index], results.pop(index), stored.pop(index)),
+                {
+                    "shares": sealed,
+                    "peers": peers_of[index],
+                    "parameters": keys,
+                    "clip": float(config.clip),
+                    "bits": config.bits,
+                    "clip_norm": clip_norm,
+                    "noise_std": noise_std,
+                    "weight": weight,
+                },
+            )
+        results.clear()  # the workers that left before masking: their updates are freed
+        stored.clear()
+        masked = await gather("masked input", mask_calls)
+        elapsed = time.perf_counter() - submitted
+        run.shown.update(round, len(masked), len(sampled))
+        rejected = {sender for reply in masked.values() for sender in reply["rejected"]}
+        for sender in rejected:
+            reasons[index_at[sender]] = (
+                "a share it sent failed authentication (altered or replayed): dropped"
+            )
+        survivors = {position[index] for index in masked} - rejected
+        dropped = shared_positions - survivors
+        for index in list(masked):
+            if position[index] not in survivors:
+                del masked[index]
+        await _after("masked input", live(index_at[p] for p in survivors))
+        if len(survivors) < minimum:
+            raise _Skip(f"{len(survivors)} masked inputs arrived, fewer than {minimum}")
+        if len(survivors) < threshold:
+            raise _Skip(f"{len(survivors)} survivors, fewer than the threshold {threshold}")
+
+        # 4. Unmasking shares.
+        unmask_calls = {
+            index_at[p]: call_on(
+                shards[index_at[p]].worker.client,
+                "fedtensor.secagg_unmask",
+                (setups[index_at[p]],),
+                {"survivors": sorted(survivors), "dropped": sorted(dropped)},
+            )
+            for p in sorted(survivors)
+        }
+        revealed = await gather("unmask", unmask_calls)
+        report["dropped"] = float(len(sampled) - len(survivors))
+        total = _unmask(
+            {position[index]: reply["masked"] for index, reply in masked.items()},
+            {position[index]: reply for index, reply in revealed.items()},
+            {position[index]: reply["commitment"] for index, reply in shared.items()},
+            {position[index]: reply["masking"] for index, reply in advertised.items()},
+            graph,
+            survivors,
+            dropped,
+            threshold,
+            round,
+            {p: name[index_at[p]] for p in graph},
+        )
+    except _Skip as exc:
+        skip_reason = f"secure aggregation: {exc}"
+        masked = {}
+    finally:
+        setups.clear()  # the secrets are freed on the workers
+        results.clear()
+        stored.clear()
+
+    replies = [(index, masked[index]) for index in sampled if index in masked]
+    examples = sum(int(reply["examples"]) for _, reply in replies)
+    skipped = not replies
+    if not skipped:
+        total_weight = sum(int(reply["weight"]) for _, reply in replies)
+        if total_weight * ((1 << config.bits) - 1) >= 1 << sm.MODULUS_BITS:
+            raise ValueError(
+                f"a total weight of {total_weight} overflows the {sm.MODULUS_BITS}-bit sums "
+                f"of {config.bits}-bit updates: lower SecAggPlus(bits=...)"
+            )
+        clipped = int(total[-1])
+        summed = sm.dequantize_sum(total[:-1], float(config.clip), config.bits, total_weight)
+        sums: State = {}
+        offset = 0
+        for key in keys:
+            count = state[key].numel()
+            sums[key] = summed[offset : offset + count].reshape(state[key].shape)
+            offset += count
+        new_state = run.strategy.aggregate_sum(state, sums, total_weight, run.parameters)
+        run.model.load_state_dict(new_state)
+        report.update(
+            quantization_step=sm.quantization_step(float(config.clip), config.bits),
+            clipped=float(clipped),
+        )
+    seen = examples * run.hyperparameters["epochs"]
+    return RoundMetrics(
+        round=round,
+        sampled=tuple(name[index] for index in sampled),
+        completed=tuple(name[index] for index, _ in replies),
+        failed={name[index]: reasons[index] for index in sampled if index in reasons},
+        skipped=skipped,
+        train_loss=(
+            sum(float(reply["loss"]) * int(reply["examples"]) for _, reply in replies) / examples
+            if examples
+            else math.nan
+        ),
+        train_accuracy=(
+            sum(int(reply["correct"]) for _, reply in replies) / seen if seen else math.nan
+        ),
+        seconds=time.perf_counter() - started,
+        compute_seconds=max((float(reply["seconds"]) for _, reply in replies), default=0.0),
+        transfer_seconds=(
+            sum(elapsed - float(reply["seconds"]) for _, reply in replies) / len(replies)
+            if replies
+            else 0.0
+        ),
+        bytes_sent=tensor_bytes(state) * len(sampled),
+        bytes_received=received_bytes,
+        secure_aggregation=report,
+        skip_reason=skip_reason,
+    )
+
+
+def _worker_seed(seed: int, round: int, index: int) -> int:
+    # fit.worker_seed, repeated to avoid a circular import (fit imports this module).
+    return (seed * 1_000_003 + round * 10_007 + index) % (2**63)
+
+
+def _combine(shares: dict[int, bytes]) -> bytes:
+    secret = sm.combine_shares({x: int.from_bytes(y, "big") for x, y in shares.items()})
+    if secret >= 1 << (8 * sm.KEY_BYTES):
+        raise _Skip("a rebuilt secret is out of range")
+    return secret.to_bytes(sm.KEY_BYTES, "big")
+
+
+def _unmask(
+    masked: dict[int, torch.Tensor],
+    revealed: dict[int, dict[str, Any]],
+    commitments: dict[int, torch.Tensor],
+    mask_publics: dict[int, torch.Tensor],
+    graph: dict[int, frozenset[int]],
+    survivors: set[int],
+    dropped: set[int],
+    threshold: int,
+    round: int,
+    names: dict[int, str],
+) -> torch.Tensor:
+    """The sum of the survivors' masked inputs with every mask removed (mod 2**48)."""
+    length = next(iter(masked.values())).numel()
+    if any(vector.numel() != length or vector.dtype != torch.int64 for vector in masked.values()):
+        raise _Skip("masked inputs of different lengths")
+    total = torch.zeros(length, dtype=torch.int64)
+    sm.add_masks(total, ((masked[p], 1) for p in sorted(survivors)))
+
+    def shares_of(owner: int, kind: str) -> dict[int, bytes]:
+        found = {}
+        for holder in graph[owner]:
+            reply = revealed.get(holder)
+            share = None if reply is None else reply[kind].get(str(owner))
+            if share is not None:
+                found[holder + 1] = sm.from_bytes_tensor(share, length=sm.SHARE_BYTES)
+        if len(found) < threshold:
+            what = "self-mask seed" if kind == "seeds" else "mask key"
+            raise _Skip(
+                f"{len(found)} of the {threshold} shares needed to rebuild the {what} of "
+                f"{names[owner]} arrived: too many workers dropped out"
+            )
+        return found
+
+    self_masks = []
+    for owner in sorted(survivors):
+        seed = _combine(shares_of(owner, "seeds"))
+        if seed_commitment(seed, round, owner) != sm.from_bytes_tensor(commitments[owner]):
+            raise _Skip(f"the rebuilt seed of {names[owner]} does not match its commitment")
+        self_masks.append((seed, -1))
+    sm.add_seeded_masks(total, self_masks)
+    for gone in sorted(dropped):
+        private = X25519PrivateKey.from_private_bytes(_combine(shares_of(gone, "keys")))
+        if sm.public_bytes(private) != sm.from_bytes_tensor(mask_publics[gone]):
+            raise _Skip(f"the rebuilt mask key of {names[gone]} does not match its public key")
+        pairwise = []
+        for survivor in sorted(graph[gone] & survivors):
+            seed = sm.agree(
+                private, sm.from_bytes_tensor(mask_publics[survivor]), "pairwise mask", round
+            )
+            # The survivor added +mask if its position is the smaller: take it off.
+            pairwise.append((seed, -1 if survivor < gone else 1))
+        sm.add_seeded_masks(total, pairwise)
+    return total

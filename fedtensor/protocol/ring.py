@@ -1,0 +1,60 @@
+"""The ring of additive secret sharing, without I/O: shared by client and workers.
+
+Theory of operation
+-------------------
+Secret-shared tensors (:mod:`fedtensor.client.sharing`) live in the ring of integers
+modulo 2^64, held as torch int64 tensors: torch's int64 addition, subtraction,
+multiplication and matmul wrap around (two's complement), which is exactly arithmetic
+modulo 2^64. A secret is split into ``n`` shares that sum to it: ``n - 1`` of them
+uniformly random over the whole ring, the last the secret minus their sum. Any ``n - 1``
+shares are then uniform and independent of the secret: a party holding one learns
+nothing. Comparisons also use binary shares (:func:`split_xor`): words whose XOR is
+the secret, again all but one uniformly random.
+
+The randomness is the operating system's CSPRNG (``os.urandom``) read as raw int64
+words: uniform over all 2^64 values. torch's generators are not cryptographic and
+``torch.randint`` cannot cover the whole int64 range, so neither is used.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+__all__ = ["random_ring", "split", "split_xor"]
+
+
+def random_ring(shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor of ``shape`` whose elements are uniform over the int64 ring (os.urandom)."""
+    count = math.prod(shape)
+    if count == 0:
+        return torch.zeros(shape, dtype=torch.int64)
+    words = torch.frombuffer(bytearray(os.urandom(8 * count)), dtype=torch.int64)
+    return words.reshape(shape)
+
+
+def split(value: torch.Tensor, parties: int) -> list[torch.Tensor]:
+    """``parties`` shares of the int64 tensor ``value``: all but the last uniformly random,
+    all summing to ``value`` modulo 2^64."""
+    if value.dtype != torch.int64:
+        raise TypeError(f"ring values are int64 tensors, not {value.dtype}")
+    shares = [random_ring(tuple(value.shape)) for _ in range(parties - 1)]
+    last = value.clone()
+    for share in shares:
+        last -= share  # int64 arithmetic wraps around: the ring Z/2^64
+    return [*shares, last]
+
+
+def split_xor(value: torch.Tensor, parties: int, *, bits: int = -1) -> list[torch.Tensor]:
+    """``parties`` binary (XOR) shares of the int64 tensor ``value``: all but the last
+    uniformly random in the bits of ``bits`` (all 64 by default; ``1`` for shares of
+    0/1 values), all XORed together giving ``value``."""
+    if value.dtype != torch.int64:
+        raise TypeError(f"ring values are int64 tensors, not {value.dtype}")
+    shares = [random_ring(tuple(value.shape)) & bits for _ in range(parties - 1)]
+    last = value.clone()
+    for share in shares:
+        last ^= share
+    return [*shares, last]

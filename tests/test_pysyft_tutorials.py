@@ -1,0 +1,182 @@
+"""PySyft 0.2.9's tutorials Parts 1 to 8, run as scripts (examples/pysyft/).
+
+Each script is the notebook's code with ``import syft as sy`` changed to ``import
+fedtensor.sync as sy`` (downloads replaced by tensors of the same shapes, long training
+loops shortened; each script's header says what). Each runs in its own Python process,
+as a user runs it, and the tests check what it prints: values, not that it ran.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples" / "pysyft"
+
+#: Seconds one script may take (they take a few; the machine may be loaded).
+SCRIPT_TIMEOUT = 50
+
+
+def run_part(name: str) -> str:
+    """Run ``examples/pysyft/<name>`` and return its output; fail on a non-zero exit."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore::UserWarning"}
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / name)],
+        capture_output=True,
+        text=True,
+        timeout=SCRIPT_TIMEOUT,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, f"{name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def tensor_values(output: str, prefix: str = "") -> list[float]:
+    """The numbers of lines ``<prefix>tensor(<number>)``, in order."""
+    pattern = re.compile(rf"^{re.escape(prefix)}tensor\(([-0-9.e]+)\)$", re.M)
+    return [float(value) for value in pattern.findall(output)]
+
+
+def test_every_part_has_a_script() -> None:
+    names = sorted(path.name for path in EXAMPLES.glob("part*.py"))
+    assert [name[:6] for name in names] == [f"part0{n}" for n in range(1, 9)]
+    for path in EXAMPLES.glob("part*.py"):
+        source = path.read_text()
+        assert not re.search(r"^\s*(import|from) syft\b", source, re.M)  # only the import...
+        assert "import fedtensor.sync as sy" in source  # ...changed, to this
+
+
+def test_part01_basic_tools() -> None:
+    output = run_part("part01_basic_tools.py")
+    lines = output.splitlines()
+    assert "tensor([ 2,  4,  6,  8, 10])" in lines
+    assert "location is bob: True" in lines
+    assert "<LocalWorker id:me>" in lines
+    assert "owner is me: True" in lines
+    assert "x: tensor([1, 2, 3, 4, 5])" in lines
+    assert "y: tensor([1, 1, 1, 1, 1])" in lines
+    assert "z: tensor([ 2,  4,  6,  8, 10])" in lines
+    assert "objects after get: 0" in lines
+    assert "x + y: tensor([2, 3, 4, 5, 6])" in lines
+    assert "torch.add: tensor([2, 3, 4, 5, 6])" in lines
+    assert "grad: tensor([1., 1., 1., 1., 1.])" in lines
+    assert re.search(r"^<SyncPointerTensor me:\d+ -> bob:\d+>$", output, re.M)
+
+
+def test_part02_intro_to_federated_learning() -> None:
+    losses = tensor_values(run_part("part02_intro_to_federated_learning.py"))
+    assert len(losses) == 20 + 20  # the local loop, then 10 rounds over bob and alice
+    local, federated = losses[:20], losses[20:]
+    assert all(math.isfinite(loss) for loss in losses)
+    assert local[-1] < local[0]
+    assert local[-1] < 0.1
+    # Adam over both workers: the last round's losses well below the first round's.
+    assert sum(federated[-2:]) < 0.5 * sum(federated[:2])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="pointers to pointers: a pointer sent on (x_ptr.send(alice)) is a copy of the "
+    "tensor on alice, so y = p2p2x + p2p2x is a tensor there and y.get().get() fails",
+)
+def test_part03_advanced_remote_execution() -> None:
+    output = run_part("part03_advanced_remote_execution.py")
+    lines = output.splitlines()
+    assert "x: tensor([1, 2, 3, 4])" in lines
+    assert "y: tensor([ 2,  4,  6,  8, 10])" in lines
+    assert "p2p2x: tensor([1, 2, 3, 4, 5])" in lines
+    assert lines[-3:-1] == ["  bob: {}", "alice: {" + lines[-2].split("{", 1)[1]]
+    assert "tensor([1, 2, 3, 4, 5])" in lines[-2]
+    assert re.fullmatch(r"<SyncPointerTensor me:\d+ -> alice:\d+>", lines[-1])
+
+
+def test_part04_trusted_aggregator() -> None:
+    output = run_part("part04_trusted_aggregator.py")
+    rounds = re.findall(r"^Bob:tensor\(([-0-9.e]+)\) Alice:tensor\(([-0-9.e]+)\)$", output, re.M)
+    assert len(rounds) == 10 + 10
+    bob = [float(b) for b, _ in rounds]
+    alice = [float(a) for _, a in rounds]
+    assert bob[-1] < bob[0]
+    assert alice[-1] < alice[0]
+    # The averaged model, evaluated locally on all four examples at the end.
+    final = tensor_values(output)
+    assert len(final) == 1
+    assert final[0] < 0.5
+    predictions = [float(v) for v in re.findall(r"\[\s*([-0-9.e]+)\]", output.split("Alice:")[-1])]
+    assert len(predictions) >= 4
+    first, second, third, fourth = predictions[:4]
+    assert max(first, second) < min(third, fourth)  # targets 0, 0, 1, 1
+
+
+def test_part05_sandbox() -> None:
+    output = run_part("part05_sandbox.py")
+    lines = output.splitlines()
+    assert lines[0] == "Setting up Sandbox..."
+    assert "Done!" in lines
+    names = re.findall(r"<VirtualWorker id:(\w+) ", lines[lines.index("Done!") + 1])
+    assert names == ["bob", "theo", "jason", "alice", "andy", "jon"]
+    # Seven data sets, data and target, on each worker.
+    assert "bob holds 14 objects" in lines
+    assert "The input datapoints to the hospital1 dataset." in lines
+    radio = lines[lines.index("The input datapoints to the hospital1 dataset.") - 1]
+    assert len(re.findall(r"-> bob:\d+>", radio)) == 2  # x and y are tagged #radio
+    workers = ["bob", "theo", "jason", "alice", "andy", "jon"]
+    assert lines[-3] == str({worker: 2 for worker in workers})  # data and target each
+    # 506 examples cut in order: 84 each, the last worker the rest (PySyft's cut).
+    shapes = {worker: (84, 13) for worker in workers} | {"jon": (86, 13)}
+    assert lines[-2] == str(shapes)
+    assert lines[-1] == str({worker: shape[:1] for worker, shape in shapes.items()})
+
+
+def test_part06_mnist_cnn() -> None:
+    output = run_part("part06_mnist_cnn.py")
+    train = [float(v) for v in re.findall(r"^Train Epoch: \d .*Loss: ([0-9.]+)$", output, re.M)]
+    tests = re.findall(r"Average loss: ([0-9.]+), Accuracy: (\d+)/200", output)
+    assert len(train) == 2
+    assert len(tests) == 2
+    assert "[0/640 (0%)]" in output  # len(loader) x batch size: 10 batches of 64
+    losses = [float(loss) for loss, _ in tests]
+    accuracy = [int(correct) for _, correct in tests]
+    # Learning, from the chance level (log 10 = 2.303, 20 of 200 right).
+    assert losses[1] < losses[0] < math.log(10)
+    assert accuracy[1] > 40
+
+
+def test_part07_federated_dataset() -> None:
+    output = run_part("part07_federated_dataset.py")
+    assert "['bob', 'theo', 'jason', 'alice', 'andy', 'jon']" in output.splitlines()
+    totals = [float(v) for v in re.findall(r"^Total loss ([0-9.]+)$", output, re.M)]
+    assert len(totals) == 3
+    assert totals[2] < totals[1] < totals[0]
+    # ceil(506 / 32) = 16 batches by PySyft's count; 18 are run (3 per worker).
+    assert re.findall(r"\[(\d+)/16 ", output) == ["0", "8", "16"] * 3
+
+
+def test_part08_plans() -> None:
+    output = run_part("part08_plans.py")
+    lines = output.splitlines()
+    assert lines[0] == "<Plan plan_double_abs (not built)>"
+    assert [line for line in lines if line.startswith("is_built")] == [
+        "is_built: False",
+        "is_built: True",
+        "is_built: True",
+        "is_built: True",
+    ]
+    assert any("is not built" in line for line in lines)  # the RuntimeError, caught
+    assert re.search(r"^<PointerPlan plan_double_abs me -> device_1:\d+>$", output, re.M)
+    assert "double abs: tensor([2., 4.])" in lines  # |x11 + x11|, x11 = [-1, 2]
+    # The second net, sent to both devices, equals the same net run locally.
+    on_1 = next(line for line in reversed(lines) if line.startswith("net on device_1"))
+    on_2 = next(line for line in lines if line.startswith("net on device_2"))
+    local = next(line for line in lines if line.startswith("net locally"))
+    values = re.findall(r"tensor\(\[([^\]]+)\]", on_2)[0]
+    assert values == re.findall(r"tensor\(\[([^\]]+)\]", on_1)[0]
+    assert values == re.findall(r"tensor\(\[([^\]]+)\]", local)[0]
+    assert "abs plus state: tensor([2, 1])" in lines  # |[-1, 0]| + state [1]

@@ -1,0 +1,164 @@
+"""ft.ray.workers: fedtensor workers as Ray actors, on a local Ray instance (2 CPUs)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import typing
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import fedtensor as ft
+from fedtensor.ray import PLAIN_TYPES, WorkerActor, _crossing
+
+ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'fedtensor[ray]')")
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def ray_instance() -> Iterator[None]:
+    """One local Ray instance for the module: starting Ray costs seconds."""
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        _node_ip_address="127.0.0.1",
+    )
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def dataset_file(tmp_path: Path) -> Path:
+    path = tmp_path / "toy.pt"
+    generator = torch.Generator().manual_seed(0)
+    data = torch.randn(40, 3, generator=generator)
+    torch.save({"data": data, "targets": (data[:, 0] > 0).long()}, path)
+    return path
+
+
+def _plain(value: object) -> bool:
+    if isinstance(value, tuple | list):
+        return all(_plain(item) for item in value)
+    if isinstance(value, dict):
+        return all(_plain(k) and _plain(v) for k, v in value.items())
+    return isinstance(value, PLAIN_TYPES)
+
+
+def test_import_fedtensor_does_not_import_ray() -> None:
+    code = "import sys, fedtensor; assert 'ray' not in sys.modules; print(fedtensor.ray.workers)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "function workers" in result.stdout
+
+
+def test_the_actor_takes_and_gives_plain_values_only() -> None:
+    with pytest.raises(TypeError, match="not Tensor"):
+        _crossing(("ok", torch.ones(1)))
+    with pytest.raises(TypeError, match="not dict"):
+        _crossing(((1, {"a": 1}),))
+    assert _crossing(("a", b"b", 1, 2.0, True, None, ("x", 3))) == (
+        "a",
+        b"b",
+        1,
+        2.0,
+        True,
+        None,
+        ("x", 3),
+    )
+    plain = {str, bytes, int, float, bool, type(None), tuple[str, ...]}
+    for name in ("__init__", "url", "pid", "stop", "echo"):
+        hints = typing.get_type_hints(getattr(WorkerActor, name))
+        assert set(hints.values()) <= plain, (name, hints)
+
+
+async def test_ray_workers_compute_federate_fit_and_load_data(
+    ray_instance: None, dataset_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Spy on everything that crosses Ray: actor creations, method calls, and answers.
+    crossed: list[object] = []
+    create, call, get = ray.actor.ActorClass._remote, ray.actor.ActorMethod._remote, ray.get
+
+    def spy_create(self: Any, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        crossed.extend([*(args or ()), *(kwargs or {}).values()])
+        return create(self, args=args, kwargs=kwargs, **options)
+
+    def spy_call(self: Any, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        crossed.extend([*(args or ()), *(kwargs or {}).values()])
+        return call(self, args, kwargs, **options)
+
+    def spy_get(*args: Any, **kwargs: Any) -> Any:
+        answer = get(*args, **kwargs)
+        crossed.append(answer)
+        return answer
+
+    monkeypatch.setattr(ray.actor.ActorClass, "_remote", spy_create)
+    monkeypatch.setattr(ray.actor.ActorMethod, "_remote", spy_call)
+    monkeypatch.setattr(ray, "get", spy_get)
+
+    group = ft.ray.workers(2, host="127.0.0.1", datasets={"toy": dataset_file}, placement="pack")
+    async with group as workers, ft.VirtualWorker("carol") as carol:
+        assert [w.id for w in workers] == ["ray-0", "ray-1"]
+        assert all(w.url.startswith("ws://127.0.0.1:") for w in workers)
+        # pointers, and a multi-pointer mixing Ray and virtual workers
+        x = ft.send(torch.arange(4.0), workers[0], workers[1], carol)
+        assert torch.equal(await (x + 1).get(sum_results=True), (torch.arange(4.0) + 1) * 3)
+        # a data set loaded on the actors' node, never held by this client
+        data = await ft.load_dataset(workers, "toy")
+        assert data.sizes() == {"ray-0": 40, "ray-1": 40}
+        model = torch.nn.Linear(3, 2)
+        history = await ft.fit(model, data, rounds=1, batch_size=8, lr=0.5, progress=False)
+        assert history[0].completed == ("ray-0", "ray-1")
+        del x, data
+    assert crossed, "the spy saw nothing: the test would prove nothing"
+    assert any(isinstance(value, str) and value.startswith("ws://") for value in crossed)
+    assert [value for value in crossed if not _plain(value)] == []
+
+
+async def test_a_killed_actor_fails_pointers_is_dropped_and_comes_back(
+    ray_instance: None, dataset_file: Path
+) -> None:
+    group = ft.ray.workers(
+        2, host="127.0.0.1", datasets={"toy": dataset_file}, max_restarts=1, timeout=30
+    )
+    async with group as workers:
+        victim = workers[1]  # fit learns the data's shape from the first worker's shard
+        data = await ft.load_dataset(list(workers), "toy")
+        # a fetch in flight (a computation of a second or so) and a pointer not yet awaited
+        x = ft.send(torch.randn(1200, 1200), victim)
+        y = x
+        for _ in range(8):
+            y = (y @ x) / 1200
+        in_flight = asyncio.ensure_future(y.get())
+        waiting = ft.send(torch.ones(3), victim) * 2
+        old_url = victim.url
+        ray.kill(group.actors[1], no_restart=False)
+        # WorkerUnavailable as the connection drops, not TimeoutError after 30 s
+        with pytest.raises(ft.WorkerUnavailable):
+            await in_flight
+        with pytest.raises(ft.WorkerUnavailable):
+            await waiting
+        # fit drops it for the round and trains on the other
+        model = torch.nn.Linear(3, 2)
+        history = await ft.fit(model, data, rounds=1, batch_size=8, progress=False)
+        assert history[0].completed == ("ray-0",)
+        assert "unavailable" in history[0].failed["ray-1"]
+        # Ray restarted it: the handle reaches the new, empty worker at its new address
+        await victim.reconnect()
+        assert victim.url != old_url
+        assert await victim.object_ids() == []
+        assert torch.equal(await (ft.send(torch.ones(2), victim) + 1).get(), torch.full((2,), 2.0))
+        # its data set was loaded again on its node: sampled again in the next run
+        data = await ft.load_dataset(list(workers), "toy")
+        history = await ft.fit(model, data, rounds=1, batch_size=8, progress=False)
+        assert history[0].completed == ("ray-0", "ray-1")
+        del x, y, data
