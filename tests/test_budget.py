@@ -37,7 +37,7 @@ import torch
 import fedtensor as ft
 from fedtensor.protocol import plan as wire_plan
 from fedtensor.protocol.chunks import START, split_frame
-from fedtensor.protocol.codec import encode_frame
+from fedtensor.protocol.codec import decode_frame, decoded_bound, encode_frame, frame_bytes
 from fedtensor.protocol.messages import (
     Call,
     Failure,
@@ -553,7 +553,9 @@ async def test_a_client_killed_mid_upload_leaves_nothing_behind(
             [peer] = [p for p in served._peers if p.session is not None and p.session.objects]
             session = peer.session
             assert session is not None
-            assert session.memory_used == MIB + TENSOR_OVERHEAD
+            # The tensor aliases its frame's buffer: the whole frame (the tensor and a
+            # few dozen bytes of commands) is what it pins, and what it is charged.
+            assert MIB + TENSOR_OVERHEAD < session.memory_used < MIB + TENSOR_OVERHEAD + 256
             head = struct.pack(">BQ", START, size)
             frames = header(Opcode.BINARY, len(head), ZERO_KEY) + head
             frames += (header(Opcode.BINARY, MIB, ZERO_KEY) + bytes(MIB)) * 3
@@ -589,3 +591,65 @@ async def test_a_client_killed_mid_upload_leaves_nothing_behind(
         assert all(ref() is None for ref in peers)
     finally:
         gc.enable()
+
+
+def test_a_small_tensor_received_beside_a_large_one_is_charged_the_frame_it_pins() -> None:
+    # A received tensor aliases its frame's buffer and keeps all of it alive: storing a
+    # small tensor beside a large one, then releasing the large one, must not leave the
+    # large one's memory held yet uncounted (a client could pin memory past its budget).
+    frame = frame_bytes([Store(1, torch.ones(2 * MIB // 4)), Store(2, torch.ones(512))])
+    big, small = (message.value for message in decode_frame(frame))
+    assert small.untyped_storage().data_ptr() == big.untyped_storage().data_ptr()
+    ledger = budget.Ledger(64 * MIB)
+    ledger.store(1, big)
+    ledger.store(2, small)
+    ledger.release(1)
+    assert ledger.used >= len(frame)  # the whole frame, still pinned by the small tensor
+    ledger.release(2)
+    assert ledger.used == 0
+
+
+# -- decoding is bounded before it allocates ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        [[] for _ in range(20_000)],
+        [{} for _ in range(20_000)],
+        [1.5 for _ in range(20_000)],
+        [torch.empty(0) for _ in range(2_000)],
+        [torch.ones(3) for _ in range(2_000)],
+    ],
+    ids=["lists", "maps", "floats", "empty-tensors", "small-tensors"],
+)
+def test_decoded_bound_bounds_what_decoding_allocates(value: list[Any]) -> None:
+    frame = frame_bytes([Store(1, value)])
+    tracemalloc.start()
+    try:
+        decoded = decode_frame(frame)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert decoded[0].value is not None
+    assert peak <= decoded_bound(frame)
+
+
+async def test_a_frame_that_could_decode_past_the_budget_is_refused_before_decoding() -> None:
+    # 200,000 empty lists: 200 KB on the wire, about 13 MB once decoded, past a 10 MiB
+    # budget. Without the bound the worker decodes it all, then refuses the store.
+    server = WorkerServer("local", token="t", limits=Limits(memory_quota=QUOTA), grace=5.0)
+    async with anyio.create_task_group() as task_group:
+        await task_group.start(server.serve, "127.0.0.1", 0)
+        assert server.url is not None
+        try:
+            async with (
+                ft.connect(server.url, token="t") as hostile,
+                ft.connect(server.url, token="t") as other,
+            ):
+                with pytest.raises(ft.FedTensorError, match="decoding this frame could take"):
+                    await hostile.client.store([[] for _ in range(200_000)]).fetch()
+                x = ft.send(torch.arange(3.0), other)  # other clients are served on
+                assert torch.equal(await x.get(), torch.arange(3.0))
+        finally:
+            server.shutdown()

@@ -30,9 +30,10 @@ CBOR library, which would copy them:
   frame's array, the version, the buffers' byte string), skips the buffers,
   and has cbor2's compiled decoder read the messages.
   Over a writable buffer (a ``bytearray``, or a writable ``memoryview`` over
-  one) each large tensor is built with :func:`torch.frombuffer` directly over
-  its elements in the buffers: no copy; the tensor shares memory with the
-  buffer and keeps it alive (and un-resizable). Over read-only ``bytes`` each
+  one) each large tensor is built directly over its elements in the buffers
+  (:func:`torch.frombuffer`): no copy; the tensor shares memory with the
+  buffer and keeps it alive (and un-resizable), and its storage is the whole
+  buffer, so that memory counted by storage counts what it pins. Over read-only ``bytes`` each
   large tensor is copied once, since torch must not alias memory Python
   considers immutable. A small tensor gets memory of its own (cbor2 copies
   its bytes out of the frame, and one more copy makes them writable): a copy
@@ -268,6 +269,7 @@ from fedtensor.protocol.messages import (
 from fedtensor.protocol.tensors import memory_of, shaped
 
 __all__ = [
+    "DECODE_EXPANSION",
     "INLINE_LIMIT",
     "MAX_DEPTH",
     "PROTOCOL_VERSION",
@@ -275,6 +277,7 @@ __all__ = [
     "NestingTooDeep",
     "decode_frame",
     "decode_value",
+    "decoded_bound",
     "encode_frame",
     "encode_value",
     "frame_bytes",
@@ -287,6 +290,12 @@ PROTOCOL_VERSION: Final = 2
 MAX_DEPTH: Final = 64
 """The deepest an array, map or tag may be nested (see the module docstring)."""
 INLINE_LIMIT: Final = 1024
+#: At most how many bytes of Python objects one byte of a frame's CBOR structure
+#: (the frame outside its out-of-band tensor buffers) decodes into. Measured with
+#: tracemalloc over cbor2: an empty map (one byte) becomes 72 bytes (a dict and its
+#: slot in the enclosing list), an empty list 64, a half float 11; the smallest
+#: tensor item (about 8 bytes) is charged a 512-byte tensor object by a worker.
+DECODE_EXPANSION: Final = 80
 """Tensors of at most this many bytes travel inline; larger ones in the frame's buffers."""
 
 Chunk = bytes | bytearray | memoryview
@@ -998,11 +1007,15 @@ def _elements(
         itemsize = dtype.itemsize
         start = elements.start
         if elements.writable and not big_endian:
-            flat = torch.frombuffer(
-                elements.data, dtype=dtype, count=nbytes // itemsize, offset=start
-            )
-            if flat.data_ptr() % itemsize == 0:
-                return flat  # in place: the tensor aliases the frame's buffer
+            # In place: the tensor aliases the frame's buffer, and its storage is the
+            # whole buffer, which it keeps alive. So whoever counts memory by storage
+            # (a worker's budget) sees every byte a received tensor pins, and the
+            # tensors of one frame share that storage, counted once.
+            whole = torch.frombuffer(elements.data, dtype=torch.uint8)
+            if start % itemsize == 0 and whole.data_ptr() % itemsize == 0:
+                flat = torch.empty(0, dtype=dtype)
+                flat.set_(whole.untyped_storage(), start // itemsize, (nbytes // itemsize,), (1,))
+                return flat
         # The one copy: read-only input, a byte swap, misaligned elements.
         with memoryview(elements.data) as view:
             copied = bytearray(view[start : start + nbytes])
@@ -1352,6 +1365,25 @@ def decode_frame(buf: Chunk) -> list[Message]:
         tags[_TAG_BUFFER] = _tag_decoder(_Buffers(data, start, end, writable).reference)
     # The frame's own array is open: one level of nesting less for cbor2.
     return _messages(_decode_item(data, end, tags, MAX_DEPTH - 1))
+
+
+def decoded_bound(buf: Chunk) -> int:
+    """At most how many bytes decoding frame ``buf`` allocates: its CBOR structure times
+    :data:`DECODE_EXPANSION`. Its out-of-band buffers are not counted: over a writable
+    frame the large tensors alias them in place (over read-only bytes each is copied
+    once more). Reads only the frame's first heads; a frame whose heads are malformed
+    is bounded as if all of it were structure (decoding then fails)."""
+    data, _ = _input(buf)
+    if data[:3] == _FRAME_HEAD:
+        return (len(data) - 3) * DECODE_EXPANSION
+    try:
+        length, pos = _head(data, 0, _ARRAY, "a frame array")
+        _, pos = _head(data, pos, _UINT, "a protocol version") if length else (None, pos)
+        size, start = _head(data, pos, _BYTES, "a byte string of buffers")
+    except ProtocolError:
+        return len(data) * DECODE_EXPANSION
+    size = min(size, max(len(data) - start, 0))
+    return (len(data) - size) * DECODE_EXPANSION
 
 
 def decode_value(buf: Chunk) -> Any:

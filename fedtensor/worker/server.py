@@ -97,7 +97,7 @@ from websockets.server import ServerProtocol
 
 from fedtensor.errors import LimitExceeded, ProtocolError
 from fedtensor.net.peer import WebSocketPeer
-from fedtensor.protocol.codec import Chunk, decode_frame, encode_frame
+from fedtensor.protocol.codec import Chunk, decode_frame, decoded_bound, encode_frame
 from fedtensor.protocol.messages import Call, Fetch, ListObjects, Message, Release, Store
 from fedtensor.protocol.wsconnection import close_code_for
 from fedtensor.protocol.wsframes import CloseCode
@@ -123,6 +123,12 @@ SESSION_HEADER = "X-Fedtensor-Session"
 #: slows the client down; the worker reads on once the actor, or the client,
 #: has caught up. (The pending-command limit bounds commands, not bytes.)
 READ_AHEAD = 64 << 20
+
+#: Bytes a frame may take to decode (decoded_bound) even past what is left of the
+#: client's budget: its stores are then refused one by one (LimitExceeded), the
+#: connection kept. A frame that could take more, and more than is left, closes the
+#: connection with 1009 before it is decoded.
+_DECODE_SLACK = 4 << 20
 
 #: Seconds a client has to answer a close.
 _CLOSE_TIMEOUT = 10.0
@@ -534,6 +540,18 @@ class WorkerServer:
                 peer.faulted = True  # this client's frames queued behind it are dropped
                 loop.call_soon_threadsafe(peer.fail, code, reason)
 
+        ledger = session.ledger
+        bound = decoded_bound(frame) if ledger is not None else 0
+        if ledger is not None and bound > max(ledger.remaining, _DECODE_SLACK):
+            # Decoding allocates before any store is charged: a frame of empty lists
+            # grows 64-fold. Refused before it allocates, like a frame over max_frame.
+            # (Under the slack it is decoded, and its stores refused one by one.)
+            fault(
+                CloseCode.MESSAGE_TOO_BIG,
+                f"decoding this frame could take {bound} bytes, past the "
+                f"{ledger.remaining} bytes left of the client's memory budget",
+            )
+            return None
         try:
             batch = decode_frame(frame)
         except (LimitExceeded, ProtocolError) as exc:
