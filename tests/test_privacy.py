@@ -89,9 +89,10 @@ class RecordingCentralDP(ft.CentralDP):
 
 
 async def test_central_dp_clips_every_update_the_aggregator_sums(
-    ft_virtual_workers: WorkerFactory,
+    ft_workers: WorkerFactory,
 ) -> None:
-    _, federated = await _federated(ft_virtual_workers, 3)
+    # Over every transport: in-process objects, encoded frames, worker processes.
+    _, federated = await _federated(ft_workers, 3)
     clip = 0.05
     dp = RecordingCentralDP(noise_multiplier=0.0, clip_norm=clip)
     model = _model()
@@ -146,9 +147,10 @@ async def test_adaptive_clipping_moves_the_bound_towards_the_quantile(
 
 
 async def test_local_dp_clips_and_noises_each_workers_update(
-    ft_virtual_workers: WorkerFactory,
+    ft_workers: WorkerFactory,
 ) -> None:
-    _, federated = await _federated(ft_virtual_workers, 1)
+    # Over every transport: in-process objects, encoded frames, worker processes.
+    _, federated = await _federated(ft_workers, 1)
     model = _model()
     initial = _initial(model)
     await ft.fit(model, federated, rounds=1, lr=0.5, dp=ft.LocalDP(0.05, 0.0), progress=False)
