@@ -636,8 +636,9 @@ def test_decoded_bound_bounds_what_decoding_allocates(value: list[Any]) -> None:
 
 
 async def test_a_frame_that_could_decode_past_the_budget_is_refused_before_decoding() -> None:
-    # 200,000 empty lists: 200 KB on the wire, about 13 MB once decoded, past a 10 MiB
-    # budget. Without the bound the worker decodes it all, then refuses the store.
+    # 500,000 empty lists: 500 KB on the wire, about 32 MB once decoded (bounded at 40 MB),
+    # past a 10 MiB budget and the 16 MiB slack. Without the bound the worker decodes it
+    # all, then refuses the store.
     server = WorkerServer("local", token="t", limits=Limits(memory_quota=QUOTA), grace=5.0)
     async with anyio.create_task_group() as task_group:
         await task_group.start(server.serve, "127.0.0.1", 0)
@@ -648,7 +649,7 @@ async def test_a_frame_that_could_decode_past_the_budget_is_refused_before_decod
                 ft.connect(server.url, token="t") as other,
             ):
                 with pytest.raises(ft.FedTensorError, match="decoding this frame could take"):
-                    await hostile.client.store([[] for _ in range(200_000)]).fetch()
+                    await hostile.client.store([[] for _ in range(500_000)]).fetch()
                 x = ft.send(torch.arange(3.0), other)  # other clients are served on
                 assert torch.equal(await x.get(), torch.arange(3.0))
         finally:

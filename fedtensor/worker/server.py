@@ -128,7 +128,7 @@ READ_AHEAD = 64 << 20
 #: client's budget: its stores are then refused one by one (LimitExceeded), the
 #: connection kept. A frame that could take more, and more than is left, closes the
 #: connection with 1009 before it is decoded.
-_DECODE_SLACK = 4 << 20
+_DECODE_SLACK = 16 << 20
 
 #: Seconds a client has to answer a close.
 _CLOSE_TIMEOUT = 10.0
