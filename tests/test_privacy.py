@@ -383,7 +383,6 @@ async def test_fit_refuses_bad_privacy_configurations_before_any_round(
         "count's noise",
         dp=ft.CentralDP(1.0, adaptive=ft.AdaptiveClipping(count_noise_std=0.1)),
     )
-    await refused(_model(), "cannot resume", dp=ft.CentralDP(1.0), checkpoint="x.pt", resume=True)
     assert rounds == []
     # A worker refuses bad DP arguments from a client, and keeps serving.
     plan = ft.trace(_model(), F.cross_entropy, _data(2))
@@ -406,6 +405,137 @@ async def test_fit_refuses_bad_privacy_configurations_before_any_round(
     )
     assert (await good.fetch(free=True))["examples"] == 10
     del stored_plan, state, shard, workers
+
+
+# -- resuming a private run -----------------------------------------------------------------------
+
+_ADAPTIVE = ft.AdaptiveClipping(target_quantile=0.5, learning_rate=0.2, count_noise_std=1.0)
+
+RESUMABLE: dict[str, Any] = {
+    "central": ft.CentralDP(noise_multiplier=1.1, clip_norm=0.5),
+    "central-sampled": ft.CentralDP(noise_multiplier=1.1, clip_norm=0.5),
+    "central-adaptive": ft.CentralDP(noise_multiplier=1.1, clip_norm=0.5, adaptive=_ADAPTIVE),
+    "local": ft.LocalDP(clip_norm=0.5, noise_multiplier=1.1),
+    "dp-sgd+local": [ft.DPSGD(1.0, 1.1), ft.LocalDP(clip_norm=0.5, noise_multiplier=1.1)],
+}
+
+
+async def _stopped_and_resumed(
+    federated: ft.FederatedDataset, checkpoint: Any, stop_after: int, rounds: int, **options: Any
+) -> tuple[nn.Module, ft.History, ft.History, Any]:
+    """A run stopped after ``stop_after`` rounds, then resumed in a new fit to ``rounds``;
+    also the privacy state the stopped run's checkpoint held."""
+    options = {"lr": 0.1, "batch_size": 10, "progress": False, "checkpoint": checkpoint, **options}
+    first = await ft.fit(_model(), federated, rounds=stop_after, **options)
+    saved = torch.load(checkpoint, weights_only=True)["extra"].get("privacy")
+    resumed_model = _model()
+    resumed = await ft.fit(resumed_model, federated, rounds=rounds, resume=True, **options)
+    return resumed_model, first, resumed, saved
+
+
+@pytest.mark.parametrize("name", list(RESUMABLE))
+async def test_a_resumed_private_run_accounts_as_an_uninterrupted_one(
+    ft_virtual_workers: WorkerFactory, tmp_path: Any, name: str
+) -> None:
+    _, federated = await _federated(ft_virtual_workers, 3, examples=20)
+    fraction = 0.5 if name == "central-sampled" else 1.0  # 2 of 3: replace-one, sampled
+    dp = RESUMABLE[name]
+    straight = await ft.fit(
+        _model(), federated, rounds=4, lr=0.1, batch_size=10, dp=dp, fraction=fraction,
+        progress=False,
+    )  # fmt: skip
+    checkpoint = tmp_path / "run.pt"
+    _, first, resumed, saved = await _stopped_and_resumed(
+        federated, checkpoint, 2, 4, dp=dp, fraction=fraction
+    )
+    del federated
+    assert [m.round for m in resumed] == [1, 2, 3, 4]
+    # The same events in the same order: the same ε, round by round, to the last bit.
+    for field in ("epsilon", "example_epsilon"):
+        expected = [getattr(m, field) for m in straight]
+        got = [getattr(m, field) for m in resumed]
+        assert got == pytest.approx(expected, rel=0, abs=0, nan_ok=True), field
+        assert not math.isnan(expected[-1]) or field == "example_epsilon"
+    assert resumed[-1].epsilon > first[-1].epsilon  # rounds 3 and 4 added to rounds 1 and 2
+    if name == "central-adaptive":
+        # The bound continues from where the stopped run left it (not the initial 0.5).
+        assert resumed[2].clip_norm == saved["clip_norm"] != 0.5
+
+
+@pytest.mark.parametrize(
+    "dp",
+    [
+        ft.CentralDP(noise_multiplier=0.0, clip_norm=0.05),
+        ft.CentralDP(
+            noise_multiplier=0.0,
+            clip_norm=0.05,
+            adaptive=ft.AdaptiveClipping(learning_rate=0.2, count_noise_std=1e-9),
+        ),
+        ft.LocalDP(clip_norm=0.05, noise_multiplier=0.0),
+    ],
+    ids=["central", "central-adaptive", "local"],
+)
+async def test_without_noise_a_resumed_private_run_ends_with_the_same_model(
+    ft_virtual_workers: WorkerFactory, tmp_path: Any, dp: Any
+) -> None:
+    # The noise comes from the OS's randomness and is never replayed (README); without
+    # noise, clipping and its bound alone decide the model: it must be the same.
+    _, federated = await _federated(ft_virtual_workers, 2, examples=20)
+    straight_model = _model()
+    await ft.fit(straight_model, federated, rounds=4, lr=0.5, batch_size=10, dp=dp, progress=False)
+    resumed_model, _, _, _ = await _stopped_and_resumed(
+        federated, tmp_path / "run.pt", 2, 4, dp=dp, lr=0.5
+    )
+    del federated
+    straight, ended = straight_model.state_dict(), resumed_model.state_dict()
+    for key in straight:
+        torch.testing.assert_close(ended[key], straight[key], rtol=1e-6, atol=1e-9)
+    assert float(_flat(straight).sub(_flat(_model().state_dict())).norm()) > 0
+
+
+async def test_target_epsilon_holds_across_a_resume(
+    ft_virtual_workers: WorkerFactory, tmp_path: Any
+) -> None:
+    _, federated = await _federated(ft_virtual_workers, 2, examples=10)
+    dp = ft.CentralDP(noise_multiplier=1.3)
+    budget = (_central_epsilon(1.3, 3) + _central_epsilon(1.3, 4)) / 2  # room for 3 rounds
+    _, first, resumed, _ = await _stopped_and_resumed(
+        federated, tmp_path / "run.pt", 2, 10, dp=dp, target_epsilon=budget
+    )
+    del federated
+    assert len(first) == 2
+    assert [m.round for m in resumed] == [1, 2, 3]
+    assert resumed.stopped is not None
+    assert "before round 4" in resumed.stopped
+
+
+async def test_a_checkpoint_resumes_only_with_the_dp_that_saved_it(
+    ft_virtual_workers: WorkerFactory, tmp_path: Any
+) -> None:
+    _, federated = await _federated(ft_virtual_workers, 2, examples=10)
+    plain, private = tmp_path / "plain.pt", tmp_path / "private.pt"
+    options: dict[str, Any] = {"rounds": 2, "progress": False}
+    await ft.fit(_model(), federated, checkpoint=plain, **options)
+    await ft.fit(_model(), federated, checkpoint=private, dp=ft.CentralDP(1.0), **options)
+    for checkpoint, dp, match in (
+        (plain, ft.CentralDP(1.0), "non-private run"),
+        (private, None, "saved by a private run"),
+        (private, ft.LocalDP(1.0, 1.0), "same mechanisms"),
+        (private, ft.CentralDP(2.0), "same mechanisms"),
+        (private, [ft.CentralDP(1.0), ft.DPSGD(1.0, 1.0)], "same mechanisms"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            await ft.fit(
+                _model(), federated, checkpoint=checkpoint, resume=True, dp=dp,
+                **{**options, "rounds": 3},
+            )  # fmt: skip
+    # The same dp resumes.
+    resumed = await ft.fit(
+        _model(), federated, checkpoint=private, resume=True, dp=ft.CentralDP(1.0),
+        **{**options, "rounds": 3},
+    )  # fmt: skip
+    del federated
+    assert [m.round for m in resumed] == [1, 2, 3]
 
 
 # -- central DP under secure aggregation -----------------------------------------------------------

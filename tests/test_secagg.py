@@ -119,6 +119,74 @@ def test_quantization_error_is_below_one_step() -> None:
     )
 
 
+def _reference_masked(vector: torch.Tensor, seeds: Sequence[tuple[bytes, int]]) -> torch.Tensor:
+    """vector + sum(sign * mask) mod 2**48, one mask at a time, in Python's integers."""
+    total = [int(v) for v in vector.tolist()]
+    for seed, sign in seeds:
+        mask = sm.expand_mask(seed, len(total)).tolist()
+        total = [(t + sign * m) & sm.MODULUS_MASK for t, m in zip(total, mask, strict=True)]
+    return torch.tensor(total, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("scratch", [16 << 20, 8 * 17 * 50])
+def test_batched_seeded_masks_equal_one_mask_at_a_time(
+    monkeypatch: pytest.MonkeyPatch, threads: int, scratch: int
+) -> None:
+    # 20 seeds (two batches of rows), mixed signs, in one block or in column blocks of
+    # 50 (the cipher's counter must run on across blocks), on one torch thread or more.
+    monkeypatch.setattr(sm, "_SCRATCH_BYTES", scratch)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        seeds = [(bytes([i]) * 32, 1 if i % 3 else -1) for i in range(20)]
+        vector = torch.randint(0, 1 << sm.MODULUS_BITS, (333,), dtype=torch.int64)
+        expected = _reference_masked(vector, seeds)
+        assert torch.equal(sm.add_seeded_masks(vector.clone(), seeds), expected)
+        subtracted_only = [(seed, -1) for seed, _ in seeds[:3]]
+        assert torch.equal(
+            sm.add_seeded_masks(vector.clone(), subtracted_only),
+            _reference_masked(vector, subtracted_only),
+        )
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_quantizing_into_a_given_buffer_in_place() -> None:
+    values = torch.tensor([0.25, -3.0, 3.0, -0.5], dtype=torch.float64)
+    kept = values.clone()
+    out = torch.full((4,), -1, dtype=torch.int64)
+    levels, clipped = sm.quantize(values, 1.0, 8, out=out)
+    assert levels is out
+    assert clipped == 2
+    assert torch.equal(values, kept)  # not overwritten
+    assert out.tolist()[1:3] == [0, 255]
+    assert out.tolist()[0] in (159, 160)  # (0.25 + 1) * 255 / 2 = 159.375
+    assert out.tolist()[3] in (63, 64)  # (-0.5 + 1) * 255 / 2 = 63.75
+    scratch = values.clone()
+    sm.quantize(scratch, 1.0, 8, out=out, overwrite=True)
+    assert not torch.equal(scratch, kept)  # the scratch given up was used
+    assert out.tolist()[1:3] == [0, 255]
+    with pytest.raises(ValueError, match="out must be"):
+        sm.quantize(values, 1.0, 8, out=torch.empty(3, dtype=torch.int64))
+
+
+def test_default_rounding_noise_is_unbiased_and_fresh() -> None:
+    values = torch.full((200_000,), 0.3, dtype=torch.float64)
+    first, _ = sm.quantize(values, 1.0, 2)  # levels -1, -1/3, 1/3, 1: 0.3 is 0.95 of a step up
+    second, _ = sm.quantize(values, 1.0, 2)
+    assert set(first.unique().tolist()) == {1, 2}
+    assert abs(float(first.double().mean()) - 1.95) < 0.01  # (0.3 + 1) * 3 / 2 levels
+    assert not torch.equal(first, second)  # a fresh key each call
+
+
+def test_rounding_never_passes_the_top_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    # At 32 bits float64 rounds top + the largest uniform up to 2**32: clamped.
+    top = torch.full((10,), 1.0, dtype=torch.float64)
+    monkeypatch.setattr(sm, "_rounding_noise", lambda count, _: torch.full((count,), (1 << 23) - 1))
+    assert int(sm.quantize(top, 1.0, 32)[0].max()) == (1 << 32) - 1
+
+
 @pytest.mark.parametrize(("count", "k"), [(10, 4), (10, 5), (11, 5), (7, 6), (5, 9), (100, 14)])
 def test_the_neighbour_graph_is_symmetric_and_seeded(count: int, k: int) -> None:
     positions = list(range(count))

@@ -8,7 +8,9 @@ the run's ``seed`` and strategy, and :func:`load` refuses a checkpoint of a
 different run, since a resumed run reproduces an uninterrupted one only with the
 same seed (everything random in :func:`fedtensor.fit` derives from the seed and
 the round). :func:`save` writes beside the target and renames, so a run stopped
-mid-write leaves the last good checkpoint in place.
+mid-write leaves the last good checkpoint in place. A private run's accounting
+(:meth:`fedtensor.federated.privacy.PrivacyRun.state_dict`: its mechanisms, DP events
+and clipping bound, as plain numbers and strings) travels in ``extra["privacy"]``.
 """
 
 from __future__ import annotations

@@ -129,8 +129,6 @@ async def fit(
         raise ValueError("min_workers must be at least 1")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}")
-    if dp is not None and resume:
-        raise ValueError("a private run cannot resume: checkpoints do not keep the accountant")
     strategy = strategy if strategy is not None else FedAvg()
     example = await _example_batch(data)
     plan = trace(model, loss, example)
@@ -161,12 +159,19 @@ async def fit(
         raise ValueError("arrival_order is for asynchronous strategies (ft.FedBuff, ft.FedAsync)")
     history = History()
     first_round = 1
+    restored_extra: dict[str, Any] = {}  # a private run's accounting, if it was one
     if checkpoint is not None and resume:
         # File work runs on a thread: other clients' replies keep flowing meanwhile.
         restored = await anyio.to_thread.run_sync(
-            _checkpoint.load, Path(checkpoint), model, strategy, history, seed
+            _checkpoint.load, Path(checkpoint), model, strategy, history, seed, restored_extra
         )
         first_round = restored + 1
+        if restored and (dp is None) != ("privacy" not in restored_extra):
+            raise ValueError(
+                f"{checkpoint} was saved by a {'private' if dp is None else 'non-private'} "
+                f"run; this run is {'not ' if dp is None else ''}private (dp=...): resume "
+                "with the same dp as the run that saved it"
+            )
     if len(data.shards) < min_workers:
         raise ValueError(f"min_workers={min_workers} but the data is on {len(data.shards)} workers")
     privacy = None
@@ -182,6 +187,8 @@ async def fit(
             fraction=fraction,
             secure=secure_aggregation is not None,
         )
+        if "privacy" in restored_extra:  # the accounting (and clipping bound) so far
+            privacy.load_state_dict(restored_extra["privacy"])
     elif target_epsilon is not None:
         raise ValueError("target_epsilon needs dp (ft.CentralDP, ft.LocalDP or ft.DPSGD)")
     run = _Run(
@@ -231,8 +238,9 @@ async def fit(
             run.shown.finished(metrics)
             if checkpoint is not None:
                 await anyio.to_thread.run_sync(
-                    _checkpoint.save, Path(checkpoint), round, model, strategy, history, seed
-                )
+                    _checkpoint.save, Path(checkpoint), round, model, strategy, history, seed,
+                    {"privacy": privacy.state_dict()} if privacy is not None else None,
+                )  # fmt: skip
             if on_round is not None:
                 on_round(metrics)
     finally:

@@ -310,29 +310,78 @@ def _calibrate(epsilon: float, delta: float, relation: str, event: Callable[[flo
     )
 
 
+# A round's event as plain data (a checkpoint keeps these, not the library's objects):
+# ["central", relation, alive, sampled, noise_multiplier], ["local", noise_multiplier]
+# or ["dp_sgd", noise_multiplier, sampling_rate, steps].
+PlainEvent = list[Any]
+
+
+def _event(plain: Sequence[Any]) -> Any:
+    """The ``dp_accounting`` event a :data:`PlainEvent` stands for."""
+    kind = plain[0] if plain else None
+    if kind == "central" and len(plain) == 5:
+        return _central_round(str(plain[1]), int(plain[2]), int(plain[3]), float(plain[4]))
+    if kind == "local" and len(plain) == 2:
+        return _local_event(float(plain[1]))
+    if kind == "dp_sgd" and len(plain) == 4:
+        return _dp_sgd_event(float(plain[1]), float(plain[2]), int(plain[3]))
+    raise ValueError(f"not a privacy event of a fedtensor checkpoint: {plain!r}")
+
+
 class _Ledger:
-    """One guarantee's accountants: one for the run (key None) or one per worker."""
+    """One guarantee's accountants: one for the run (key None) or one per worker.
+
+    It also keeps every event it composed, as plain data, so that a checkpoint can
+    hold the accounting and a resumed run replays it into fresh accountants (in the
+    same order: the same ε to the last bit).
+    """
 
     def __init__(self, relation: str, delta: float) -> None:
         self.relation = relation
         self.delta = delta
         self._accountants: dict[Hashable, Any] = {}
+        self.events: dict[Hashable, list[PlainEvent]] = {}
 
-    def epsilon(self, events: Mapping[Hashable, Any] | None = None) -> float:
+    def epsilon(self, events: Mapping[Hashable, PlainEvent] | None = None) -> float:
         """The largest ε so far, or (``events``) as it would be after those events."""
         accountants = dict(self._accountants)
         for key, event in (events or {}).items():
             accountant = copy.deepcopy(accountants.get(key) or _accountant(self.relation))
-            accountant.compose(event)
+            accountant.compose(_event(event))
             accountants[key] = accountant
         return max(
             (float(accountant.get_epsilon(self.delta)) for accountant in accountants.values()),
             default=0.0,
         )
 
-    def compose(self, events: Mapping[Hashable, Any]) -> None:
+    def compose(self, events: Mapping[Hashable, PlainEvent]) -> None:
         for key, event in events.items():
-            self._accountants.setdefault(key, _accountant(self.relation)).compose(event)
+            self._accountants.setdefault(key, _accountant(self.relation)).compose(_event(event))
+            self.events.setdefault(key, []).append(list(event))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The events so far, by accountant (``"run"`` or a worker's index as a string)."""
+        return {
+            "relation": self.relation,
+            "events": {
+                "run" if key is None else str(key): [list(e) for e in events]
+                for key, events in self.events.items()
+            },
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Replay the events of :meth:`state_dict` into fresh accountants."""
+        if state.get("relation") != self.relation:
+            raise ValueError(
+                f"the checkpoint's privacy was accounted under {state.get('relation')!r}, "
+                f"this run's under {self.relation!r} (a different fraction or aggregation)"
+            )
+        self._accountants = {}
+        self.events = {}
+        for name, events in dict(state.get("events", {})).items():
+            key: Hashable = None if name == "run" else int(name)
+            for event in events:
+                self.compose({key: event})
 
 
 # -- a run -----------------------------------------------------------------------------------------
@@ -470,24 +519,30 @@ class PrivacyRun:
         released: bool,
         schedules: Mapping[int, tuple[float, int]] | None = None,
         survivors: int | None = None,
-    ) -> tuple[dict[Hashable, Any], dict[Hashable, Any]]:
-        user: dict[Hashable, Any] = {}
-        example: dict[Hashable, Any] = {}
+    ) -> tuple[dict[Hashable, PlainEvent], dict[Hashable, PlainEvent]]:
+        user: dict[Hashable, PlainEvent] = {}
+        example: dict[Hashable, PlainEvent] = {}
         if isinstance(self.user, CentralDP) and released:
             assert self._user_ledger is not None
             multiplier = self.user.noise_multiplier
             if survivors is not None:  # distributed noise: only the survivors' part of it
                 multiplier *= math.sqrt(min(survivors, len(sampled)) / len(sampled))
-            user[None] = _central_round(self._user_ledger.relation, alive, len(sampled), multiplier)
+            relation = self._user_ledger.relation
+            user[None] = ["central", relation, alive, len(sampled), float(multiplier)]
         elif isinstance(self.user, LocalDP):
             for index in sampled:
-                user[index] = _local_event(self.user.noise_multiplier)
+                user[index] = ["local", float(self.user.noise_multiplier)]
         if self.example is not None:
             for index in sampled:
                 rate, steps = (schedules or {}).get(index) or dp_sgd_schedule(
                     sizes[index], batch_size, epochs
                 )
-                example[index] = _dp_sgd_event(self.example.noise_multiplier, rate, steps)
+                example[index] = [
+                    "dp_sgd",
+                    float(self.example.noise_multiplier),
+                    float(rate),
+                    int(steps),
+                ]
         return user, example
 
     def would_exceed(
@@ -546,6 +601,64 @@ class PrivacyRun:
                 ledger.compose(events)
                 epsilons.append(ledger.epsilon())
         return epsilons[0], epsilons[1]
+
+    # -- checkpoints --------------------------------------------------------------------
+
+    def mechanisms(self) -> list[dict[str, Any]]:
+        """The run's mechanisms as plain data (what a resumed run must match)."""
+        described: list[dict[str, Any]] = []
+        for mechanism in (self.user, self.example):
+            if mechanism is None:
+                continue
+            fields = {
+                "kind": type(mechanism).__name__,
+                "noise_multiplier": float(mechanism.noise_multiplier),
+                "clip_norm": float(mechanism.clip_norm),
+                "delta": float(mechanism.delta),
+            }
+            if isinstance(mechanism, CentralDP) and mechanism.adaptive is not None:
+                adaptive = mechanism.adaptive
+                fields["adaptive"] = [
+                    float(adaptive.target_quantile),
+                    float(adaptive.learning_rate),
+                    self._count_noise_std,
+                ]
+            described.append(fields)
+        return described
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps so that a resumed run accounts as if it never stopped:
+        the mechanisms, the events composed so far, the current clipping bound.
+
+        The noise itself cannot be replayed: it comes from a generator seeded from the
+        operating system's randomness (noise derived from a seed is no noise to whoever
+        knows the seed), so a resumed run's weights differ from an uninterrupted run's
+        by fresh noise; its ε and its clipping bound's continuation do not.
+        """
+        return {
+            "mechanisms": self.mechanisms(),
+            "clip_norm": float(self.clip_norm),
+            "user": self._user_ledger.state_dict() if self._user_ledger is not None else None,
+            "example": (
+                self._example_ledger.state_dict() if self._example_ledger is not None else None
+            ),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict`; ValueError if it is another run's privacy."""
+        saved = state.get("mechanisms")
+        if saved != self.mechanisms():
+            raise ValueError(
+                f"the checkpoint was saved by a run with dp={saved!r}; this run has "
+                f"dp={self.mechanisms()!r}: a private run resumes only with the same mechanisms"
+            )
+        for ledger, saved_ledger in (
+            (self._user_ledger, state.get("user")),
+            (self._example_ledger, state.get("example")),
+        ):
+            if ledger is not None:
+                ledger.load_state_dict(saved_ledger or {})
+        self.clip_norm = float(state["clip_norm"])
 
     # -- central DP's aggregation --------------------------------------------------------
 

@@ -34,7 +34,8 @@ the worker's operations (:mod:`fedtensor.worker.secagg`) and the aggregator
 * **Quantization** (:func:`quantize`, :func:`dequantize_sum`): a float
   clipped to ``[-clip, clip]`` and mapped to an integer in ``[0, 2**bits - 1]``
   with stochastic rounding (unbiased, error below one step
-  ``2 * clip / (2**bits - 1)``). A weighted sum of quantized vectors is exact in
+  ``2 * clip / (2**bits - 1)``), its uniforms from AES-256-CTR under a fresh key
+  unless a ``torch.Generator`` is given. A weighted sum of quantized vectors is exact in
   the integers; :func:`dequantize_sum` maps it back knowing the total weight.
 
 Arithmetic is mod ``2**MODULUS_BITS`` (48) in ``int64``, so that nothing
@@ -42,7 +43,8 @@ overflows and a reduction is rare: a mask is a 64-bit keystream word shifted
 right by 16 bits (arithmetically), a value in ``[-2**47, 2**47)`` and uniform
 mod ``2**48``; thousands of them add to a reduced value (in ``[0, 2**48)``)
 within ``int64``, and one bitwise and at the end maps the sum, negative or not,
-to its residue. Each mask costs one pass to shift and one to add. The
+to its residue. :func:`add_seeded_masks` expands up to 15 masks at a time into the rows
+of one scratch matrix and sums them in one pass over the rows (see there). The
 weighted quantized sum must stay below ``2**48``: ``total_weight * (2**bits -
 1)`` (with the default 22 bits, 67 million examples in a round).
 """
@@ -54,6 +56,7 @@ import random
 import secrets
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from cryptography.exceptions import InvalidTag
@@ -108,6 +111,10 @@ CHUNK = 32_000
 #: Masks added to a reduced value before it must be reduced again (int64 headroom:
 #: each is below 2**48 in magnitude).
 _MASKS_PER_REDUCTION = 4096
+#: Masks expanded together by add_seeded_masks (rows of its scratch matrix, below the vector).
+_MASKS_PER_BATCH = 15
+#: The most memory that scratch matrix takes (per thread); longer vectors go in column blocks.
+_SCRATCH_BYTES = 16 << 20
 _PROTOCOL = b"fedtensor-secagg+ v1"
 
 
@@ -303,32 +310,21 @@ def expand_mask(seed: bytes, count: int) -> torch.Tensor:
     Each is a keystream word shifted right by ``64 - MODULUS_BITS`` bits: in
     ``[-2**(MODULUS_BITS - 1), 2**(MODULUS_BITS - 1))``, ready to add (see the module).
     """
-    return _keystream(seed, count).clone()
-
-
-def _keystream(seed: bytes, count: int) -> torch.Tensor:
-    """:func:`expand_mask`'s integers in this thread's scratch memory (valid until its next call).
-
-    A fresh 800 kB buffer per mask cost more than the cipher (the pages are mapped and
-    zeroed anew each time): the zeros read and the stream written are kept per thread.
-    """
     if len(seed) != KEY_BYTES:
         raise ValueError("a mask seed has 32 bytes")
-    size = count * 8
-    zeros: bytearray | None = getattr(_scratch, "zeros", None)
-    if zeros is None or len(zeros) < size:
-        zeros = _scratch.zeros = bytearray(size)
-        _scratch.stream = bytearray(size)
     if not count:
         return torch.zeros(0, dtype=torch.int64)
-    stream: bytearray = _scratch.stream
-    # The key is used for this one stream only (fresh per round and pair): a zero nonce is safe.
-    encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
-    encryptor.update_into(memoryview(zeros)[:size], stream)
+    stream = bytearray(count * 8)
+    _encryptor(seed).update_into(bytes(count * 8), stream)
     mask = torch.frombuffer(stream, dtype=torch.int64, count=count)
     for part in chunks(count):
         mask[part].bitwise_right_shift_(64 - MODULUS_BITS)
     return mask
+
+
+def _encryptor(seed: bytes) -> Any:
+    # The key is used for this one stream only (fresh per round and pair): a zero nonce is safe.
+    return Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
 
 
 _scratch = threading.local()
@@ -349,13 +345,71 @@ def add_masks(vector: torch.Tensor, masks: Iterable[tuple[torch.Tensor, int]]) -
 
 def add_seeded_masks(vector: torch.Tensor, seeds: Iterable[tuple[bytes, int]]) -> torch.Tensor:
     """:func:`add_masks` of ``expand_mask(seed, len(vector))`` for each ``(seed, sign)``,
-    without keeping the masks (each is added as it is expanded)."""
+    without keeping the masks.
+
+    Up to :data:`_MASKS_PER_BATCH` masks at a time are expanded into the rows of one
+    scratch matrix (per thread, at most :data:`_SCRATCH_BYTES`; longer vectors go in
+    column blocks, each cipher's counter running on), under a copy of ``vector`` in row
+    0 (subtracted masks come negated from the cipher itself, see :func:`_add_batch`);
+    one shift and one sum over the rows then give the new ``vector``. A sum over rows runs 5x faster than int64 ``add_`` (whose
+    ``alpha`` multiply has no 64-bit vector instruction): 2.3 against 3.1 ms for 15 masks
+    of 101,037 entries on one thread, the SecAgg+ masking of one worker at 100.
+    """
     count = vector.numel()
-    for added, (seed, sign) in enumerate(seeds, 1):
-        _accumulate(vector, _keystream(seed, count), sign)
-        if added % _MASKS_PER_REDUCTION == 0:
-            reduce(vector)
-    return reduce(vector)
+    pending = [(seed, sign) for seed, sign in seeds]
+    if any(len(seed) != KEY_BYTES for seed, _ in pending):
+        raise ValueError("a mask seed has 32 bytes")
+    for first in range(0, len(pending), _MASKS_PER_BATCH):
+        # Each batch adds at most 15 values below 2**47 to residues: no int64 overflow.
+        batch = sorted(pending[first : first + _MASKS_PER_BATCH], key=lambda pair: pair[1] < 0)
+        if count:
+            _add_batch(vector, batch)
+        reduce(vector)
+    return vector if pending else reduce(vector)
+
+
+def _add_batch(vector: torch.Tensor, batch: Sequence[tuple[bytes, int]]) -> None:
+    """``vector`` plus the masks of ``batch`` (added seeds first, then subtracted ones)."""
+    count = vector.numel()
+    rows = len(batch) + 1
+    block = min(count, max(1, _SCRATCH_BYTES // (8 * rows)))
+    if torch.get_num_threads() != 1:
+        block = min(block, CHUNK)  # off torch's thread pool (see chunks)
+    zeros, ones, stream = _buffers(8 * block, 8 * block * rows)
+    written = memoryview(stream)
+    encryptors = [_encryptor(seed) for seed, _ in batch]
+    added = 1 + sum(1 for _, sign in batch if sign > 0)
+    subtracted = rows - added
+    for start in range(0, count, block):
+        size = min(block, count - start)
+        width = 8 * size
+        matrix = torch.frombuffer(stream, dtype=torch.int64, count=rows * size).view(rows, size)
+        piece = vector[start : start + size]
+        # A subtracted mask's row is the keystream xor all ones, ~word, whose shift is
+        # ~(word >> 16) = -(word >> 16) - 1: negated for free (the cipher xors its input)
+        # but for the 1 each, which row 0 adds back.
+        torch.add(piece, subtracted, out=matrix[0])
+        for row, encryptor in enumerate(encryptors, 1):
+            source = zeros if row < added else ones
+            encryptor.update_into(source[:width], written[row * width : (row + 1) * width])
+        matrix[1:].bitwise_right_shift_(64 - MODULUS_BITS)
+        torch.sum(matrix, 0, out=piece)
+
+
+def _buffers(source_bytes: int, stream_bytes: int) -> tuple[memoryview, memoryview, bytearray]:
+    """This thread's scratch: zero bytes, 0xff bytes (cipher inputs) and a stream buffer.
+
+    A fresh buffer per call cost more than the cipher (its pages mapped and zeroed anew
+    each time): they are kept per thread, grown when too small.
+    """
+    zeros: bytearray | None = getattr(_scratch, "zeros", None)
+    if zeros is None or len(zeros) < source_bytes:
+        zeros = _scratch.zeros = bytearray(source_bytes)
+        _scratch.ones = bytearray(b"\xff" * source_bytes)
+    stream: bytearray | None = getattr(_scratch, "stream", None)
+    if stream is None or len(stream) < stream_bytes:
+        stream = _scratch.stream = bytearray(stream_bytes)
+    return memoryview(zeros), memoryview(_scratch.ones), stream
 
 
 def _accumulate(vector: torch.Tensor, mask: torch.Tensor, sign: int) -> None:
@@ -380,8 +434,11 @@ def chunks(count: int) -> Iterator[slice]:
     on the calling thread: a worker's many passes over an update then never wait
     on torch's thread pool, which on a machine busier than its cores stalls each
     pass for milliseconds (measured: 7 ms instead of 0.15 ms for 100,000 elements
-    at a load of 8 on 2 cores).
+    at a load of 8 on 2 cores). With one torch thread there is no pool to wait on, and
+    the slices only add dispatch overhead (16% of the masking at rest): one slice then.
     """
+    if torch.get_num_threads() == 1:
+        return iter((slice(0, count),))
     return (slice(start, min(start + CHUNK, count)) for start in range(0, count, CHUNK))
 
 
@@ -394,27 +451,67 @@ def quantization_step(clip: float, bits: int) -> float:
 
 
 def quantize(
-    vector: torch.Tensor, clip: float, bits: int, generator: torch.Generator
+    vector: torch.Tensor,
+    clip: float,
+    bits: int,
+    generator: torch.Generator | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    overwrite: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """``vector`` clipped to ``[-clip, clip]`` and stochastically rounded to ``[0, 2**bits - 1]``.
 
-    Returns the ``int64`` levels and how many entries were clipped.
+    Returns the ``int64`` levels (in ``out`` if given: a 1-D ``int64`` tensor of
+    ``vector``'s size) and how many entries were clipped. ``generator``: where the
+    rounding's randomness comes from (reproducible); by default AES-256-CTR under a
+    fresh key from :mod:`secrets`. ``overwrite``: ``vector`` is a
+    contiguous float64 scratch the caller gives up, used in place of a copy. Each
+    800 kB buffer spared is page faults spared (0.2 ms for 100,000 entries).
     """
     levels = (1 << bits) - 1
     count = vector.numel()
-    out = torch.empty(count, dtype=torch.int64)
+    if out is None:
+        out = torch.empty(count, dtype=torch.int64)
+    elif out.dtype != torch.int64 or out.shape != (count,):
+        raise ValueError(f"out must be a 1-D int64 tensor of {count} entries")
     clipped = 0
-    # float32 uniforms: a rounding's probability off by at most 2**-24 of a level.
-    noise = torch.rand(count, generator=generator)
+    # Uniforms in [-1/2, 1/2) on a grid of 2**-24 (as torch.rand's float32 ones): a
+    # rounding's probability off by at most 2**-24 of a level.
+    noise = _rounding_noise(count, generator)
+    in_place = overwrite and vector.dtype == torch.float64 and vector.is_contiguous()
+    flat = vector.reshape(-1)
     for part in chunks(count):
-        values = vector[part].to(torch.float64, copy=True)  # never the caller's
-        clipped += int(values.abs().gt_(clip).sum())
-        scaled = values.clamp_(-clip, clip).add_(clip).mul_(levels / (2 * clip))
-        whole = scaled.to(torch.int64)  # the floor: 0 <= scaled <= levels
-        # Up with the probability of the fraction: unbiased, an error below one level
-        # (never past `levels`: there the fraction is 0).
-        torch.add(whole, noise[part] < scaled.sub_(whole), out=out[part])
+        # The caller's values only if it gave them up.
+        values = flat[part] if in_place else flat[part].to(torch.float64, copy=True)
+        # |values| > clip, counted in out's memory (not yet written) as float64 scratch.
+        magnitude = torch.abs(values, out=out[part].view(torch.float64))
+        clipped += int(magnitude.gt_(clip).sum())
+        # floor(scaled + u), u uniform in [0, 1), is floor(scaled) + 1 with the probability
+        # of scaled's fraction: unbiased, an error below one level, in two passes (adding,
+        # truncating: scaled >= 0) where rounding and comparing took four. The clamp keeps
+        # float64 rounding of scaled + u (possible above 2**29 levels) from passing `levels`.
+        scale = levels / (2 * clip)
+        # (values + clip) * scale + 1/2: at -clip exactly 1/2, so never below 0 with noise.
+        values.clamp_(-clip, clip).mul_(scale).add_(clip * scale + 0.5)
+        values.add_(noise[part], alpha=2.0**-24)
+        out[part].copy_(values.clamp_max_(levels))
     return out, clipped
+
+
+def _rounding_noise(count: int, generator: torch.Generator | None) -> torch.Tensor:
+    """``count`` integers uniform in ``[-2**23, 2**23)``: from ``generator`` if given, else
+    from AES-256-CTR under a fresh key from :mod:`secrets` (3x faster than torch.rand's
+    Mersenne twister, 0.1 against 0.3 ms for 100,000, and unpredictable)."""
+    if generator is not None:
+        return torch.randint(-(1 << 23), 1 << 23, (count,), generator=generator, dtype=torch.int32)
+    zeros, _, stream = _buffers(4 * count, 4 * count)
+    if not count:
+        return torch.zeros(0, dtype=torch.int32)
+    _encryptor(secrets.token_bytes(KEY_BYTES)).update_into(zeros[: 4 * count], stream)
+    noise = torch.frombuffer(stream, dtype=torch.int32, count=count)
+    for part in chunks(count):
+        noise[part].bitwise_right_shift_(8)
+    return noise
 
 
 def dequantize_sum(total: torch.Tensor, clip: float, bits: int, weight: int) -> torch.Tensor:
