@@ -351,8 +351,9 @@ def add_seeded_masks(vector: torch.Tensor, seeds: Iterable[tuple[bytes, int]]) -
     scratch matrix (per thread, at most :data:`_SCRATCH_BYTES`; longer vectors go in
     column blocks, each cipher's counter running on), under a copy of ``vector`` in row
     0 (subtracted masks come negated from the cipher itself, see :func:`_add_batch`);
-    one shift and one sum over the rows then give the new ``vector``. A sum over rows runs 5x faster than int64 ``add_`` (whose
-    ``alpha`` multiply has no 64-bit vector instruction): 2.3 against 3.1 ms for 15 masks
+    one shift and one sum over the rows then give the new ``vector``. A sum over rows
+    runs faster than int64 ``add_`` (whose ``alpha`` multiply has no 64-bit vector
+    instruction): 2.3 against 3.1 ms for 15 masks
     of 101,037 entries on one thread, the SecAgg+ masking of one worker at 100.
     """
     count = vector.numel()
