@@ -414,6 +414,14 @@ async def test_the_training_worker_operations_refuse_what_they_do_not_serve(
         await call_on(client, "fedtensor.element", (x, 0), {})
     with pytest.raises(ft.RemoteError, match="sets data, grad, requires_grad"):
         await call_on(client, "fedtensor.set_attribute", (x, "__class__", None), {})
+    # New data of another size would keep memory the budget charged to another object.
+    big = ft.send(torch.ones(1000), ft_worker)
+    with pytest.raises(ft.RemoteError, match="same shape and dtype"):
+        await call_on(client, "fedtensor.set_attribute", (x, "data", big), {})
+    same = ft.send(torch.full((2,), 3.0), ft_worker)
+    await call_on(client, "fedtensor.set_attribute", (x, "data", same), {})
+    assert torch.equal(await x.get(), torch.full((2,), 3.0))
+    x = ft.send(torch.ones(2), ft_worker)
     with pytest.raises(ft.RemoteError, match="batched"):
         await call_on(client, "fedtensor.autograd_grad", (x.sum(), [x]), {"is_grads_batched": True})
     assert torch.equal(await x.get(), torch.ones(2))  # the worker kept serving

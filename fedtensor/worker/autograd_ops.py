@@ -120,4 +120,15 @@ def set_attribute(tensor: Any, name: Any, value: Any) -> None:
         raise ValueError(
             f"fedtensor.set_attribute sets {', '.join(sorted(SETTABLE_ATTRIBUTES))}, not {name!r}"
         )
+    if name == "data" and (
+        not isinstance(value, torch.Tensor)
+        or value.shape != tensor.shape
+        or value.dtype != tensor.dtype
+    ):
+        # Same shape and dtype only (PySyft's `w.data = w.data - lr * w.grad`): new data of
+        # another size would keep memory the client's budget charged to another object.
+        raise ValueError(
+            "fedtensor.set_attribute sets data to a tensor of the same shape and dtype "
+            f"({tuple(tensor.shape)}, {tensor.dtype})"
+        )
     setattr(tensor, name, value)
