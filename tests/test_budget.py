@@ -654,3 +654,21 @@ async def test_a_frame_that_could_decode_past_the_budget_is_refused_before_decod
                 assert torch.equal(await x.get(), torch.arange(3.0))
         finally:
             server.shutdown()
+
+
+def test_a_beaver_triple_is_sized_by_its_arguments_before_it_is_made() -> None:
+    # Its output size comes from the shapes it is given, not from its inputs: a
+    # 1,400 x 1,400 triple for 2 parties would take about 141 MB under a 10 MiB quota.
+    actor = WorkerActor("w")
+    session = _session(actor)
+    _run(
+        actor,
+        session,
+        Call(1, "fedtensor.beaver_triple", ("mul", [1400, 1400], [1400, 1400], 2), {}),
+    )
+    reply = _failure(_run(actor, session, Fetch(9, 1, free=False))[0])
+    assert reply.kind == "limit"
+    assert reply.message.startswith("fedtensor.beaver_triple would allocate 141120000 bytes")
+    assert session.memory_used == 0
+    _run(actor, session, Call(2, "fedtensor.beaver_triple", ("mul", [3], [3], 2), {}))
+    assert len(session.objects[2]) == 2  # a small one is made: one share tensor per party

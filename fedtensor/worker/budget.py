@@ -66,6 +66,7 @@ from fedtensor.errors import FedTensorError
 from fedtensor.worker.failed import Failed
 from fedtensor.worker.inline import NAMES as _BOUNDED_BY_INPUTS
 from fedtensor.worker.local_update import memory_bytes
+from fedtensor.worker.sharing import triple_bytes
 
 __all__ = [
     "DEFAULT_BUDGET_FRACTION",
@@ -508,6 +509,12 @@ def check_worker_operation(
                 f"bytes leaves ({ledger.used} in use)",
             )
         what = f"{op} may allocate"
+    elif op == "fedtensor.beaver_triple":  # sized by its arguments, not its inputs
+        try:
+            size = triple_bytes(*args, **kwargs)
+        except (TypeError, ValueError):
+            return None  # the operation says what is wrong
+        what = f"{op} would allocate"
     else:
         size = _unknown_bound(args, kwargs)
         what = f"{op} may allocate"

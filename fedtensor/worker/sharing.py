@@ -61,6 +61,29 @@ def beaver_triple(op: Any, shape_x: Any, shape_y: Any, parties: Any) -> tuple[to
     random bit ``r`` per element of ``shape_x``, shared by XOR (as 0/1 shares) and
     additively: its ``a`` and ``b`` (no ``c``), for turning a shared bit arithmetic.
     """
+    size_x, size_y, _ = _triple_shapes(op, shape_x, shape_y, parties)
+    function = _OPS.get(op, torch.bitwise_and)
+    if op == "bit":
+        bit = random_ring(size_x) & 1
+        shared: tuple[list[torch.Tensor], ...] = (
+            split_xor(bit, parties, bits=1),
+            split(bit, parties),
+        )
+    elif op == "and":
+        a, b = random_ring(size_x), random_ring(size_y)
+        shared = tuple(split_xor(value, parties) for value in (a, b, a & b))
+    else:
+        a, b = random_ring(size_x), random_ring(size_y)
+        c = function(a, b)  # wraps around modulo 2^64, as the shares do
+        shared = (split(a, parties), split(b, parties), split(c, parties))
+    per_party = zip(*shared, strict=True)
+    return tuple(torch.cat([part.reshape(-1) for part in parts]) for parts in per_party)
+
+
+def _triple_shapes(
+    op: Any, shape_x: Any, shape_y: Any, parties: Any
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """The shapes of ``a``, ``b`` and ``c`` of a triple, checked (ValueError)."""
     if op not in _OPS and op not in ("and", "bit"):
         raise ValueError(f"a Beaver triple is for 'mul', 'matmul', 'and' or 'bit', not {op!r}")
     if type(parties) is not int or not 2 <= parties <= MAX_PARTIES:
@@ -80,18 +103,11 @@ def beaver_triple(op: Any, shape_x: Any, shape_y: Any, parties: Any) -> tuple[to
             f"a triple of {total} elements for {parties} parties is over the limit "
             f"of {MAX_TRIPLE_ELEMENTS} elements"
         )
-    if op == "bit":
-        bit = random_ring(size_x) & 1
-        shared: tuple[list[torch.Tensor], ...] = (
-            split_xor(bit, parties, bits=1),
-            split(bit, parties),
-        )
-    elif op == "and":
-        a, b = random_ring(size_x), random_ring(size_y)
-        shared = tuple(split_xor(value, parties) for value in (a, b, a & b))
-    else:
-        a, b = random_ring(size_x), random_ring(size_y)
-        c = function(a, b)  # wraps around modulo 2^64, as the shares do
-        shared = (split(a, parties), split(b, parties), split(c, parties))
-    per_party = zip(*shared, strict=True)
-    return tuple(torch.cat([part.reshape(-1) for part in parts]) for parts in per_party)
+    return tuple(size_x), tuple(size_y), size_c
+
+
+def triple_bytes(op: Any, shape_x: Any, shape_y: Any, parties: Any) -> int:
+    """What :func:`beaver_triple` allocates at its peak, at most: ``a``, ``b``, ``c`` and
+    each party's shares of them, 8 bytes an element (ValueError for bad arguments)."""
+    shapes = _triple_shapes(op, shape_x, shape_y, parties)
+    return 8 * sum(math.prod(shape) for shape in shapes) * (int(parties) + 1)
