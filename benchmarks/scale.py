@@ -16,6 +16,9 @@ fedtensor's websocket, which ``ft.ray.workers`` uses (round trip: ``ft.send`` 5 
 ``bytes`` through Ray actor calls (``WorkerActor.echo``: the same request frame, or 64 MiB of
 bytes, there and back). The Ray figure is a lower bound of that transport: the actor only hands
 the bytes back, where a worker would also decode and run them.
+
+Ray executors: a round of 100 of 1,000 simulated clients on 1, 2 and 4 Ray executors
+(benchmarks/ray_executors.py, which says how).
 """
 
 from __future__ import annotations
@@ -26,12 +29,13 @@ import contextlib
 import gc
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 import fedtensor as ft
-from benchmarks import common
+from benchmarks import common, ray_executors
 from benchmarks.common import BULK_BYTES, Baseline, Config, Row
 from fedtensor.demo import DigitsCNN, load_digits, train_centrally
 
@@ -217,13 +221,17 @@ def notes(rows: list[Row], env: dict[str, Any]) -> str:
         for key, value in accuracy.items()
     ]
     return (
-        "\n" + common.table(["contender", "s/round", "held-out acc %"], lines or [["-"] * 3])
-        if lines
-        else ""
-    ) + (
-        f"the request frame through Ray: {env['request_frame_bytes']} bytes\n"
-        if "request_frame_bytes" in env
-        else ""
+        (
+            "\n" + common.table(["contender", "s/round", "held-out acc %"], lines or [["-"] * 3])
+            if lines
+            else ""
+        )
+        + (
+            f"the request frame through Ray: {env['request_frame_bytes']} bytes\n"
+            if "request_frame_bytes" in env
+            else ""
+        )
+        + ray_executors.notes(rows, env)
     )
 
 
@@ -237,6 +245,23 @@ def run_from_args(args: argparse.Namespace) -> int:
     async def suite(env: dict[str, Any]) -> list[Row]:
         env.update(rounds=cfg.rounds["rounds"], local_epochs=LOCAL_EPOCHS, lr=LR)
         rows = await common.guarded("local_workers", lambda: run_local(cfg, env))
-        return rows + await common.guarded("ray", lambda: run_ray(cfg, env))
+        if getattr(args, "local_only", False):  # python -m benchmarks.scale --local-only
+            return rows
+        rows += await common.guarded("ray", lambda: run_ray(cfg, env))
+        # 100 simulated clients a round on 1, 2, 4 Ray executors (benchmarks/ray_executors.py)
+        return rows + await common.guarded(
+            "ray_executors", lambda: ray_executors.run(cfg.rounds["rounds"], env)
+        )
 
     return common.run_suite(args, "scale", cfg, suite, notes)
+
+
+if __name__ == "__main__":  # python -m benchmarks.scale [--quick] [--local-only]: this suite alone
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="3 rounds instead of 10")
+    parser.add_argument(
+        "--local-only", action="store_true", help="local worker processes only (no Ray)"
+    )
+    parser.add_argument("--uvloop", action="store_true", help="on uvloop, if it is installed")
+    parser.add_argument("--json", type=Path, default=common.REPO / "benchmarks/results/latest.json")
+    raise SystemExit(run_from_args(parser.parse_args()))

@@ -9,6 +9,12 @@ size ``n``, the best of ``--repeat`` runs of:
   opened, the result reconstructed);
 - **shared add**: ``await (sx + sw).get()``;
 - **shared comparison**: ``await (await sx.gt(0)).get()`` (eight triples, eight openings);
+- **max along a dim**: ``await sx.max(dim=1)``, values and indices reconstructed (log2(n)
+  rounds of a comparison and a selection);
+- **a worker's share**: bob's ``n x n`` tensor shared by bob over bob and alice
+  (``await ft.fix_precision(ptr).share(...)``: bob draws the shares, alice's moves worker
+  to worker), then reconstructed: PySyft's Part 10 step, against **a client's share**, the
+  same with the tensor here (the client draws the shares and sends them);
 - **baseline**: ``x @ w`` sent to bob as a plain pointer, ``await (x_ptr @ w_ptr).get()``
   (one worker, no secrecy): the same work in the clear over the same transport.
 
@@ -66,14 +72,28 @@ async def _one_size(bob: Any, alice: Any, charlie: Any, n: int, repeat: int) -> 
     async def int64_matmul() -> None:  # what each party's torch does, 4 times
         torch.matmul(ring_x, ring_w)
 
+    async def max_dim() -> None:
+        values, indices = await sx.max(dim=1)
+        await asyncio.gather(values.get(), indices.get())
+
+    async def workers_share() -> None:
+        await (await ft.fix_precision(px).share(bob, alice, crypto_provider=charlie)).get()
+
+    async def clients_share() -> None:
+        await ft.fix_precision(x).share(bob, alice, crypto_provider=charlie).get()
+
     base = await _best(plain, repeat)
     add = await _best(shared_add, repeat)
     matmul = await _best(shared_matmul, repeat)
     compare = await _best(shared_compare, repeat)
     local = await _best(int64_matmul, repeat)
+    maximum = await _best(max_dim, repeat)
+    by_worker = await _best(workers_share, repeat)
+    by_client = await _best(clients_share, repeat)
     print(
         f"{n:>5} {base * 1e3:>9.1f} {add * 1e3:>14.1f} {matmul * 1e3:>17.1f} "
-        f"{matmul / base:>5.1f}x {compare * 1e3:>12.1f} {local * 1e3:>18.1f}"
+        f"{matmul / base:>5.1f}x {compare * 1e3:>12.1f} {local * 1e3:>18.1f} "
+        f"{maximum * 1e3:>13.1f} {by_worker * 1e3:>17.1f} {by_client * 1e3:>17.1f}"
     )
 
 
@@ -86,7 +106,8 @@ async def _measure(urls: list[tuple[str, str]], sizes: list[int], repeat: int) -
     ):
         print(
             f"{'n':>5} {'plain ms':>9} {'shared add ms':>14} {'shared matmul ms':>17} "
-            f"{'ratio':>6} {'x > 0 ms':>12} {'local int64 mm ms':>18}"
+            f"{'ratio':>6} {'x > 0 ms':>12} {'local int64 mm ms':>18} {'max(dim=1) ms':>13} "
+            f"{'worker share ms':>17} {'client share ms':>17}"
         )
         for n in sizes:
             await _one_size(bob, alice, charlie, n, repeat)

@@ -13,35 +13,55 @@ processes (``ft.local_workers``, ``--threads 1`` each: one core each); 1,000 cli
 Figures: setup (executors started, the data placed), the first round (from calling ``ft.fit``:
 tracing the model and storing the plan included), the mean of later rounds, the peak PSS and RSS
 of the process tree (this process and its executors, sampled after the setup and after every
-round), and the accuracy after the last round. Flower's figures are the recorded ones from
-anchors.md (flwr 1.42 ``run_simulation``, Ray backend, same machine; Flower is not installed
-here and is not run). Targets: later rounds on 2 cores at least 1.6x faster than on the
-faster 1-core pool, the first round under 2 s, 10,000 clients under 1 GB PSS.
+round), and the accuracy after the last round.
+
+Flower 1.42's simulation engine then does the same work for each client count, one system at a
+time, in a subprocess (benchmarks/flower_side.py: ``run_simulation``, Ray backend, 1 CPU per
+client; the same data, partition, model and initial weights, checked by a digest): its first
+round from calling ``run_simulation`` (Ray's start-up included: its setup), its later rounds,
+the peak PSS of its process tree (Ray's processes included) and its accuracy. Without flwr
+(``pip install 'fedtensor[flower]'``), or with ``--no-flower``, the suite says so and shows
+the figures recorded in anchors.md instead, marked "recorded, not measured". Targets: later
+rounds on 2 cores at least 1.6x faster than on the faster 1-core pool, the first round under
+2 s, 10,000 clients under 1 GB PSS.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import dataclasses
 import gc
+import importlib.util
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 import fedtensor as ft
 from benchmarks import common
 from benchmarks.common import Baseline, Config, Row
-from fedtensor.demo import load_digits
+from benchmarks.flower_side import (
+    MLP,
+    SEED,
+    SYNTHETIC_EXAMPLES,
+    benchmark_data,
+    client_parts,
+    digest,
+)
 
-LR, BATCH_SIZE, SEED, PER_ROUND = 0.1, 16, 0, 100
+LR, BATCH_SIZE, PER_ROUND = 0.1, 16, 100
 CLIENTS = (1_000, 10_000)
-SYNTHETIC_EXAMPLES = 100_000
+FLOWER_TIMEOUT_S = 1_800  # Flower's whole run, start-up included, on a loaded machine
+FLOWER_TITLE = "Flower 1.42 simulation (Ray, 1 CPU per client)"
 POOLS = {  # key: (title, executors, in this process); "workers": one virtual worker a client
     "workers": ("1 virtual worker per client (ft.federate, before)", 0, True),
     "virtual1": ("1 virtual worker (in process, 1 thread)", 1, True),
@@ -55,29 +75,31 @@ TARGET_PSS_BYTES = 10**9  # 1 GB, as PSS is reported here (decimal)
 # PSS GB (processes); and fedtensor's 1,000 virtual workers before simulated clients.
 FLOWER = {1_000: (18.6, 1.05, 1.47, 13)}
 VIRTUAL_WORKERS_BEFORE = {1_000: (0.21, 0.135, 0.40)}
+FLOWER_ABSENT = "flwr is not installed (pip install 'fedtensor[flower]')"
 
 
-class MLP(nn.Module):
-    """64-32-10 on flattened 8x8 digits."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.hidden = nn.Linear(64, 32)
-        self.out = nn.Linear(32, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.relu(self.hidden(x.flatten(1))))  # type: ignore[no-any-return]
+def flower_missing() -> str | None:
+    """Why Flower's side cannot run here, or None."""
+    return FLOWER_ABSENT if importlib.util.find_spec("flwr") is None else None
 
 
-def digits_like(
-    data: tuple[torch.Tensor, torch.Tensor], count: int, seed: int = SEED
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``count`` examples: the digits repeated, each copy with a little noise, in [0, 1]."""
-    images, labels = data
-    generator = torch.Generator().manual_seed(seed)
-    picks = torch.arange(count) % len(images)
-    noise = 0.05 * torch.randn((count, *images.shape[1:]), generator=generator)
-    return (images[picks] + noise).clamp_(0, 1), labels[picks]
+def _run_flower(clients: int, rounds: int) -> dict[str, Any]:
+    """benchmarks/flower_side.py in a subprocess (its own Ray instance): its JSON line."""
+    command = [
+        sys.executable, "-m", "benchmarks.flower_side", "--clients", str(clients),
+        "--rounds", str(rounds), "--per-round", str(PER_ROUND),
+    ]  # fmt: skip
+    environment = os.environ | {"PYTHONPATH": str(common.REPO)}
+    done = subprocess.run(
+        command, cwd=common.REPO, env=environment, capture_output=True, text=True,
+        timeout=FLOWER_TIMEOUT_S, check=False,
+    )  # fmt: skip
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+        raise RuntimeError(f"Flower's side exited {done.returncode}: " + " | ".join(tail))
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
 
 
 def _memory(pids: Sequence[int]) -> tuple[int, int]:
@@ -166,9 +188,32 @@ async def _run(
     }
 
 
+async def _flower(clients: int, rounds: int, env: dict[str, Any]) -> list[Baseline]:
+    """Flower's side for ``clients``, after fedtensor's (one system at a time): the baselines
+    for fedtensor's rows (its figures go to ``env["flower"]``)."""
+    why_not = env.get("flower_skipped")
+    if not why_not:
+        train, _ = benchmark_data(clients)
+        expected = digest(train, client_parts(train[1], clients))
+        try:
+            result = await asyncio.to_thread(_run_flower, clients, rounds)
+            if result["digest"] != expected:
+                raise RuntimeError(f"Flower trained on other data: digest {result['digest']}")
+        except Exception as exc:
+            why_not = f"Flower's side failed: {common.error_text(exc)}"
+        else:
+            env.setdefault("flower", {})[str(clients)] = result
+            return [Baseline("Flower 1.42 (measured, same run)", result["later_round_s"])]
+    env.setdefault("flower_errors", {})[str(clients)] = why_not
+    baselines = [Baseline("Flower 1.42", error=why_not)]
+    if clients in FLOWER:
+        baselines.append(Baseline("Flower 1.42 (recorded, not measured)", FLOWER[clients][1]))
+    return baselines
+
+
 async def run_simulation(cfg: Config, env: dict[str, Any]) -> list[Row]:
-    train, test = load_digits(SEED)
-    sets = {1_000: train, 10_000: digits_like(train, SYNTHETIC_EXAMPLES)}
+    _, test = benchmark_data(1_000)
+    sets = {clients: benchmark_data(clients)[0] for clients in CLIENTS}
     rows: list[Row] = []
     results: dict[str, Any] = env.setdefault("results", {})
     for clients in CLIENTS:
@@ -198,33 +243,65 @@ async def run_simulation(cfg: Config, env: dict[str, Any]) -> list[Row]:
                     row.baselines.append(Baseline("the faster 1-core pool", min(one_core)))
                     row.target = min(one_core) / TARGET_SPEEDUP
                     row.target_text = f">= {TARGET_SPEEDUP:g}x faster"
-            if clients in FLOWER:
-                row.baselines.append(Baseline("Flower 1.42 (recorded)", FLOWER[clients][1]))
-            rows.append(row.finish())
+            rows.append(row)
+        flower = await _flower(clients, cfg.rounds["rounds"], env)
+        for row in rows:
+            if row.key.startswith(f"simulation{clients}_"):
+                # a copy per row: finish() sets each baseline's versus from its row's figure
+                row.baselines.extend(dataclasses.replace(b) for b in flower)
+                row.finish()
     return rows
 
 
+def _gb(value: float) -> str:
+    return f"{value / 1e9:.2f}"
+
+
+def _times(ours: float, theirs: float) -> str:
+    """How many times ``ours`` (smaller is better) beats ``theirs``."""
+    return f"{theirs / ours:.1f}x" if ours > 0 else "-"
+
+
 def notes(rows: list[Row], env: dict[str, Any]) -> str:
-    lines = []
-    for row in rows:
-        result = row.extra
-        if not result:
-            continue
-        clients = int(row.key.removeprefix("simulation").split("_")[0])
-        first_ok = "PASS" if result["first_round_s"] < TARGET_FIRST_ROUND_S else "MISS"
-        pss_ok = "PASS" if result["peak_pss"] < TARGET_PSS_BYTES else "MISS"
-        lines.append([
-            row.title, f"{result['setup_s']:.2f}", f"{result['first_round_s']:.2f} {first_ok}",
-            f"{result['later_round_s']:.3f}",
-            f"{result['peak_pss'] / 1e9:.2f} {pss_ok} ({result['processes']})",
-            f"{result['peak_rss'] / 1e9:.2f}", f"{100 * result['accuracy']:.1f}",
-        ])  # fmt: skip
-        if clients in FLOWER and row.key.endswith("process2"):
+    lines, ratios = [], []
+    flower: dict[str, dict[str, Any]] = env.get("flower", {})
+    for clients in CLIENTS:
+        for row in rows:
+            result = row.extra
+            if not result or not row.key.startswith(f"simulation{clients}_"):
+                continue
+            first_ok = "PASS" if result["first_round_s"] < TARGET_FIRST_ROUND_S else "MISS"
+            pss_ok = "PASS" if result["peak_pss"] < TARGET_PSS_BYTES else "MISS"
+            lines.append([
+                row.title, f"{result['setup_s']:.2f}", f"{result['first_round_s']:.2f} {first_ok}",
+                f"{result['later_round_s']:.3f}",
+                f"{_gb(result['peak_pss'])} {pss_ok} ({result['processes']})",
+                _gb(result["peak_rss"]), f"{100 * result['accuracy']:.1f}",
+            ])  # fmt: skip
+            theirs = flower.get(str(clients))
+            if theirs:
+                ratios.append([
+                    row.title,
+                    _times(result["setup_s"] + result["first_round_s"], theirs["first_round_s"]),
+                    _times(result["later_round_s"], theirs["later_round_s"]),
+                    _times(result["peak_pss"], theirs["peak_pss"]),
+                ])  # fmt: skip
+        theirs = flower.get(str(clients))
+        if theirs:
+            lines.append([
+                f"{clients:,} clients, {FLOWER_TITLE}, measured", "(in round 1)",
+                f"{theirs['first_round_s']:.2f} ({theirs['round1_only_s']:.2f} after start)",
+                f"{theirs['later_round_s']:.3f}",
+                f"{_gb(theirs['peak_pss'])} ({theirs['processes']})", _gb(theirs["peak_rss"]),
+                f"{100 * theirs['accuracy']:.1f}",
+            ])  # fmt: skip
+        elif clients in FLOWER:
             first, later, pss, processes = FLOWER[clients]
             lines.append([
-                f"{clients:,} clients, Flower 1.42 simulation (recorded)", "-", f"{first:.2f}",
-                f"{later:.3f}", f"{pss:.2f} ({processes})", "-", "-",
+                f"{clients:,} clients, Flower 1.42 simulation (recorded, not measured)", "-",
+                f"{first:.2f}", f"{later:.3f}", f"{pss:.2f} ({processes})", "-", "-",
             ])  # fmt: skip
+        if clients in VIRTUAL_WORKERS_BEFORE:
             first, later, pss = VIRTUAL_WORKERS_BEFORE[clients]
             lines.append([
                 f"{clients:,} clients, {clients:,} virtual workers (recorded, before)", "-",
@@ -234,22 +311,44 @@ def notes(rows: list[Row], env: dict[str, Any]) -> str:
         "clients, pool", "setup s", "round 1 s (< 2)", "later s/round", "peak PSS GB (procs)",
         "peak RSS GB", "accuracy %",
     ]  # fmt: skip
-    return (
+    text = (
         f"\n{env.get('rounds')} rounds of {PER_ROUND} clients, MLP 64-32-10, SGD lr {LR:g}, "
         f"batch {BATCH_SIZE}; 1,000 clients on the digits' 1,437 training examples, 10,000 on "
         f"{SYNTHETIC_EXAMPLES:,} digit-shaped ones; accuracy on the digits' held-out fifth\n\n"
         + common.table(header, lines or [["-"] * len(header)])
-        + "round 1: from calling ft.fit (tracing, storing the plan) to its end; PSS/RSS: this "
-        "process and its executors, sampled after the setup and every round; Flower: anchors.md, "
-        "not run here (flwr is not installed)\n"
+        + "round 1: from calling ft.fit (tracing, storing the plan) to its end, and for Flower "
+        "from calling run_simulation (Ray's start-up, its setup, included); PSS/RSS: the "
+        "process tree (executors; Flower's Ray processes), sampled after the setup and every "
+        "round (Flower: and every 0.5 s)\n"
     )
+    if ratios:
+        text += "\nfedtensor against Flower 1.42 measured in this run (times faster, smaller):\n\n"
+        text += common.table(
+            ["clients, pool", "setup + round 1", "later rounds", "peak PSS"], ratios
+        )
+    for clients, why_not in env.get("flower_errors", {}).items():
+        recorded = " (the Flower figures above are recorded, not measured)"
+        text += (
+            f"Flower, {int(clients):,} clients: not measured: {why_not}"
+            + (recorded if int(clients) in FLOWER else "")
+            + "\n"
+        )
+    return text
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     cfg = Config.pick(args.quick, {"rounds": (3, 10)})
+    skipped = "--no-flower" if getattr(args, "no_flower", False) else flower_missing()
+    if skipped:
+        print(
+            f"simulation suite: Flower's side is not run ({skipped}); its figures are the "
+            "ones recorded in anchors.md, marked 'recorded, not measured'",
+            flush=True,
+        )
 
     async def suite(env: dict[str, Any]) -> list[Row]:
         env.update(rounds=cfg.rounds["rounds"], lr=LR, batch_size=BATCH_SIZE, per_round=PER_ROUND)
+        env["flower_skipped"] = skipped
         return await run_simulation(cfg, env)
 
     return common.run_suite(args, "simulation", cfg, suite, notes)
@@ -258,6 +357,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 if __name__ == "__main__":  # python -m benchmarks.simulation [--quick]: this suite alone
     parser = argparse.ArgumentParser(prog="python -m benchmarks.simulation", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="3 rounds instead of 10")
+    parser.add_argument("--no-flower", action="store_true", help="do not run Flower's side")
     parser.add_argument("--uvloop", action="store_true", help="on uvloop, if it is installed")
     parser.add_argument("--json", type=Path, default=common.REPO / "benchmarks/results/latest.json")
     raise SystemExit(run_from_args(parser.parse_args()))

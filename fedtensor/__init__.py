@@ -29,6 +29,7 @@ from fedtensor.client.registry import register_transport
 from fedtensor.client.sharing import (
     AdditiveSharingTensor,
     FixedPrecisionTensor,
+    RemoteFixedPrecision,
     fix_precision,
     share,
 )
@@ -107,6 +108,7 @@ __all__ = [
     "PointerTensor",
     "ProtocolError",
     "RemoteError",
+    "RemoteFixedPrecision",
     "RemoteWorker",
     "RoundMetrics",
     "SecAggPlus",

@@ -36,6 +36,7 @@ import signal
 import ssl
 import sys
 import threading
+import time
 from collections.abc import Mapping, Sequence
 
 import anyio
@@ -209,6 +210,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="FOR TESTS AND BENCHMARKS ONLY: sleep this long after every local training "
         "step, to simulate a slow worker (default 0)",
+    )
+    worker.add_argument(
+        "--warm-up",
+        action="store_true",
+        help="before reporting ready, import what the first training's memory check needs "
+        "(torch's compiler stack: seconds), so that a client's first round does not wait "
+        "for it (ft.local_workers sets it)",
     )
     worker.add_argument("--ping-interval", type=float, default=20.0, help="seconds (default 20)")
     worker.add_argument("--ping-timeout", type=float, default=20.0, help="seconds (default 20)")
@@ -404,6 +412,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         compute_threads=compute_threads,
     )
     server.actor.step_delay = args.step_delay
+    if args.warm_up:
+        from fedtensor.worker.local_updates import warm_up
+
+        warming = time.perf_counter()
+        warm_up()
+        logging.getLogger("fedtensor.server").info(
+            "warmed up in %.2f s", time.perf_counter() - warming
+        )
     # What is alive now (torch's ~170,000 objects from its import) lives as long as the
     # process: the cycle collector need not walk it again in every full collection,
     # each of which holds every thread (a client storing many Python values triggers many).

@@ -16,7 +16,9 @@ the one it got in its ready line: no race between choosing a port and binding
 it), with one fresh random token shared through the environment (never the
 command line), and ``--threads`` set so that the processes share the cores out
 (``threads=None``: the cores this process may run on, divided as evenly as they
-go, at least one each). It waits for every ready line concurrently (a bounded
+go, at least one each), and ``--warm-up``: each worker pays the imports of its first
+training's memory check (torch's compiler stack, seconds) before it is ready, not in
+the first round. It waits for every ready line concurrently (a bounded
 wait; a worker that exits first is reported with its standard error), then
 connects a :class:`~fedtensor.RemoteWorker` to each: the handles are ordinary
 worker handles (pointers, ``ft.federate``, ``ft.fit``, multi-pointers mixing
@@ -133,6 +135,7 @@ class LocalWorkers(Sequence[RemoteWorker]):
         timeout: float = DEFAULT_TIMEOUT,
         name: str = "local",
         log_level: str = "WARNING",
+        warm_up: bool = True,
         **worker_options: Any,
     ) -> None:
         if n < 1:
@@ -151,7 +154,12 @@ class LocalWorkers(Sequence[RemoteWorker]):
         self.stop_timeout = stop_timeout
         self.timeout = timeout
         self._arguments = [
-            ["--log-level", log_level, *_option_arguments(worker_options, index, n)]
+            [
+                "--log-level",
+                log_level,
+                *_option_arguments(worker_options, index, n),
+                *(["--warm-up"] if warm_up else []),
+            ]
             for index in range(n)
         ]
         self._token = secrets.token_urlsafe(32)
@@ -380,5 +388,8 @@ def local_workers(
     process dies. Other keywords are worker options: ``timeout`` (each handle's),
     ``name`` (ids ``NAME-0`` ...), ``memory_quota="1G"``, ``datasets={"name":
     path}`` (``--dataset``), ``log_level``; a list gives one value per worker.
+    ``warm_up`` (default on: ``--warm-up``) has each worker import what its first
+    training needs before it reports ready (torch's compiler stack, for the memory
+    check on ``meta`` tensors: seconds, once), so that the first round does not pay it.
     """
     return LocalWorkers(n, threads=threads, **worker_options)

@@ -42,7 +42,10 @@ with it: pending pointers fail at once with :class:`~fedtensor.WorkerUnavailable
 and ``ft.fit`` drops the worker (see :mod:`fedtensor.federated.fit`). With
 ``max_restarts``, Ray starts the actor again (empty: a fresh worker, its data
 sets loaded again); :meth:`RayWorker.reconnect` asks Ray for the new address and
-connects to it.
+connects to it. A fit under way takes it back by itself: before each round it asks
+:meth:`RayWorker.rejoin` of every worker it dropped, which looks without waiting
+whether Ray has restarted the actor, and connects to it when it has; ``ft.fit`` then
+loads the worker's data set again (shards of ``ft.load_dataset``) and samples it.
 
 ``import fedtensor`` does not import Ray: this module imports it when a group of
 workers starts.
@@ -217,6 +220,43 @@ class RayWorker(RemoteWorker):
         super().__init__(url, timeout=timeout)
         self.actor = actor
         self._token = token
+        #: Ray's answer-to-be of the restarted actor's URL, while :meth:`rejoin` waits for it.
+        self._restarted: Any = None
+        #: Why the actor will not come back (Ray gave up restarting it), once known.
+        self._gone: str | None = None
+
+    async def rejoin(self) -> bool:
+        """Whether the worker is reachable again; never waits for Ray to restart it.
+
+        ``ft.fit`` asks this before each round about a worker it dropped as
+        unavailable. The first call after the connection dropped asks Ray for the
+        actor's URL (an actor call, which Ray holds until the restarted actor
+        serves); each call looks, without waiting, whether the answer came: then
+        the handle connects to the new, empty worker and this returns True. False
+        while Ray restarts the actor, and for good once Ray says it is dead
+        (no ``max_restarts`` left).
+        """
+        if self._client is not None and self._client.available:
+            return True
+        if self._gone is not None:
+            return False
+        ray = _import_ray()
+        if self._restarted is None:
+            self._restarted = self.actor.url.remote()
+        ready, _ = await anyio.to_thread.run_sync(partial(ray.wait, [self._restarted], timeout=0))
+        if not ready:
+            return False
+        reference, self._restarted = self._restarted, None
+        try:
+            (url,) = _crossing((ray.get(reference, timeout=self.timeout),))  # ready: no wait
+        except ray.exceptions.RayError as exc:
+            self._gone = _reason(exc)
+            return False
+        try:
+            await self._connect(str(url))
+        except (FedTensorError, OSError, TimeoutError):
+            return False  # not serving yet: the next call asks Ray again
+        return True
 
     async def reconnect(self) -> None:
         """Connect to the worker again, at its new address if Ray restarted it.
@@ -227,10 +267,15 @@ class RayWorker(RemoteWorker):
         url = await _ask(self.actor.url, timeout=self.timeout)
         if url == self.url and self._client is not None and self._client.available:
             return
+        await self._connect(url)
+
+    async def _connect(self, url: str) -> None:
+        """Close the old connection, connect to the worker at ``url``."""
         if self._client is not None:
             await self._client.aclose()
         self.url = url
-        await self._open_client(url, token=self._token)
+        with anyio.fail_after(self.timeout):
+            await self._open_client(url, token=self._token)
 
     def __repr__(self) -> str:
         return f"<RayWorker id:{self.id} {self.url}>"

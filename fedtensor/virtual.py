@@ -157,6 +157,16 @@ class VirtualWorker(WorkerHandle):
 
     _objects = objects
 
+    @property
+    def _tensors(self) -> Mapping[int, torch.Tensor]:
+        """PySyft 0.2's ``bob._tensors``: the tensors among :attr:`objects` (read-only).
+
+        Secret shares show here as the ring elements (int64) each worker holds.
+        """
+        return ReadOnlyDict(
+            (id_, value) for id_, value in self.objects.items() if isinstance(value, torch.Tensor)
+        )
+
     def __repr__(self) -> str:
         return f"<VirtualWorker id:{self.id} #objects:{len(self.objects)}>"
 

@@ -13,6 +13,11 @@
   whose resident memory is read from ``/proc``.
 - A worker started with default options has a budget (a quarter of the machine's
   memory), and a client killed mid-upload leaves nothing behind.
+- fedtensor's own operations whose allocation is not bounded by their inputs are
+  sized before they run: ``run_plan`` and ``evaluate`` by a dry run of their plan,
+  ``search`` by the objects it may list; tags and descriptions count.
+- A worker at rest gives back what traffic made it keep: the buffer pool is emptied
+  once the last client has left, and it keeps one allocator arena for its threads.
 
 The in-process tests drive a :class:`WorkerActor` and its sessions directly.
 """
@@ -22,9 +27,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import platform
 import resource
 import socket
 import struct
+import subprocess
+import sys
 import tracemalloc
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -672,3 +680,184 @@ def test_a_beaver_triple_is_sized_by_its_arguments_before_it_is_made() -> None:
     assert session.memory_used == 0
     _run(actor, session, Call(2, "fedtensor.beaver_triple", ("mul", [3], [3], 2), {}))
     assert len(session.objects[2]) == 2  # a small one is made: one share tensor per party
+
+
+# -- worker operations sized by their inputs (run_plan, evaluate, secagg_mask, search) ---------
+
+
+def _plan(*calls: list[Any], inputs: int = 1) -> dict[str, Any]:
+    """A plan of ``inputs`` inputs and state "w", then ``calls``; it outputs the last twice."""
+    nodes: list[list[Any]] = [["input", n, (), {}] for n in range(inputs)]
+    nodes.append(["state", "w", (), {}])
+    nodes += calls
+    last = Ref(len(nodes) - 1)
+    nodes.append(["output", None, ((last, last),), {}])
+    return {"format": wire_plan.FORMAT, "nodes": nodes, "trainable": []}
+
+
+def test_a_plan_run_is_sized_node_by_node_before_it_runs() -> None:
+    # Node 2 repeats a 4-element input to 8000 x 32000 elements: 1 GB, from 16 bytes.
+    actor = WorkerActor("w")
+    session = _session(actor)
+    huge = _plan(
+        ["call", "Tensor.repeat", (Ref(0), 8000, 8000), {}], ["call", "Tensor.sum", (Ref(2),), {}]
+    )
+    fine = _plan(["call", "torch.mul", (Ref(0), Ref(1)), {}], ["call", "Tensor.sum", (Ref(2),), {}])
+    _run(actor, session, Store(1, torch.ones(4)), Store(2, {"w": torch.ones(4)}), Store(3, huge))
+    before = _peak_rss()
+    _run(actor, session, Call(4, "fedtensor.run_plan", (Ref(3), Ref(2), Ref(1)), {}))
+    reply = _failure(_run(actor, session, Fetch(9, 4, free=False))[0])
+    assert reply.kind == "limit"
+    assert reply.message.startswith("fedtensor.run_plan: plan node 2 (")
+    assert "would allocate 1024000000 bytes" in reply.message
+    assert _peak_rss() - before < 256 * MIB
+    _run(
+        actor, session, Store(5, fine), Call(6, "fedtensor.run_plan", (Ref(5), Ref(2), Ref(1)), {})
+    )
+    assert session.objects[6] == (torch.tensor(4.0), torch.tensor(4.0))
+
+
+def test_an_evaluation_is_sized_by_one_batch_of_its_plan_before_it_runs() -> None:
+    actor = WorkerActor("w")
+    session = _session(actor)
+    data, targets = torch.ones(64, 4), torch.zeros(64, dtype=torch.long)
+    # Node 4 repeats a batch's products (64 x 1) to 64 x 4096 x 1024: 1 GiB.
+    huge = _plan(
+        ["call", "torch.matmul", (Ref(0), Ref(2)), {}],
+        ["call", "Tensor.repeat", (Ref(3), 4096, 1024), {}],
+        ["call", "Tensor.sum", (Ref(4),), {}],
+        inputs=2,
+    )
+    fine = _plan(
+        ["call", "torch.matmul", (Ref(0), Ref(2)), {}],
+        ["call", "Tensor.sum", (Ref(3),), {}],
+        inputs=2,
+    )
+    state = {"w": torch.ones(4, 1)}
+    _run(actor, session, Store(1, data), Store(2, targets), Store(3, state), Store(4, huge))
+    before = _peak_rss()
+    args = (Ref(3), Ref(1), Ref(2))
+    _run(actor, session, Call(5, "fedtensor.evaluate", (Ref(4), *args), {"batch_size": 64}))
+    reply = _failure(_run(actor, session, Fetch(9, 5, free=False))[0])
+    assert reply.kind == "limit"
+    assert reply.message.startswith("fedtensor.evaluate: plan node 4 (")
+    assert _peak_rss() - before < 256 * MIB
+    _run(actor, session, Store(6, fine), Call(7, "fedtensor.evaluate", (Ref(6), *args), {}))
+    result = session.objects[7]
+    assert isinstance(result, dict), result
+    assert result["examples"] == 64
+    assert result["loss_sum"] == 64 * 256.0  # one batch: its 64 products of 4 summed
+
+
+def test_a_search_is_sized_by_the_objects_it_may_list_before_it_runs() -> None:
+    # 2,500 stored numbers described "d" (about 400 bytes each with their metadata): a
+    # search for "d" lists them all, 1,000 bytes an entry, past a 1 MiB quota.
+    actor = WorkerActor("w")
+    session = _session(actor, quota=MIB)
+    stores = [Store(n, n) for n in range(1, 2501)]
+    described = [Call(10_000 + n, "fedtensor.describe", (n, [], "d"), {}) for n in range(1, 2501)]
+    _run(actor, session, *stores, *described)
+    assert len(session.metadata) == 2500
+    assert session.memory_used < MIB
+    _run(actor, session, Call(20_000, "fedtensor.search", ("d",), {}))
+    reply = _failure(_run(actor, session, Fetch(9, 20_000, free=False))[0])
+    assert reply.kind == "limit"
+    assert reply.message.startswith("fedtensor.search may allocate ")
+    # Fewer described objects (the released ones' metadata not counted): it runs.
+    _run(
+        actor, session, Release(tuple(range(1, 2481))), Call(20_001, "fedtensor.search", ("d",), {})
+    )
+    found = session.objects[20_001]
+    assert isinstance(found, list), found
+    assert sorted(entry["id"] for entry in found) == list(range(2481, 2501))
+
+
+async def test_the_pool_gives_its_buffers_back_once_the_last_client_has_left(
+    served: WorkerServer,
+) -> None:
+    # Recycled buffers are a high-water mark of the transfers that overlapped; a worker
+    # with no client left keeps none of them (nor the allocator's free pages).
+    assert served.url is not None
+    loop = asyncio.get_running_loop()
+    t = torch.arange(float(3 * MIB))  # 12 MiB: a frame received in a pooled buffer
+    async with ft.connect(served.url, token="t", timeout=30) as client:
+        x = ft.send(t, client)
+        assert torch.equal(await x.get(), t)
+        del x
+        await ft.send(torch.ones(1), client)  # the release has run: the buffer is back
+        assert POOL.held >= t.nbytes
+        [peer] = [p for p in served._peers if p.session is not None]
+        closed = peer.closed
+        del peer
+    ran = asyncio.Event()
+    with anyio.fail_after(10):
+        await closed
+        served.actor.barrier(lambda: loop.call_soon_threadsafe(ran.set))
+        await ran.wait()  # what the disconnection queued has run on the actor
+    assert POOL.held == 0
+
+
+def test_tags_and_descriptions_count_against_the_quota() -> None:
+    # A stored number costs 32 bytes; its tags may be 256 strings of 4,096 characters:
+    # 1 MiB held beside it, which counts, and is refused past the quota.
+    actor = WorkerActor("w")
+    session = _session(actor, quota=4 * MIB)
+    _run(actor, session, *(Store(n, n) for n in range(1, 11)))
+    replies = []
+    for n in range(1, 11):
+        tags = [f"#{n}-{k}-" + "x" * 4000 for k in range(256)]  # fresh strings each time
+        _run(actor, session, Call(100 + n, "fedtensor.describe", (n, tags, "long " * 800), {}))
+        replies.append(session.objects[100 + n])
+    assert replies[:3] == [None] * 3
+    refused = replies[3]
+    assert isinstance(refused, budget.Failed), refused
+    assert refused.kind == "limit"
+    assert refused.message.startswith("fedtensor.describe would hold ")
+    assert len(session.metadata) == 3  # the refused ones were not kept
+    assert 3 * MIB < session.memory_used <= 4 * MIB
+    # Released objects' tags are returned once the search (or a describe) drops them.
+    _run(actor, session, Release((1, 2, 3)), Call(200, "fedtensor.search", ("#1",), {}))
+    assert session.objects[200] == []
+    assert session.memory_used < MIB
+
+
+_ARENAS = """
+import ctypes, sys, threading
+import torch
+from fedtensor.protocol.pool import steady_allocator
+if sys.argv[1] == "steady":
+    steady_allocator()
+def work():
+    for _ in range(20):
+        torch.empty(3 << 20, dtype=torch.uint8).fill_(1)
+threads = [threading.Thread(target=work) for _ in range(4)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+libc = ctypes.CDLL("libc.so.6")
+libc.open_memstream.restype = ctypes.c_void_p
+libc.open_memstream.argtypes = [ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(ctypes.c_size_t)]
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+libc.fclose.argtypes = [ctypes.c_void_p]
+text, size = ctypes.c_char_p(), ctypes.c_size_t()
+stream = libc.open_memstream(ctypes.byref(text), ctypes.byref(size))
+libc.malloc_info(0, stream)
+libc.fclose(stream)
+print(text.value.decode().count("<heap nr="))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_a_worker_keeps_one_allocator_arena_for_its_threads() -> None:
+    # Threads that allocate each get a glibc arena of their own, where large blocks
+    # freed stay pinned by small ones: a worker keeps one (protocol/pool.py).
+    def arenas(mode: str) -> int:
+        done = subprocess.run(
+            [sys.executable, "-c", _ARENAS, mode], capture_output=True, text=True, timeout=50
+        )
+        assert done.returncode == 0, done.stderr
+        return int(done.stdout)
+
+    assert arenas("steady") == 1
+    assert arenas("default") > 1  # what it prevents

@@ -146,6 +146,8 @@ def test_worker_help_lists_its_options_and_takes_no_token_on_the_command_line() 
         "--handshake-timeout", "--max-unauthenticated", "--compute-threads",
         # slow workers for tests and benchmarks of asynchronous training (test_fedbuff.py)
         "--step-delay",
+        # ft.local_workers: the first training's imports before ready (test_local_workers.py)
+        "--warm-up",
     }  # fmt: skip
     assert "--token" not in _options(result.stdout)  # a token on the command line is visible
 

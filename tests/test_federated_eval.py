@@ -3,6 +3,7 @@ per-client distribution that ``ft.fit(evaluate_fraction=..., evaluate_every=...)
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 from pathlib import Path
@@ -243,3 +244,63 @@ async def test_progress_checkpoint_and_plot_show_the_client_distribution(
     target = history.plot(tmp_path / "curves.png")
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     del federated
+
+
+async def test_simulated_clients_are_evaluated_on_their_own_held_out_rows() -> None:
+    data = _data(200)
+    held = _held_out(data, 20, 0.2, seed=3)  # as ft.federate holds out a worker's
+    options: dict[str, Any] = {
+        "rounds": 2, "lr": 0.1, "batch_size": 4, "seed": 1, "progress": False,
+        "fraction": 0.5, "evaluate_fraction": 0.5,
+    }  # fmt: skip
+    async with contextlib.AsyncExitStack() as stack:
+        executors = [await stack.enter_async_context(ft.VirtualWorker(f"e{i}")) for i in (0, 1)]
+        workers = [await stack.enter_async_context(ft.VirtualWorker(f"w{i}")) for i in range(20)]
+        clients = ft.simulate_clients(data, clients=20, executors=executors, seed=3, holdout=0.2)
+        assert [shard.eval_size for shard in clients] == [len(part[0]) for part in held]
+        assert len(clients) == 200 - sum(len(part[0]) for part in held)
+        model, states = _model(), []
+        history = await ft.fit(
+            model, clients,
+            on_round=lambda _: states.append({k: v.clone() for k, v in model.state_dict().items()}),
+            **options,
+        )  # fmt: skip
+        for metrics, state in zip(history, states, strict=True):
+            assert len(metrics.client_eval) == 10  # half of the 20 clients
+            local = _model()
+            local.load_state_dict(state)
+            for name, (loss, accuracy, examples) in metrics.client_eval.items():
+                part = held[int(name.removeprefix("client-"))]
+                assert (loss, accuracy) == pytest.approx(ft.evaluate(local, *part), rel=1e-5)
+                assert examples == len(part[0])
+            figures = list(metrics.client_eval.values())
+            total = sum(n for _, _, n in figures)
+            assert metrics.client_eval_accuracy == pytest.approx(
+                sum(a * n for _, a, n in figures) / total
+            )
+            assert metrics.client_eval_loss_quantiles == pytest.approx(
+                torch.quantile(
+                    torch.tensor([v[0] for v in figures], dtype=torch.float64),
+                    torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64),
+                ).tolist()
+            )
+        # The same run over 20 virtual workers (ft.federate, holdout): the same clients
+        # train and are evaluated, with the same figures.
+        federated = ft.federate(data, workers, seed=3, holdout=0.2)
+        by_workers = await ft.fit(_model(), federated, **options)
+        for simulated, real in zip(history, by_workers, strict=True):
+            renamed = {f"w{k.removeprefix('client-')}": v for k, v in simulated.client_eval.items()}
+            assert renamed.keys() == real.client_eval.keys()
+            for name, figures in renamed.items():
+                assert figures == pytest.approx(real.client_eval[name], rel=1e-5)
+        # One evaluation plan and one copy of the state per executor, not per client.
+        evaluator = FederatedEvaluator(model, F.cross_entropy, clients, None, fraction=1.0)
+        everyone = await evaluator.evaluate(model, 1)
+        assert len(everyone.clients) == 20
+        assert not everyone.failed
+        assert len(evaluator.plans) == 2
+        evaluator.close()
+        with pytest.raises(ValueError, match="holdout"):
+            ft.simulate_clients(data, clients=4, executors=executors, holdout=1.0)
+        clients.close()
+        del federated

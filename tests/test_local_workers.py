@@ -48,8 +48,13 @@ def test_cores_are_shared_out() -> None:
 
 
 async def test_local_workers_compute_federate_and_fit() -> None:
-    async with ft.local_workers(2, threads=1) as workers, ft.VirtualWorker("carol") as carol:
+    async with (
+        ft.local_workers(2, threads=1, log_level="INFO") as workers,
+        ft.VirtualWorker("carol") as carol,
+    ):
         assert len(workers) == 2
+        # Each warmed up (--warm-up) before it reported ready.
+        assert all("warmed up in" in workers.log(index) for index in range(2))
         assert workers.threads == [1, 1]
         assert [w.id for w in workers] == ["local-0", "local-1"]
         assert len(set(workers.pids)) == 2
@@ -105,7 +110,10 @@ def test_options_become_worker_arguments() -> None:
     with pytest.raises(ValueError, match="2 values for 3 workers"):
         ft.local_workers(3, memory_quota=["1G", "2G"])
     group = ft.local_workers(2, datasets={"digits": "/data/d.pt"}, max_pending=10)
-    assert group._arguments[1][2:] == ["--dataset", "digits=/data/d.pt", "--max-pending", "10"]
+    assert group._arguments[1][2:] == [
+        "--dataset", "digits=/data/d.pt", "--max-pending", "10", "--warm-up",
+    ]  # fmt: skip
+    assert "--warm-up" not in ft.local_workers(1, warm_up=False)._arguments[0]
 
 
 def test_the_blocking_twin() -> None:

@@ -1,4 +1,5 @@
-"""Moving tensors between workers (move, copy, send, remote_get), capabilities, tags, search.
+"""Moving tensors between workers (move, copy, send, remote_get), pointers to pointers,
+capabilities, tags, search.
 
 Worker processes here are real `fedtensor worker` processes on 127.0.0.1 sharing a
 federation key; the capability checks are also tested on their own with a fake clock.
@@ -133,13 +134,125 @@ async def test_copy_and_send_keep_the_source(pair: tuple[ft.RemoteWorker, ft.Rem
     assert x.location is bob
     assert torch.equal(await y, torch.arange(6.0))
     assert torch.equal(await x, torch.arange(6.0))
-    z = await x.send(alice, timeout=30)  # PySyft's pointer.send: a copy there
+    z = await x.send(alice, timeout=30)  # PySyft's pointer.send: a pointer there to x
     assert sorted(await alice.object_ids()) == sorted([y.id_at_location, z.id_at_location])
     assert await bob.object_ids() == [x.id_at_location]
     assert await z.remote_get() is z  # only alice holds it now
     assert await bob.object_ids() == []
     assert torch.equal(await z.get(), torch.arange(6.0))
     del x, y
+
+
+def _count_received(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A counter of every byte the client's websocket connections receive from now on."""
+    received = [0]
+    buffer_updated = peer_module.WebSocketPeer.buffer_updated
+
+    def counting(self: peer_module.WebSocketPeer, nbytes: int) -> None:
+        received[0] += nbytes
+        buffer_updated(self, nbytes)
+
+    monkeypatch.setattr(peer_module.WebSocketPeer, "buffer_updated", counting)
+    return received
+
+
+async def _values(worker: ft.WorkerHandle) -> list[Any]:
+    """Copies of this client's objects on ``worker`` (small ones only: they come back)."""
+    return [
+        await worker.client.fetch(id_, free=False, timeout=30) for id_ in await worker.object_ids()
+    ]
+
+
+async def test_pointers_to_pointers_between_processes(
+    pair: tuple[ft.RemoteWorker, ft.RemoteWorker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PySyft Part 3: alice holds a pointer to bob's tensor; operations run on bob; the
+    tensor's bytes go nowhere until the second get()."""
+    bob, alice = pair
+    received = _count_received(monkeypatch)
+    tensor = torch.randn(BIG)
+    on_bob = ft.send(tensor, bob)
+    p2p2x = await on_bob.send(alice, timeout=30)
+    assert p2p2x.location is alice
+    assert p2p2x.shape == tensor.shape
+    before = received[0]
+    y = p2p2x + p2p2x
+    assert y.location is alice
+    assert repr(y).endswith(f"-> alice:{y.id_at_location} -> {bob.id}:{y._origin.id_at_location}>")
+    assert len(await bob.object_ids()) == 2  # x and y: the data
+    records = await _values(alice)  # alice: two pointers to them, no tensor
+    assert sorted(record["id_at_location"] for record in records) == sorted(await bob.object_ids())
+    assert {record["pointer_to"] for record in records} == {bob.id}
+    assert received[0] - before < 64 << 10, "tensor bytes came to the client before a get()"
+    y_on_bob = await y.get(timeout=30)  # the pointer alice held: to bob's y
+    assert y_on_bob.location is bob
+    assert len(await alice.object_ids()) == 1  # only p2p2x's record is left
+    assert received[0] - before < 64 << 10
+    assert torch.equal(await y_on_bob.get(timeout=30), tensor + tensor)
+    assert received[0] - before > tensor.nbytes  # the counter counts: the value came
+    assert await p2p2x.get(timeout=30) is on_bob
+    assert await alice.object_ids() == []
+    assert torch.equal(await on_bob.get(timeout=30), tensor)
+    assert await bob.object_ids() == []
+
+
+async def test_remote_get_and_move_of_a_pointer_to_a_pointer(
+    pair: tuple[ft.RemoteWorker, ft.RemoteWorker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bob, alice = pair
+    received = _count_received(monkeypatch)
+    tensor = torch.randn(BIG)
+    p2p2x = await ft.send(tensor, bob).send(alice, timeout=30)
+    before = received[0]
+    assert await p2p2x.remote_get(timeout=30) is p2p2x  # bob's tensor moves to alice
+    assert received[0] - before < 64 << 10, "remote_get() routed the tensor through the client"
+    assert await bob.object_ids() == []
+    assert await alice.object_ids() == [p2p2x.id_at_location]
+    assert p2p2x.location is alice
+    back = await p2p2x.send(bob, timeout=30)  # now a pointer on bob to alice's tensor
+    before = received[0]
+    assert await back.move(bob, timeout=30) is back  # the data moves to bob; back is plain
+    assert received[0] - before < 64 << 10
+    assert await alice.object_ids() == []
+    assert await bob.object_ids() == [back.id_at_location]
+    assert torch.equal(await back.get(timeout=30), tensor)
+    del p2p2x
+
+
+async def test_pointers_to_pointers_on_virtual_workers(ft_virtual_workers: Any) -> None:
+    bob, alice, carol = [await ft_virtual_workers(name) for name in ("bob", "alice", "carol")]
+    x = ft.send(torch.arange(4.0), bob)
+    p2x = await x.send(alice)
+    p3x = await p2x.send(carol)  # carol -> alice -> bob
+    first, second = torch.split(p3x * 2, 2)  # multi-output results keep the chain
+    assert (first.location, first._origin.location, first._origin._origin.location) == (
+        carol,
+        alice,
+        bob,
+    )
+    assert torch.equal(await (await (await second.get()).get()).get(), torch.tensor([4.0, 6.0]))
+    del first
+    plain = ft.send(torch.ones(4), bob)
+    with pytest.raises(ft.LocationError, match="pointers to pointers"):
+        await (p2x + plain)  # PySyft: alice's pointer and bob's tensor are not together
+    with pytest.raises(ft.LocationError, match="pointers to pointers"):
+        await (p2x + p3x)
+    del plain
+    assert await p3x.remote_get() is p3x  # carol takes alice's pointer: carol -> bob
+    assert p3x._origin is x
+    assert await alice.object_ids() == []  # alice gave her pointer away...
+    with pytest.raises(ft.PointerReleased):
+        await p2x.get()  # ...so the client's pointer to it is spent
+    assert await p3x.remote_get() is p3x  # now bob's tensor moves to carol
+    assert p3x.location is carol
+    assert p3x._origin is None
+    assert await bob.object_ids() == []
+    assert torch.equal(await p3x.get(), torch.arange(4.0))
+    released = await ft.send(torch.ones(1), bob).send(alice)
+    inner = await released.get()
+    with pytest.raises(ft.PointerReleased):
+        await (released + 1)
+    del p2x, inner
 
 
 async def test_moved_tensor_keeps_its_tags(pair: tuple[ft.RemoteWorker, ft.RemoteWorker]) -> None:
@@ -434,6 +547,39 @@ def test_blocking_api_tags_search_and_moves() -> None:
     finally:
         hook.unhook()
     assert not hasattr(torch.Tensor, "tag")
+
+
+def test_blocking_pointers_to_pointers_between_processes(
+    processes: tuple[WorkerProcess, WorkerProcess],
+) -> None:
+    """PySyft Part 3's cells as written, over worker processes (fedtensor.sync)."""
+    bob = sy.connect(processes[0].url, token=processes[0].token, timeout=30)
+    alice = sy.connect(processes[1].url, token=processes[1].token, timeout=30)
+    try:
+        hook = sy.TorchHook(torch)
+        try:
+            p2p2x = torch.tensor([1, 2, 3, 4, 5]).send(bob).send(alice)
+            y = p2p2x + p2p2x
+            assert len(bob._objects) == 2
+            assert [record["pointer_to"] for record in alice._objects.values()] == [bob.id] * 2
+            assert torch.equal(y.get().get(), torch.tensor([2, 4, 6, 8, 10]))
+            assert len(bob._objects) == 1
+            assert len(alice._objects) == 1
+            assert torch.equal(p2p2x.get().get(), torch.tensor([1, 2, 3, 4, 5]))
+            assert len(bob._objects) == 0
+            assert len(alice._objects) == 0
+            x = torch.tensor([1, 2, 3, 4, 5]).send(bob).send(alice)
+            assert x.remote_get() is x
+            assert len(bob._objects) == 0
+            assert next(iter(alice._objects.values())).tolist() == [1, 2, 3, 4, 5]
+            x = x.move(bob)
+            assert x.location is bob
+            assert torch.equal(x.get(), torch.tensor([1, 2, 3, 4, 5]))
+        finally:
+            hook.unhook()
+    finally:
+        for worker in (bob, alice):
+            worker.client.run_threadsafe(worker.aclose(), 30)
 
 
 def test_worker_options_for_moves_and_tags_are_checked(

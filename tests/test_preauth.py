@@ -1,9 +1,10 @@
 """Before authentication a connection costs a worker almost nothing and cannot linger
 (issue 12, "a worker no client can take down").
 
-- Memory: a connection that has not completed the handshake holds a 1 KiB read
-  buffer and the head received so far, no frame parser; 500 silent connections
-  grow a worker process by a few KiB each (before: 274 KiB each).
+- Memory: a connection that has not completed the handshake holds the head received
+  so far (read 1 KiB at a time into a buffer its thread's connections share), no
+  frame parser; 500 silent connections grow a worker process by a few KiB each
+  (before: 274 KiB each). On ``wss://``: tests/test_tls_layer.py.
 - A cap on connections that have not completed the handshake: past it, a new one is
   closed as soon as it is accepted, and once they go, clients are served again.
 - A time limit from the TCP accept to the accepted handshake, on ``ws://`` and on
@@ -30,7 +31,7 @@ import torch
 import trustme
 
 import fedtensor as ft
-from fedtensor.net.peer import HEAD_CHUNK
+from fedtensor.net.peer import HEAD_CHUNK, _head_scratch
 from fedtensor.testing import WorkerProcess
 from fedtensor.worker.server import MAX_REQUEST_HEAD, Limits, WorkerServer, _ServerPeer
 
@@ -142,9 +143,11 @@ async def test_a_connection_before_its_handshake_holds_no_parser_and_little_buff
             await received.wait()
         [peer] = server._handshaking
         assert peer._parser is None  # its 256 KiB buffer comes with the open connection
-        held = len(peer._head_buffer) + len(peer.handshake_bytes)
-        assert len(peer._head_buffer) == HEAD_CHUNK
-        assert held <= HEAD_CHUNK + MAX_REQUEST_HEAD <= PREAUTH_BUDGET
+        # It reads into its thread's buffer, shared by every connection not yet open,
+        # and holds only the head received so far.
+        assert len(peer.get_buffer(-1)) == HEAD_CHUNK
+        assert peer.get_buffer(-1) is _head_scratch()
+        assert len(peer.handshake_bytes) <= MAX_REQUEST_HEAD <= PREAUTH_BUDGET
         # Past MAX_REQUEST_HEAD bytes without an end, TCP is dropped.
         writer.write(b"q" * MAX_REQUEST_HEAD)
         with anyio.fail_after(10):

@@ -509,6 +509,56 @@ async def test_target_epsilon_holds_across_a_resume(
     assert "before round 4" in resumed.stopped
 
 
+@pytest.mark.parametrize(
+    "dp",
+    [
+        ft.CentralDP(noise_multiplier=1.1, clip_norm=0.5),
+        ft.LocalDP(clip_norm=0.5, noise_multiplier=1.1),
+    ],
+    ids=["central", "local"],
+)
+async def test_a_resumed_secure_private_run_accounts_as_an_uninterrupted_one(
+    ft_virtual_workers: WorkerFactory, tmp_path: Any, dp: Any
+) -> None:
+    _, federated = await _federated(ft_virtual_workers, 3, examples=20)
+    secure = ft.SecAggPlus(clip=1.0, bits=20)
+    straight = await ft.fit(
+        _model(), federated, rounds=4, lr=0.1, batch_size=10, dp=dp, secure_aggregation=secure,
+        progress=False,
+    )  # fmt: skip
+    _, first, resumed, saved = await _stopped_and_resumed(
+        federated, tmp_path / "run.pt", 2, 4, dp=dp, secure_aggregation=secure
+    )
+    del federated
+    assert saved is not None
+    assert [m.round for m in resumed] == [1, 2, 3, 4]
+    assert not any(m.skipped for m in resumed)
+    assert all(m.secure_aggregation for m in resumed[2:])  # the resumed rounds were secure
+    expected = [m.epsilon for m in straight]
+    assert [m.epsilon for m in resumed] == pytest.approx(expected, rel=0, abs=0)
+    assert not math.isnan(expected[-1])
+    assert resumed[-1].epsilon > first[-1].epsilon
+
+
+async def test_target_epsilon_holds_across_a_resume_with_secure_aggregation(
+    ft_virtual_workers: WorkerFactory, tmp_path: Any
+) -> None:
+    _, federated = await _federated(ft_virtual_workers, 2, examples=10)
+    dp = ft.CentralDP(noise_multiplier=1.3, clip_norm=0.5)
+    budget = (_central_epsilon(1.3, 3) + _central_epsilon(1.3, 4)) / 2  # room for 3 rounds
+    _, first, resumed, _ = await _stopped_and_resumed(
+        federated, tmp_path / "run.pt", 2, 10, dp=dp, target_epsilon=budget,
+        secure_aggregation=ft.SecAggPlus(clip=1.0, bits=20),
+    )  # fmt: skip
+    del federated
+    assert len(first) == 2
+    assert [m.round for m in resumed] == [1, 2, 3]
+    assert all(m.secure_aggregation and not m.skipped for m in resumed)
+    assert resumed[-1].epsilon <= budget
+    assert resumed.stopped is not None
+    assert "before round 4" in resumed.stopped
+
+
 async def test_a_checkpoint_resumes_only_with_the_dp_that_saved_it(
     ft_virtual_workers: WorkerFactory, tmp_path: Any
 ) -> None:

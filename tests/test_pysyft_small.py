@@ -219,3 +219,22 @@ def test_blocking_backward_of_an_unknown_shape_fails_at_the_next_get() -> None:
     with pytest.raises(ft.LocationError):
         (x * 2).backward(sy.send(torch.ones(3), alice))  # known here: raised at once
     assert torch.equal(x.get(), torch.ones(3))
+
+
+def test_blocking_tensors_shows_only_the_tensors_among_the_objects() -> None:
+    # PySyft 0.2's ``bob._tensors``: alice holds a pointer record (not a tensor) and
+    # bob the tensor it points to.
+    bob = sy.VirtualWorker(id="pysyft-tensors-bob")
+    alice = sy.VirtualWorker(id="pysyft-tensors-alice")
+    x = sy.send(torch.tensor([1.0, 2.0]), bob)
+    chained = x.send(alice)
+    assert len(alice._objects) == 1
+    assert dict(alice._tensors) == {}
+    held = dict(bob._tensors)
+    assert list(held) == [x.id_at_location]
+    assert torch.equal(held[x.id_at_location], torch.tensor([1.0, 2.0]))
+    with pytest.raises(TypeError, match="read-only"):
+        bob._tensors[1] = torch.ones(1)  # type: ignore[index]
+    assert torch.equal(chained.get().get(), torch.tensor([1.0, 2.0]))
+    del x, chained
+    gc.collect()

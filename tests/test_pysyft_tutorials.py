@@ -15,8 +15,6 @@ import re
 import subprocess
 import sys
 
-import pytest
-
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples" / "pysyft"
 
 #: Seconds one script may take (they take a few; the machine may be loaded).
@@ -46,7 +44,7 @@ def tensor_values(output: str, prefix: str = "") -> list[float]:
 
 def test_every_part_has_a_script() -> None:
     names = sorted(path.name for path in EXAMPLES.glob("part*.py"))
-    assert [name[:6] for name in names] == [f"part0{n}" for n in range(1, 9)]
+    assert [name[:6] for name in names] == [f"part{n:02d}" for n in range(1, 11)]
     for path in EXAMPLES.glob("part*.py"):
         source = path.read_text()
         assert not re.search(r"^\s*(import|from) syft\b", source, re.M)  # only the import...
@@ -81,17 +79,31 @@ def test_part02_intro_to_federated_learning() -> None:
     assert sum(federated[-2:]) < 0.5 * sum(federated[:2])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pointers to pointers: a pointer sent on (x_ptr.send(alice)) is a copy of the "
-    "tensor on alice, so y = p2p2x + p2p2x is a tensor there and y.get().get() fails",
-)
 def test_part03_advanced_remote_execution() -> None:
     output = run_part("part03_advanced_remote_execution.py")
     lines = output.splitlines()
     assert "x: tensor([1, 2, 3, 4])" in lines
+    # Alice holds a pointer to bob's tensor, not the tensor; the pointer shows its chain.
+    assert re.search(r"^<SyncPointerTensor me:\d+ -> alice:\d+ -> bob:\d+>$", output, re.M)
+    bob_id = re.findall(r"^bob: \{(\d+): tensor\(\[1, 2, 3, 4\]\)\}$", output, re.M)
+    assert len(bob_id) == 1
+    assert re.search(
+        rf"^alice: \{{\d+: \{{'pointer_to': 'bob', 'id_at_location': {bob_id[0]}\}}\}}$",
+        output,
+        re.M,
+    )
     assert "y: tensor([ 2,  4,  6,  8, 10])" in lines
+    # y = p2p2x + p2p2x ran on bob: two tensors there, two pointers to them on alice.
+    after_add = lines[lines.index("y: tensor([ 2,  4,  6,  8, 10])") - 2 :][:2]
+    assert after_add[0].count("tensor(") == 2
+    assert after_add[1].startswith("alice: {")
+    assert "tensor(" not in after_add[1]
+    assert after_add[1].count("'pointer_to': 'bob'") == 2
     assert "p2p2x: tensor([1, 2, 3, 4, 5])" in lines
+    assert lines[lines.index("p2p2x: tensor([1, 2, 3, 4, 5])") + 1 :][:2] == [
+        "bob: {}",
+        "alice: {}",
+    ]
     assert lines[-3:-1] == ["  bob: {}", "alice: {" + lines[-2].split("{", 1)[1]]
     assert "tensor([1, 2, 3, 4, 5])" in lines[-2]
     assert re.fullmatch(r"<SyncPointerTensor me:\d+ -> alice:\d+>", lines[-1])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import sys
 import typing
@@ -162,3 +164,61 @@ async def test_a_killed_actor_fails_pointers_is_dropped_and_comes_back(
         history = await ft.fit(model, data, rounds=1, batch_size=8, progress=False)
         assert history[0].completed == ("ray-0", "ray-1")
         del x, y, data
+
+
+async def test_a_restarted_actor_rejoins_the_fit_under_way(
+    ray_instance: None, dataset_file: Path
+) -> None:
+    group = ft.ray.workers(
+        2, host="127.0.0.1", datasets={"toy": dataset_file}, max_restarts=1, timeout=30
+    )
+    async with group as workers:
+        victim = workers[1]
+        old_pid = await victim.actor.pid.remote()
+        data = await ft.load_dataset(list(workers), "toy", holdout=0.25)
+        restarted: list[int] = []
+
+        def on_round(metrics: ft.RoundMetrics) -> None:
+            if metrics.round == 1:
+                os.kill(old_pid, signal.SIGKILL)  # mid-fit: before round 2 is queued
+            elif "ray-1" in metrics.failed and not restarted:
+                # Wait (bounded) for Ray's restart, so the test does not depend on
+                # how many rounds fit while a Python process starts on a busy machine.
+                restarted.append(ray.get(victim.actor.pid.remote(), timeout=60))
+
+        model = torch.nn.Linear(3, 2)
+        history = await ft.fit(
+            model, data, rounds=8, batch_size=8, progress=False, on_round=on_round,
+            evaluate_fraction=1.0,
+        )  # fmt: skip
+        assert history[0].completed == ("ray-0", "ray-1")
+        dropped = next(m.round for m in history if "ray-1" in m.failed)
+        assert history[dropped - 1].failed["ray-1"].startswith("unavailable")
+        assert restarted
+        assert restarted[0] != old_pid  # Ray started a new process
+        back = [m.round for m in history if m.round > dropped and "ray-1" in m.completed]
+        assert back, [(m.round, m.sampled, m.failed) for m in history]
+        # while it was away it was not sampled; once back, it trained every round
+        away = [m for m in history if dropped < m.round < back[0]]
+        assert all(m.sampled == ("ray-0",) for m in away)
+        assert all(m.completed == ("ray-0", "ray-1") for m in history if m.round >= back[0])
+        # its data set was loaded again on the new worker (same split), in `data` itself
+        assert data.sizes() == {"ray-0": 30, "ray-1": 30}
+        assert history[-1].client_eval["ray-1"][2] == 10
+        del data
+
+
+async def test_fit_starts_when_the_first_worker_is_dead(
+    ray_instance: None, dataset_file: Path
+) -> None:
+    async with ft.ray.workers(2, host="127.0.0.1", datasets={"toy": dataset_file}) as workers:
+        data = await ft.load_dataset(list(workers), "toy")  # shapes unknown here
+        ray.kill(workers[0].actor, no_restart=True)
+        with pytest.raises(ft.WorkerUnavailable):  # the connection is seen gone
+            await (ft.send(torch.ones(1), workers[0]) + 1).get()
+        model = torch.nn.Linear(3, 2)
+        history = await ft.fit(model, data, rounds=2, batch_size=8, progress=False)
+        assert history[0].failed["ray-0"].startswith("unavailable")
+        assert history[0].completed == ("ray-1",)
+        assert history[1].sampled == ("ray-1",)  # dropped for good: no restarts
+        del data

@@ -13,6 +13,7 @@ import copy
 import hashlib
 import io
 import math
+import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -206,6 +207,30 @@ def test_the_neighbour_graph_is_symmetric_and_seeded(count: int, k: int) -> None
 # -- the worker operations as one protocol, in this process ---------------------------------------
 
 
+def _share_keys(
+    held: Any, public: Sequence[dict[str, torch.Tensor]], peers: list[int], threshold: int
+) -> dict[str, Any]:
+    """``secagg_share_keys`` with the public keys of ``peers`` (a 64-byte row each)."""
+    rows = [torch.cat([public[q]["encryption"], public[q]["masking"]]) for q in peers]
+    return worker_secagg.secagg_share_keys(
+        held, neighbours=peers, public_keys=torch.stack(rows), threshold=threshold
+    )
+
+
+def _sealed_for(
+    me: int,
+    shared: dict[int, dict[str, Any]],
+    senders: Sequence[int],
+    relay: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """``secagg_mask``'s ``senders`` and ``shares``: what each sealed for ``me``, relayed."""
+    rows = []
+    for q in senders:
+        share = shared[q]["shares"][shared[q]["to"].index(me)]
+        rows.append(relay(q, me, share) if relay is not None else share)
+    return {"senders": list(senders), "shares": torch.stack(rows)}
+
+
 def _run_protocol(
     deltas: Sequence[torch.Tensor],
     weights: Sequence[int],
@@ -226,29 +251,19 @@ def _run_protocol(
     public = [worker_secagg.secagg_public_keys(h) for h in held]
     graph = sm.neighbour_graph(list(range(count)), neighbours, seed=0)
     shared = {
-        p: worker_secagg.secagg_share_keys(
-            held[p],
-            neighbours={
-                str(q): [public[q]["encryption"], public[q]["masking"]] for q in sorted(graph[p])
-            },
-            threshold=threshold,
-        )
+        p: _share_keys(held[p], public, sorted(graph[p]), threshold)
         for p in range(count)
         if p not in gone_before_masking
     }
     masked = {}
     for p in shared:
         peers = sorted(graph[p] & set(shared))
-        shares = {}
-        for q in peers:
-            share = shared[q]["shares"][str(p)]
-            shares[str(q)] = relay(q, p, share) if relay is not None else share
         update = {"state": {"w": deltas[p]}, "examples": weights[p], "loss": 0.0}
         masked[p] = worker_secagg.secagg_mask(
             held[p],
             update,
             base,
-            shares=shares,
+            **_sealed_for(p, shared, peers, relay),
             peers=peers,
             parameters=["w"],
             clip=clip,
@@ -375,11 +390,19 @@ def test_the_differential_privacy_interface_clips_and_noises_before_masking() ->
 def test_a_worker_refuses_what_would_unmask_one_input() -> None:
     held = [worker_secagg.secagg_setup(round=1, position=p) for p in range(3)]
     public = [worker_secagg.secagg_public_keys(h) for h in held]
-    keys = [public[1]["encryption"], public[1]["masking"]]
+    keys = torch.cat([public[1]["encryption"], public[1]["masking"]])
     with pytest.raises(ValueError, match="distinct"):
-        worker_secagg.secagg_share_keys(held[0], neighbours={"1": keys, "2": keys}, threshold=1)
+        worker_secagg.secagg_share_keys(
+            held[0], neighbours=[1, 2], public_keys=torch.stack([keys, keys]), threshold=1
+        )
     with pytest.raises(ValueError, match="threshold"):
-        worker_secagg.secagg_share_keys(held[0], neighbours={"1": keys}, threshold=2)
+        worker_secagg.secagg_share_keys(
+            held[0], neighbours=[1], public_keys=keys.view(1, -1), threshold=2
+        )
+    with pytest.raises(ValueError, match="64 bytes per neighbour"):
+        worker_secagg.secagg_share_keys(
+            held[0], neighbours=[1, 2], public_keys=keys.view(1, -1), threshold=1
+        )
     with pytest.raises(ValueError, match="stage"):  # no unmasking before masking
         worker_secagg.secagg_unmask(held[0], survivors=[0, 1], dropped=[2])
     deltas = _deltas(3)
@@ -388,7 +411,15 @@ def test_a_worker_refuses_what_would_unmask_one_input() -> None:
     fresh = [worker_secagg.secagg_setup(round=1, position=p) for p in range(3)]
     with pytest.raises(TypeError):
         worker_secagg.secagg_mask(
-            {"not": "secrets"}, {}, {}, shares={}, peers=[], parameters=[], clip=1.0, bits=8
+            {"not": "secrets"},
+            {},
+            {},
+            senders=[],
+            shares=None,
+            peers=[],
+            parameters=[],
+            clip=1.0,
+            bits=8,
         )
     assert repr(fresh[0]).startswith("<SecAggSecrets round 1 position 0")
 
@@ -397,24 +428,16 @@ def test_overlapping_or_repeated_unmask_requests_are_refused() -> None:
     count = 3
     held = [worker_secagg.secagg_setup(round=1, position=p) for p in range(count)]
     public = [worker_secagg.secagg_public_keys(h) for h in held]
-    shared = [
-        worker_secagg.secagg_share_keys(
-            held[p],
-            neighbours={
-                str(q): [public[q]["encryption"], public[q]["masking"]]
-                for q in range(count)
-                if q != p
-            },
-            threshold=2,
-        )
+    shared = {
+        p: _share_keys(held[p], public, [q for q in range(count) if q != p], 2)
         for p in range(count)
-    ]
+    }
     update = {"state": {"w": torch.ones(4)}, "examples": 1}
     worker_secagg.secagg_mask(
         held[0],
         update,
         {"w": torch.zeros(4)},
-        shares={str(q): shared[q]["shares"]["0"] for q in (1, 2)},
+        **_sealed_for(0, shared, [1, 2]),
         peers=[1, 2],
         parameters=["w"],
         clip=1.0,
@@ -595,6 +618,56 @@ async def test_secure_fedadam_trains_like_plain_fedadam() -> None:
             # Adam's step is about server_lr wherever the moments agree in sign.
             assert torch.allclose(secure.state_dict()[key], value, atol=1e-3), key
         del data
+
+
+class Normed(nn.Module):
+    """A model with a batch norm: float running statistics and an integer step count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 16)
+        self.norm = nn.BatchNorm1d(16)
+        self.fc2 = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.norm(self.fc1(x.flatten(1)))))  # type: ignore[no-any-return]
+
+
+async def test_integer_buffers_move_as_in_plain_fedavg() -> None:
+    async with _virtual(4, encode=True) as workers:
+        data = ft.federate(_data(200), workers, seed=0)  # 50 each: as many local steps
+        torch.manual_seed(0)
+        plain = Normed()
+        secure = copy.deepcopy(plain)
+        options: dict[str, Any] = {"lr": 0.1, "batch_size": 16, "progress": False}
+        await ft.fit(plain, data, rounds=2, **options)
+        history = await ft.fit(
+            secure, data, rounds=2, secure_aggregation=ft.SecAggPlus(clip=1.0, bits=24), **options
+        )
+        del data
+    assert not any(m.skipped for m in history)
+    ours, theirs = secure.state_dict(), plain.state_dict()
+    # Two rounds of 4 local steps (50 examples in batches of 16): plain FedAvg's 8.
+    assert int(theirs["norm.num_batches_tracked"]) == 8
+    assert torch.equal(ours["norm.num_batches_tracked"], theirs["norm.num_batches_tracked"])
+    assert ours["norm.num_batches_tracked"].dtype == torch.int64
+    for key, value in theirs.items():
+        if value.is_floating_point():  # the running statistics too
+            assert torch.allclose(ours[key], value, atol=1e-4), key
+
+
+def test_integer_deltas_are_summed_exactly_under_the_masks() -> None:
+    state = {
+        "w": torch.zeros(3),
+        "n": torch.tensor(5),
+        "m": torch.tensor([7, 7], dtype=torch.int32),
+    }
+    got = client_secagg._integer_means(
+        state, ["m", "n"], torch.tensor([6, 9, (1 << 48) - 3]), 3
+    )  # m moved by 2 and 3 in all; n by -1 (a residue)
+    assert got["m"].tolist() == [9, 10]
+    assert got["m"].dtype == torch.int32
+    assert int(got["n"]) == 4
 
 
 async def test_the_aggregator_receives_no_single_update(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -796,6 +869,73 @@ async def test_the_secrets_cannot_be_fetched_over_the_wire() -> None:
         with pytest.raises(ft.RemoteError, match=r"ProtocolError|encode"):
             await secrets.fetch(timeout=30)
         del secrets
+
+
+async def test_the_client_cannot_fetch_a_workers_trained_update(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every pointer the secure round holds between training and masking is tried: the
+    local updates' fail to fetch, and nothing that can be fetched is a trained state."""
+    made: list[tuple[str, Any]] = []
+    real_call_on = client_secagg.call_on
+
+    def recording_call_on(client: Any, op: str, *args: Any) -> Any:
+        pointer = real_call_on(client, op, *args)
+        made.append((op, pointer))
+        return pointer
+
+    fetched: list[Any] = []
+    refused: list[str] = []
+
+    async def try_every_pointer(stage: str, names: list[str]) -> None:
+        if stage != "share keys":  # trained (commands run in order), not yet masked
+            return
+        for op, pointer in made:
+            if pointer._client is None:  # fetched and freed by the round already
+                continue
+            try:
+                fetched.append(await pointer.fetch(timeout=30))
+            except ft.RemoteError as exc:
+                refused.append(f"{op}: {exc}")
+
+    async with _virtual(4, encode=True) as workers:
+        data = ft.federate(_data(200), workers, seed=0)
+        _, true = await _true_updates(data, lr=0.1)
+        monkeypatch.setattr(client_secagg, "call_on", recording_call_on)
+        monkeypatch.setattr(client_secagg.hooks, "after_stage", try_every_pointer)
+        history = await ft.fit(
+            _model(), data, rounds=1, lr=0.1, progress=False,
+            secure_aggregation=ft.SecAggPlus(clip=1.0, bits=20),
+        )  # fmt: skip
+        del data
+    assert not history[0].skipped
+    unencodable = [r for r in refused if "ProtocolError" in r or "encode" in r]
+    assert len(unencodable) == len(refused)
+    assert sum(r.startswith("fedtensor.local_update:") for r in refused) == 4
+    trained = [t for update in true.values() for t in update.state.values() if t.numel() > 1]
+    for tensor in (t for value in fetched for t in _tensors(value)):
+        assert not any(
+            t.shape == tensor.shape and torch.allclose(t, tensor.to(t.dtype)) for t in trained
+        )
+
+
+def test_a_malformed_share_keys_reply_is_told_apart() -> None:
+    row = torch.zeros(1, worker_secagg.SEALED_BYTES, dtype=torch.uint8)
+    assert client_secagg._well_formed_shares({"to": [3], "shares": row})
+    assert not client_secagg._well_formed_shares({"to": [3, 4], "shares": row})
+    assert not client_secagg._well_formed_shares({"to": ["3"], "shares": row})
+    assert not client_secagg._well_formed_shares({"to": [3], "shares": row[:, :-1]})
+    assert not client_secagg._well_formed_shares({"shares": row})
+    assert not client_secagg._well_formed_shares(None)
+
+
+def test_a_private_update_is_masked_once_then_freed() -> None:
+    held = worker_secagg.PrivateUpdate({"state": {"w": torch.ones(1000)}, "examples": 1})
+    assert sys.getsizeof(held) > 4000  # the memory quota charges its tensors
+    assert "1." not in repr(held)
+    assert held.take()["examples"] == 1
+    with pytest.raises(ValueError, match="already masked"):
+        held.take()
 
 
 async def test_bad_configurations_raise_before_any_round() -> None:

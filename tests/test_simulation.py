@@ -18,6 +18,7 @@ from torch import nn
 
 import fedtensor as ft
 import fedtensor.worker.actor
+import fedtensor.worker.local_updates
 from fedtensor.federated.simulation import ClientShard
 
 pytestmark = pytest.mark.anyio
@@ -55,7 +56,9 @@ async def _executors(count: int, prefix: str = "executor") -> AsyncIterator[list
 
 @contextlib.contextmanager
 def _counted_updates() -> Iterator[list[int]]:
-    """Counts the local updates the executors run (one entry per update: its examples)."""
+    """Counts the local updates the executors run (one entry per update: its examples),
+    alone (``fedtensor.local_update``) or a round's clients in one command
+    (``fedtensor.local_updates``)."""
     original = fedtensor.worker.actor.local_update
     calls: list[int] = []
 
@@ -64,10 +67,12 @@ def _counted_updates() -> Iterator[list[int]]:
         return original(plan, state, data, targets, **kwargs)
 
     fedtensor.worker.actor.local_update = counting  # type: ignore[assignment]
+    fedtensor.worker.local_updates.local_update = counting  # type: ignore[assignment]
     try:
         yield calls
     finally:
         fedtensor.worker.actor.local_update = original
+        fedtensor.worker.local_updates.local_update = original
 
 
 async def test_a_thousand_clients_train_as_a_thousand_virtual_workers_do() -> None:
@@ -110,7 +115,8 @@ async def test_clients_on_worker_processes_train_as_on_a_virtual_worker() -> Non
         clients.close()
     assert [r.completed for r in history] == [r.completed for r in expected]
     for key, value in reference.state_dict().items():
-        torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+        # Bit for bit: the same operations on one thread, in a process or in this one.
+        assert torch.equal(model.state_dict()[key], value), key
 
 
 async def test_sampling_is_reproducible_and_follows_the_seed() -> None:
@@ -283,3 +289,153 @@ def test_ten_thousand_clients_fit_in_memory() -> None:
     many, few = _memory(10_000, 1_000)
     assert many["peak"] < 1 << 30
     assert many["grown"] - few["grown"] < 16 << 20
+
+
+# -- one command per executor and round (fedtensor.local_updates) -----------------------------
+
+
+@contextlib.contextmanager
+def _counted_commands() -> Iterator[list[tuple[str, int]]]:
+    """The training commands executors run: ``(operation, clients it trains)`` each."""
+    single, batched = fedtensor.worker.actor.local_update, fedtensor.worker.actor.local_updates
+    commands: list[tuple[str, int]] = []
+
+    def one(*args: Any, **kwargs: Any) -> Any:
+        commands.append(("fedtensor.local_update", 1))
+        return single(*args, **kwargs)
+
+    def many(*args: Any, **kwargs: Any) -> Any:
+        commands.append(("fedtensor.local_updates", len(args[4])))
+        return batched(*args, **kwargs)
+
+    fedtensor.worker.actor.local_update = one  # type: ignore[assignment]
+    fedtensor.worker.actor.local_updates = many  # type: ignore[assignment]
+    try:
+        yield commands
+    finally:
+        fedtensor.worker.actor.local_update = single
+        fedtensor.worker.actor.local_updates = batched
+
+
+async def test_a_round_sends_each_executor_one_command_for_all_its_clients() -> None:
+    x, y = _data(2_000)
+    async with _executors(2) as pool:
+        clients = ft.simulate_clients((x, y), clients=200, executors=pool, seed=1)
+        with _counted_commands() as commands:
+            history = await ft.fit(_model(), clients, rounds=3, fraction=0.2, seed=4, **FIT)
+        clients.close()
+    assert [len(r.completed) for r in history] == [40, 40, 40]
+    # Per round, one command per executor (both hold sampled clients), none per client.
+    assert len(commands) == 6
+    assert {op for op, _ in commands} == {"fedtensor.local_updates"}
+    assert sum(count for _, count in commands) == 120
+
+
+async def test_local_updates_is_one_local_update_per_client() -> None:
+    from fedtensor.federated.trace import trace
+    from fedtensor.worker.local_update import local_update
+    from fedtensor.worker.local_updates import local_updates
+
+    x, y = _data(40)
+    model = _model()
+    plan = trace(model, torch.nn.functional.cross_entropy, (x[:4], y[:4])).wire
+    state = {key: value.detach() for key, value in model.state_dict().items()}
+    options = {"batch_size": 4, "lr": 0.1, "epochs": 2, "momentum": 0.5}
+    rows = [[0, 9, 11], [9, 10, 12], [10, 40, 13]]
+    replies = local_updates(plan, state, x, y, rows, **options)
+    assert len(replies) == 3
+    for (start, stop, seed), reply in zip(rows, replies, strict=True):
+        alone = local_update(plan, state, x[start:stop], y[start:stop], seed=seed, **options)
+        assert reply["examples"] == stop - start == alone["examples"]
+        assert reply["loss"] == alone["loss"]
+        assert reply["correct"] == alone["correct"]
+        for key, value in alone["state"].items():
+            assert torch.equal(reply["state"][key], value)
+    # Malformed clients are refused as a whole, and the seed is each client's.
+    for bad in ([], [[0, 41, 1]], [[3, 3, 1]], [[0, 1]], [[0.0, 1, 1]], "0:1"):
+        with pytest.raises(ft.PlanError):
+            local_updates(plan, state, x, y, bad, **options)
+    with pytest.raises(TypeError, match="seed"):
+        local_updates(plan, state, x, y, rows, seed=1)
+
+
+async def test_a_client_that_fails_fails_alone_and_the_others_train() -> None:
+    x, y = _data(200)
+    ids = torch.arange(200) % 10
+    y = y.clone()
+    y[ids == 3] = 99  # client-3's labels are out of range: its training raises
+    async with _executors(1) as pool:
+        clients = ft.simulate_clients((x, y), client_ids=ids, executors=pool)
+        history = await ft.fit(_model(), clients, rounds=1, fraction=1.0, **FIT)
+        clients.close()
+    assert set(history[0].failed) == {"client-3"}
+    assert "IndexError" in history[0].failed["client-3"]
+    assert len(history[0].completed) == 9
+
+
+async def test_a_worker_refuses_local_updates_past_the_memory_quota() -> None:
+    from fedtensor.federated.trace import trace
+    from fedtensor.worker.budget import Ledger, check_worker_operation
+    from fedtensor.worker.local_update import memory_bytes as one_update
+    from fedtensor.worker.local_updates import memory_bytes
+
+    x, y = _data(100)
+    model = nn.Linear(4, 3)
+    plan = trace(model, torch.nn.functional.cross_entropy, (x[:4], y[:4])).wire
+    state = {key: value.detach() for key, value in model.state_dict().items()}
+    rows = [[i * 10, i * 10 + 10, i] for i in range(10)]
+    alone = one_update(plan, state, x[:10], y[:10], limit=1 << 30, batch_size=4)
+    state_bytes = sum(value.nbytes for value in state.values())
+    # The largest client's training and the other nine updates the reply holds.
+    size = memory_bytes(plan, state, x, y, rows, limit=1 << 30, batch_size=4)
+    assert size == alone + 9 * state_bytes
+    args, options = (plan, state, x, y, rows), {"batch_size": 4}
+    op = "fedtensor.local_updates"
+    assert check_worker_operation(op, args, options, Ledger(size), {}) is None
+    refused = check_worker_operation(op, args, options, Ledger(size - 1), {})
+    assert refused is not None
+    assert refused.kind == "limit"
+    many = [[0, 100, i] for i in range(10_000)]  # the updates alone pass the quota
+    refused = check_worker_operation(op, (plan, state, x, y, many), options, Ledger(1 << 16), {})
+    assert refused is not None
+    assert "10000 clients' updates" in refused.message
+
+
+async def test_held_out_rows_follow_each_clients_training_rows() -> None:
+    from fedtensor.federated.datasets import holdout_split
+
+    x, y = torch.arange(60.0).reshape(60, 1), torch.arange(60) % 3
+    async with _executors(2) as executors:
+        clients = ft.simulate_clients((x, y), clients=6, executors=executors, seed=5, holdout=0.3)
+        parts = ft.split_indices(y, 6, seed=5)
+        for index, (shard, part) in enumerate(zip(clients.shards, parts, strict=True)):
+            # as ft.federate(..., holdout=0.3) splits worker `index`'s shard
+            train, held = holdout_split(len(part), 0.3, seed=5, index=index)
+            assert (shard.size, shard.eval_size) == (7, 3)
+            assert torch.equal(await shard.data.fetch(free=True), x[part][train])
+            assert torch.equal(await shard.targets.fetch(free=True), y[part][train])
+            assert torch.equal(await shard.eval_data.fetch(free=True), x[part][held])
+            assert torch.equal(await shard.eval_targets.fetch(free=True), y[part][held])
+        plain = ft.simulate_clients((x, y), clients=6, executors=executors, seed=5)
+        assert all(s.eval_data is None and s.eval_size == 0 for s in plain.shards)
+        clients.close()
+        plain.close()
+
+
+async def test_a_client_cannot_set_the_step_delay_of_local_updates() -> None:
+    from fedtensor.client.pointer import call_on
+    from fedtensor.federated.trace import trace
+
+    x, y = _data(20)
+    model = _model()
+    plan = trace(model, torch.nn.functional.cross_entropy, (x[:4], y[:4])).wire
+    async with _executors(1) as (executor,):
+        client = executor.client
+        args = (client.store(plan), client.store(model.state_dict()), client.store(x))
+        args += (client.store(y), [[0, 20, 1]])
+        with pytest.raises(ft.RemoteError, match="step_delay is the worker's setting"):
+            await call_on(client, "fedtensor.local_updates", args, {"step_delay": 0.0}).get()
+        with pytest.raises(ft.RemoteError, match="not within the 20 examples"):
+            await call_on(client, "fedtensor.local_updates", (*args[:4], [[0, 21, 1]]), {}).get()
+        replies = await call_on(client, "fedtensor.local_updates", args, {"lr": 0.1}).get()
+        assert [reply["examples"] for reply in replies] == [20]

@@ -84,8 +84,9 @@ class PointerBase:
         "id_at_location",
         "location",
     )
-    # Set only on some pointers (read with getattr): tags and description, and what a
-    # pointer's ``send`` copied from (fedtensor.client.transfer).
+    # Set only on some pointers (read with getattr): tags and description. ``_origin``: on
+    # a pointer to a pointer (PySyft's ``x.send(bob).send(alice)``), the pointer it points
+    # to; ``None`` on a plain pointer (fedtensor.client.transfer).
     _meta: tuple[frozenset[str], str | None]
     _origin: PointerBase | None
 
@@ -106,6 +107,7 @@ class PointerBase:
         self._shape = shape
         self._dtype = dtype
         self._error = error
+        self._origin = None
 
     @classmethod
     def failed(cls, location: WorkerHandle, error: FedTensorError) -> PointerBase:
@@ -196,7 +198,14 @@ class PointerBase:
             state = " failed"
         elif self._client is None:
             state = " released"
-        return f"<{type(self).__name__} me:{self.id} -> {where}:{self.id_at_location}{state}>"
+        chain = ""
+        inner = self._origin
+        while inner is not None:  # a pointer to a pointer: where each link points
+            chain += f" -> {getattr(inner.location, 'id', '?')}:{inner.id_at_location}"
+            inner = inner._origin
+        return (
+            f"<{type(self).__name__} me:{self.id} -> {where}:{self.id_at_location}{chain}{state}>"
+        )
 
     # -- remote values ---------------------------------------------------------------------------
 
@@ -206,11 +215,9 @@ class PointerBase:
         client = self._client
         if client is None:
             raise PointerReleased(f"{self!r} was already consumed by get()")
-        if free and getattr(self, "_origin", None) is not None:
+        if self._origin is not None:
             # PySyft's x.send(bob).send(alice).get(): the pointer to bob (see transfer.py)
-            origin = _transfer.hand_back(self)
-            if origin is not None:
-                return origin
+            return _transfer.hand_back(self, free=free)
         if free:
             # From here on the remote object belongs to this fetch, not to the pointer.
             self._client = None
@@ -448,19 +455,14 @@ class PointerTensor(PointerBase, _Operators):
         return await _transfer.transfer(self, location or self.location, keep=True, timeout=timeout)
 
     async def send(self, location: WorkerHandle, *, timeout: float | None = None) -> Any:
-        """PySyft's ``send`` of a pointer: a copy on ``location``, the source kept until
-        ``remote_get()`` (see the README for how this maps PySyft's pointer chains)."""
-        sent = await _transfer.transfer(self, location, keep=True, timeout=timeout)
-        sent._origin = self
-        return sent
+        """PySyft's ``send`` of a pointer: a pointer on ``location`` to this one; the tensor
+        stays where it is (:func:`fedtensor.client.transfer.send_pointer`)."""
+        return _transfer.send_pointer(self, location)
 
     async def remote_get(self, *, timeout: float | None = None) -> Any:
-        """Free the source a ``send`` left behind: only ``location`` holds it; returns ``self``."""
-        origin, self._origin = getattr(self, "_origin", None), None
-        if origin is not None and origin._client is not None:
-            client, origin._client = origin._client, None
-            client.release(origin.id_at_location)
-        return self
+        """PySyft's ``remote_get()`` of a pointer to a pointer: the worker holding this
+        pointer gets what it points to (the tensor moves there); returns ``self``."""
+        return await _transfer.remote_get(self, timeout)
 
 
 class SyncPointerTensor(PointerBase, _Operators):
@@ -610,13 +612,16 @@ class _Spread(Exception):
 class _Target:
     """The one worker an operation runs on, found while converting its arguments."""
 
-    __slots__ = ("client", "error", "location", "pointer_class")
+    __slots__ = ("client", "error", "links", "location", "pointer_class")
 
     def __init__(self) -> None:
         self.client: Client | None = None
         self.location: WorkerHandle | None = None
         self.error: FedTensorError | None = None
         self.pointer_class: type[PointerBase] | None = None
+        # The clients of the links of a pointer to a pointer among the arguments
+        # (outermost first): every pointer argument must come through the same ones.
+        self.links: tuple[Client, ...] | None = None
 
 
 _SCALARS = frozenset({int, float, bool, complex, str, type(None), type(...), slice, torch.dtype})
@@ -658,6 +663,11 @@ def _wire(value: Any, target: _Target) -> Any:
 def _wire_pointer(pointer: PointerBase, target: _Target) -> Ref | None:
     if target.pointer_class is None:
         target.pointer_class = type(pointer)
+    if pointer._origin is not None or target.links:
+        chained = _through_links(pointer, target)
+        if chained is None:
+            return None
+        pointer = chained
     client = pointer._client
     if client is not None and client is target.client:
         return Ref(pointer.id_at_location)  # the common case: another pointer on the same worker
@@ -680,6 +690,27 @@ def _wire_pointer(pointer: PointerBase, target: _Target) -> Ref | None:
             "or `await ptr.copy(worker)` to keep the original"
         )
     return None
+
+
+def _through_links(pointer: PointerBase, target: _Target) -> PointerBase | None:
+    """A pointer to a pointer as an argument: the pointer to its data, where the operation
+    runs (PySyft's alice forwarded it to bob; here the client, which knows the chain,
+    sends it to bob itself). Its links must be every pointer argument's links."""
+    data, links = _transfer.chain_of(pointer)
+    clients = tuple(link._client for link in links)
+    released = next((link for link in links if link._client is None), None)
+    if released is not None and target.error is None:
+        target.error = PointerReleased(f"{released!r} was already consumed by get()")
+        target.location = released.location
+    if target.links is None and target.client is None and target.error is None:
+        target.links = clients  # type: ignore[assignment]
+    elif target.links != clients and target.error is None:
+        target.error = LocationError(
+            "an operation mixes pointers to pointers through different workers (or with "
+            "plain pointers); get() one level first, or move the data: `ptr.move(worker)`"
+        )
+        target.location = pointer.location
+    return None if target.error is not None else data
 
 
 def remote_call(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -712,9 +743,11 @@ def remote_call(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         client.submit(Call(id_, "fedtensor.no_grad", (op, *wire_args), wire_kwargs))
     result = client.pointer_class(client, id_)
     described = infer(op, args, kwargs, PointerBase)
-    if described is None:
-        return result
-    return _described(result, op, args, described)
+    if described is not None:
+        result = _described(result, op, args, described)
+    if target.links:  # operands were pointers to pointers: so is the result
+        return _transfer.chain_result(result, target.links)
+    return result
 
 
 # fedtensor's own operations that run under the client's grad mode (torch's all do).

@@ -35,6 +35,13 @@ worker holds an int64 tensor that alone says nothing about the secret.
   one unit in the last place, and wrong with probability about ``|z| / 2**63`` (tiny for
   values far below the ring's size): accepted, as SecureML and PySyft did. So products
   of fixed-precision shared tensors need exactly two parties; integer products any number.
+- **Division** (``x / d``, no round trip) is by a *public* divisor only, as PySyft 0.2's
+  was: by whole numbers (an int, or floats and tensors of whole values) it is the same
+  two-party truncation, by ``|d|`` instead of ``10**p`` (exact to one unit in the last
+  place; for shared integers, one of the two nearest integers), then the sign; by any
+  other float (fixed precision only) it is a product with ``1/d`` encoded at the
+  tensor's precision, so off by up to ``|x| * 10**-p / 2`` besides. Division by a shared
+  tensor is refused (TypeError): it would need a secure reciprocal.
 - ``get()`` fetches every share, adds them modulo 2^64 and drops the pointers (each share
   is freed on its worker once no other shared tensor uses it): a
   :class:`FixedPrecisionTensor` (``.float_precision()`` gives floats) or, for a shared
@@ -46,13 +53,31 @@ neither sign), computed on the two parties' shares with the crypto provider's he
 (:func:`_negative`): the shares are added as bits by a Kogge-Stone adder whose AND gates
 use binary Beaver triples, then the top bit, XOR-shared, is made additive with a random
 bit the provider shares both ways.
-Exact (no error probability), two share holders, eight openings (each of values masked
-by fresh randomness) and eight triples. PySyft 0.2 used SecureNN's protocols instead;
-what a party sees is the same: masked values only. ``max()`` is a tournament of
-comparisons and selections (``b + (a > b) * (a - b)``), log2(n) rounds.
+With more than two holders the shares are added one after the other, one adder each.
+Exact (no error probability), any number ``n`` of share holders, ``7(n - 1) + 1``
+openings (each of values masked by fresh randomness) and as many triples. PySyft 0.2
+used SecureNN's protocols instead (two parties); what a party sees is the same: masked
+values only. ``max()``, ``max(dim=...)`` (torch's ``(values, indices)``) and
+``argmax()`` are a tournament of neighbours, log2(n) rounds of one comparison and one
+selection ``b + bit * (a - b)`` of values and indices together, by the shared *integer*
+bit: no truncation, so exact with any number of holders; the indices are shared
+integers, the first of a tie as torch's.
 
-Sharing a model's parameters, ``argmax``, division and ``share()`` of a pointer are not
-implemented.
+**Sharing a worker's tensor** (PySyft's Part 10: ``param.copy().fix_precision().share(bob,
+alice, crypto_provider=james).get()`` on a remote model's parameter): ``fix_precision()``
+of a pointer is a :class:`RemoteFixedPrecision`, and its ``share`` has the tensor's own
+worker, the data owner, encode it and draw the shares (``fedtensor.split_shares``,
+:mod:`fedtensor.worker.sharing`); it keeps its own share (when it is a holder) and each
+other share is *moved* from it to its holder like a triple's (worker to worker between
+processes). The client, which does not own the data, never holds a share; no holder but
+the owner ever holds two. In :mod:`fedtensor.sync` that ``share`` returns a
+:class:`SharedTensorPointer`, PySyft's pointer to the shared tensor (``get()`` gives
+the :class:`SyncAdditiveSharingTensor`); in the async API ``await rfp.share(...)``
+gives the :class:`AdditiveSharingTensor`.
+
+Operands that are not shared the same way are refused with a clear error: shared
+tensors over other workers (LocationError), of another precision (ValueError), a
+pointer or anything but a number or tensor as a public operand (TypeError).
 """
 
 from __future__ import annotations
@@ -60,14 +85,15 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 
-from fedtensor.client.pointer import call_on
+from fedtensor.client.modules import is_remote
+from fedtensor.client.pointer import PointerBase, call_on
 from fedtensor.client.transfer import transfer
 from fedtensor.errors import FedTensorError, LocationError
-from fedtensor.protocol.ring import split
+from fedtensor.protocol.ring import encode_fixed, split
 
 if TYPE_CHECKING:
     from fedtensor.client.handles import WorkerHandle
@@ -75,6 +101,8 @@ if TYPE_CHECKING:
 __all__ = [
     "AdditiveSharingTensor",
     "FixedPrecisionTensor",
+    "RemoteFixedPrecision",
+    "SharedTensorPointer",
     "SyncAdditiveSharingTensor",
     "fix_precision",
     "share",
@@ -89,10 +117,29 @@ Share = Any
 DEFAULT_PRECISION = 3
 
 
+@overload
+def fix_precision(
+    tensor: PointerBase, precision_fractional: int = DEFAULT_PRECISION
+) -> RemoteFixedPrecision: ...
+
+
+@overload
 def fix_precision(
     tensor: torch.Tensor, precision_fractional: int = DEFAULT_PRECISION
-) -> FixedPrecisionTensor:
-    """``tensor`` as fixed-precision ring values ``round(x * 10**precision_fractional)``."""
+) -> FixedPrecisionTensor: ...
+
+
+def fix_precision(
+    tensor: Any, precision_fractional: int = DEFAULT_PRECISION
+) -> FixedPrecisionTensor | RemoteFixedPrecision:
+    """``tensor`` as fixed-precision ring values ``round(x * 10**precision_fractional)``;
+    for a pointer (or a remote model's parameter, typed as a tensor), a
+    :class:`RemoteFixedPrecision`."""
+    pointer = _pointer_of(tensor)
+    if pointer is not None:
+        if type(precision_fractional) is not int or not 0 <= precision_fractional <= 9:
+            raise ValueError("precision_fractional is an int from 0 to 9")
+        return RemoteFixedPrecision(pointer, precision_fractional)
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"fix_precision takes a torch.Tensor, not {type(tensor).__name__}")
     if type(precision_fractional) is not int or not 0 <= precision_fractional <= 9:
@@ -115,12 +162,7 @@ def _encode(value: Any, precision: int) -> torch.Tensor:
         value = torch.tensor(value)
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"a {type(value).__name__} is not a number or tensor")
-    if value.is_complex():
-        raise TypeError("complex tensors have no fixed-precision form")
-    scaled = value.to(torch.float64) * _scale(precision)
-    if not bool(torch.isfinite(scaled).all()) or bool((scaled.abs() >= 2.0**62).any()):
-        raise ValueError("a value too large (or not finite) for the fixed-precision ring")
-    return scaled.round().to(torch.int64)
+    return encode_fixed(value, precision)
 
 
 def _scale(precision: int) -> int:
@@ -210,13 +252,18 @@ class FixedPrecisionTensor:
 
 
 def share(
-    tensor: torch.Tensor | FixedPrecisionTensor,
+    tensor: Any,
     *workers: WorkerHandle,
     crypto_provider: WorkerHandle | None = None,
-) -> AdditiveSharingTensor | SyncAdditiveSharingTensor:
-    """Secret-share an integer tensor (or a :class:`FixedPrecisionTensor`) over ``workers``."""
-    if isinstance(tensor, FixedPrecisionTensor):
+) -> Any:
+    """Secret-share an integer tensor (or a :class:`FixedPrecisionTensor`) over ``workers``;
+    a pointer's (or a :class:`RemoteFixedPrecision`'s) data is shared by its worker (see
+    :meth:`RemoteFixedPrecision.share`)."""
+    if isinstance(tensor, FixedPrecisionTensor | RemoteFixedPrecision):
         return tensor.share(*workers, crypto_provider=crypto_provider)
+    pointer = _pointer_of(tensor)
+    if pointer is not None:
+        return RemoteFixedPrecision(pointer, None).share(*workers, crypto_provider=crypto_provider)
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"share takes a torch.Tensor, not {type(tensor).__name__}")
     if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
@@ -227,13 +274,8 @@ def share(
     return _share(tensor.to(torch.int64), workers, crypto_provider, None, torch.int64)
 
 
-def _share(
-    ring: torch.Tensor,
-    workers: Sequence[WorkerHandle],
-    crypto_provider: WorkerHandle | None,
-    precision: int | None,
-    dtype: torch.dtype,
-) -> AdditiveSharingTensor | SyncAdditiveSharingTensor:
+def _checked_holders(workers: Sequence[WorkerHandle], crypto_provider: WorkerHandle | None) -> bool:
+    """Check the share holders (ValueError, TypeError); whether they are blocking."""
     if len(workers) < 2:
         raise ValueError("secret sharing needs at least two workers")
     if len({id(worker) for worker in workers}) != len(workers):
@@ -243,12 +285,185 @@ def _share(
     blocking = {bool(getattr(worker, "_blocking", False)) for worker in workers}
     if len(blocking) != 1:
         raise TypeError("share over workers of one API: all blocking (fedtensor.sync) or none")
+    return blocking.pop()
+
+
+def _share(
+    ring: torch.Tensor,
+    workers: Sequence[WorkerHandle],
+    crypto_provider: WorkerHandle | None,
+    precision: int | None,
+    dtype: torch.dtype,
+) -> AdditiveSharingTensor | SyncAdditiveSharingTensor:
+    blocking = _checked_holders(workers, crypto_provider)
     pointers = [
         worker.client.store(part)
         for worker, part in zip(workers, split(ring, len(workers)), strict=True)
     ]
-    cls = SyncAdditiveSharingTensor if blocking.pop() else AdditiveSharingTensor
+    cls = SyncAdditiveSharingTensor if blocking else AdditiveSharingTensor
     return cls(pointers, crypto_provider, precision, dtype)
+
+
+def _integral(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def _pointer_of(value: Any) -> PointerBase | None:
+    """The pointer behind a pointer or a remote model's parameter (or buffer), else None."""
+    if isinstance(value, PointerBase):
+        return value
+    if is_remote(value):
+        pointer: PointerBase = value.pointer
+        return pointer
+    return None
+
+
+class RemoteFixedPrecision:
+    """PySyft's ``ptr.fix_precision()``: a worker's tensor, to be shared as fixed precision.
+
+    Nothing runs until it is shared or fetched: ``share(bob, alice,
+    crypto_provider=james)`` has the tensor's worker, its data owner, encode and split
+    it (``fedtensor.split_shares``, :mod:`fedtensor.worker.sharing`), keep its own
+    share if it is a holder and *move* every other share to its holder, worker to worker
+    (:func:`fedtensor.client.transfer.transfer`): no share passes through the client
+    between worker processes. ``precision_fractional`` is ``None`` for an integer tensor
+    shared as it is (``ptr.share(...)``).
+
+    In :mod:`fedtensor.sync`, ``share`` blocks and returns a :class:`SharedTensorPointer`
+    (PySyft's pointer to the shared tensor, whose ``get()`` gives it); in the async API
+    ``await rfp.share(...)`` gives the :class:`AdditiveSharingTensor` itself.
+    """
+
+    __slots__ = ("pointer", "precision_fractional")
+
+    def __init__(self, pointer: PointerBase, precision_fractional: int | None) -> None:
+        self.pointer = pointer
+        self.precision_fractional = precision_fractional
+
+    @property
+    def location(self) -> WorkerHandle:
+        location: WorkerHandle = self.pointer.location
+        return location
+
+    @property
+    def shape(self) -> torch.Size | None:
+        return self.pointer.shape
+
+    def __repr__(self) -> str:
+        return f"<RemoteFixedPrecision p={self.precision_fractional} of {self.pointer!r}>"
+
+    def _blocking(self) -> bool:
+        return bool(getattr(self.location, "_blocking", False))
+
+    def share(
+        self,
+        *workers: WorkerHandle,
+        crypto_provider: WorkerHandle | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Share the remote tensor over ``workers`` (see the class)."""
+        blocking = _checked_holders(workers, crypto_provider)
+        dtype = self.pointer.dtype
+        if self.precision_fractional is None and dtype is not None and not _integral(dtype):
+            raise TypeError(
+                "only integer tensors are shared as they are: call fix_precision() first "
+                "(ptr.fix_precision().share(bob, alice, crypto_provider=charlie))"
+            )
+        if blocking != self._blocking():
+            raise TypeError("share over workers of the pointer's API (fedtensor.sync or not)")
+        coro = _share_remote(self, workers, crypto_provider, timeout)
+        if not blocking:
+            return coro
+        client = self.pointer._client
+        if client is None:
+            coro.close()
+            raise FedTensorError(f"{self.pointer!r} was already consumed by get()")
+        return SharedTensorPointer(client.run_threadsafe(coro, timeout), self.location)
+
+    def get(self, *, timeout: float | None = None) -> Any:
+        """The tensor fetched (and freed remotely) as a :class:`FixedPrecisionTensor`
+        (blocking API; ``await`` it in the async one)."""
+
+        async def fetch() -> Any:
+            value: torch.Tensor = await self.pointer._fetch(free=True, timeout=timeout)
+            if self.precision_fractional is None:
+                return value
+            return fix_precision(value, self.precision_fractional)
+
+        if not self._blocking():
+            return fetch()
+        client = self.pointer._client
+        if client is None:
+            raise FedTensorError(f"{self.pointer!r} was already consumed by get()")
+        return client.run_threadsafe(fetch(), timeout)
+
+    def float_precision(self) -> Any:
+        """The pointer to the remote tensor again (it was never encoded there)."""
+        return self.pointer
+
+    float_prec = float_precision
+
+
+async def _share_remote(
+    remote: RemoteFixedPrecision,
+    workers: Sequence[WorkerHandle],
+    crypto_provider: WorkerHandle | None,
+    timeout: float | None,
+) -> Any:
+    pointer, precision = remote.pointer, remote.precision_fractional
+    client = pointer._client
+    if client is None:
+        raise FedTensorError(f"{pointer!r} was already consumed by get()")
+    known = pointer.dtype
+    dtype: torch.dtype
+    if precision is None:
+        dtype = torch.int64
+    elif known is not None and known.is_floating_point:
+        dtype = known
+    else:
+        dtype = torch.get_default_dtype()
+    split_up = call_on(client, "fedtensor.split_shares", (pointer, len(workers), precision), {})
+    parts = [call_on(client, "fedtensor.element", (split_up, i), {}) for i in range(len(workers))]
+    del split_up  # released behind the element commands
+    if pointer.shape is not None:  # known here: each share has the tensor's shape
+        for part in parts:
+            part._shape, part._dtype = tuple(pointer.shape), torch.int64
+    owner = client.worker
+
+    async def place(part: Share, worker: WorkerHandle) -> Share:
+        if getattr(worker, "client", None) is client or worker is owner:
+            return part  # the owner's own share stays where it was drawn
+        # Every other share goes from the owner to its holder, never here between worker
+        # processes (fedtensor.client.transfer).
+        return await transfer(part, worker, keep=False, timeout=timeout)
+
+    shares = await asyncio.gather(
+        *(place(part, worker) for part, worker in zip(parts, workers, strict=True))
+    )
+    cls = SyncAdditiveSharingTensor if remote._blocking() else AdditiveSharingTensor
+    return cls(shares, crypto_provider, precision, dtype)
+
+
+class SharedTensorPointer:
+    """PySyft's pointer to a shared tensor, made by sharing a remote tensor in
+    :mod:`fedtensor.sync`: ``get()`` gives the :class:`SyncAdditiveSharingTensor` (its
+    shares stay where they are; ``get()`` of that reconstructs)."""
+
+    __slots__ = ("_shared", "location")
+
+    def __init__(self, shared: Any, location: WorkerHandle) -> None:
+        self._shared: Any = shared
+        #: The worker whose tensor was shared.
+        self.location = location
+
+    def get(self) -> Any:
+        shared, self._shared = self._shared, None
+        if shared is None:
+            raise FedTensorError("this pointer's shared tensor was already taken by get()")
+        return shared
+
+    def __repr__(self) -> str:
+        return f"<SharedTensorPointer to {self._shared!r} from {getattr(self.location, 'id', '?')}>"
 
 
 class SharedBase:
@@ -297,6 +512,13 @@ class SharedBase:
 
     def _public(self, value: Any) -> torch.Tensor:
         """A public operand as ring values of this tensor's kind."""
+        if isinstance(value, PointerBase | RemoteFixedPrecision) or is_remote(value):
+            raise TypeError(
+                "a pointer is no public operand of a shared tensor: share it over the same "
+                "workers first (ptr.fix_precision().share(...))"
+            )
+        if not isinstance(value, int | float | torch.Tensor | FixedPrecisionTensor):
+            raise TypeError(f"a {type(value).__name__} is no operand of a shared tensor")
         if self.precision_fractional is not None:
             return _encode(value, self.precision_fractional)
         if isinstance(value, FixedPrecisionTensor):
@@ -358,15 +580,42 @@ class SharedBase:
         precision = self.precision_fractional
         if precision is None or precision == 0:
             return self._new(shares)
-        if len(shares) != 2:
-            raise FedTensorError(
-                "a product of fixed-precision shared tensors is truncated with the two-party "
-                f"trick: it needs exactly two share holders, not {len(shares)}"
+        return self._new(_divided(shares, _scale(precision), "a product of fixed-precision"))
+
+    def __truediv__(self, other: Any) -> Any:
+        """Division by a public number or tensor (see the module's header): no round trip.
+
+        By whole numbers (ints, or floats and tensors of whole values): the two-party
+        truncation by them, exact to one unit in the last place. By other floats (fixed
+        precision only): times the reciprocal, itself encoded at this tensor's precision,
+        so off by up to ``|x| * 10**-p / 2`` besides.
+        """
+        if isinstance(other, SharedBase):
+            raise TypeError(
+                "division by a shared tensor is not implemented: divide by a public number"
             )
-        scale = 10**precision
-        first = torch.div(shares[0], scale, rounding_mode="floor")
-        second = torch.neg(torch.div(torch.neg(shares[1]), scale, rounding_mode="floor"))
-        return self._new([first, second])
+        if isinstance(other, bool) or not isinstance(other, int | float | torch.Tensor):
+            raise TypeError(f"a {type(other).__name__} is no divisor of a shared tensor")
+        divisor = torch.as_tensor(other)
+        if divisor.is_complex() or divisor.dtype == torch.bool:
+            raise TypeError(f"a {divisor.dtype} tensor is no divisor of a shared tensor")
+        if bool((divisor == 0).any()):
+            raise ZeroDivisionError("division of a shared tensor by zero")
+        if not divisor.is_floating_point() or bool((divisor == divisor.round()).all()):
+            whole = divisor.to(torch.int64)
+            magnitude: int | torch.Tensor = whole.abs() if whole.dim() else abs(int(whole))
+            quotient = _divided(list(self._live()), magnitude, "a division")
+            if bool((whole < 0).any()):
+                quotient = [torch.mul(share, torch.sign(whole)) for share in quotient]
+            return self._new(quotient)
+        if self.precision_fractional is None:
+            raise TypeError(
+                "a shared integer tensor is divided by whole numbers only "
+                "(fractions: fix_precision() first)"
+            )
+        return self._scale_by_public(1.0 / divisor.to(torch.float64))
+
+    div = __truediv__
 
     # -- products of two shared tensors: Beaver triples (one round trip) ---------------------
 
@@ -384,45 +633,27 @@ class SharedBase:
     async def _beaver(self, other: SharedBase, op: str, timeout: float | None) -> Any:
         pairs = self._paired(other)
         provider = self._provider(other)
-        shape_x, shape_y = pairs[0][0].shape, pairs[0][1].shape
-        if shape_x is None or shape_y is None:
-            raise FedTensorError("the shapes of shared tensors must be known to multiply them")
-        function = torch.mul if op == "mul" else torch.matmul
-        shape_z = tuple(
-            function(torch.empty(shape_x, device="meta"), torch.empty(shape_y, device="meta")).shape
+        shares = await _multiply(
+            [x for x, _ in pairs], [y for _, y in pairs], op, provider, self.locations, timeout
         )
-        moved = await _dealt(provider, op, tuple(shape_x), tuple(shape_y), self.locations, timeout)
-        triples = [_unpack(flat, tuple(shape_x), tuple(shape_y), shape_z) for flat in moved]
-        # Open e = x - a and f = y - b: masked by the random a and b, they are safe to see.
-        e, f = await asyncio.gather(
-            _open(
-                [torch.sub(x, a) for (x, _), (a, _, _) in zip(pairs, triples, strict=True)], timeout
-            ),
-            _open(
-                [torch.sub(y, b) for (_, y), (_, b, _) in zip(pairs, triples, strict=True)], timeout
-            ),
-        )
-        shares = []
-        for index, (a, b, c) in enumerate(triples):
-            z = torch.add(torch.add(c, function(e, b)), function(a, f))
-            if index == 0:
-                z = torch.add(z, function(e, f))
-            shares.append(z)
         return self._truncated(shares)
 
     # -- comparisons: the sign bit, with the crypto provider's help ---------------------------
 
-    async def _sign_bit(self, timeout: float | None) -> Any:
-        """Shares of ``1`` where this tensor is negative, else ``0``, of this tensor's kind."""
+    async def _raw_sign_bit(
+        self, timeout: float | None, shape: tuple[int, ...] | None = None
+    ) -> list[Share]:
+        """Additive shares of the integer ``1`` where this tensor is negative, else ``0``
+        (``shape``: this tensor's, where its pointers may not know it)."""
         shares = self._live()
-        if len(shares) != 2:
-            raise FedTensorError(
-                f"comparisons of shared tensors need exactly two share holders, not {len(shares)}"
-            )
-        shape = shares[0].shape
+        shape = shape if shape is not None else shares[0].shape
         if shape is None:
             raise FedTensorError("the shapes of shared tensors must be known to compare them")
-        bits = await _negative(shares, tuple(shape), self._provider(), self.locations, timeout)
+        return await _negative(shares, tuple(shape), self._provider(), self.locations, timeout)
+
+    async def _sign_bit(self, timeout: float | None) -> Any:
+        """Shares of ``1`` where this tensor is negative, else ``0``, of this tensor's kind."""
+        bits = await self._raw_sign_bit(timeout)
         if self.precision_fractional:  # a fixed-precision 0/1
             bits = [torch.mul(bit, _scale(self.precision_fractional)) for bit in bits]
         return self._new(bits)
@@ -441,27 +672,105 @@ class SharedBase:
         negative = await difference._sign_bit(timeout)  # lt: x - y < 0; gt: y - x < 0
         return negative if op in ("lt", "gt") else 1 - negative
 
+    def _shape_known(self) -> tuple[int, ...]:
+        shape = self.shape
+        if shape is None:
+            raise FedTensorError("the shape of a shared tensor must be known for max/argmax")
+        return tuple(shape)
+
     async def _max(self, timeout: float | None) -> Any:
-        """The largest element: a tournament of comparisons, log2(n) rounds."""
-        current = self._new([torch.reshape(share, (-1,)) for share in self._live()])
-        count = math.prod(self.shape or ())
+        """The largest element (a 0-d shared tensor)."""
+        self._shape_known()
+        flat = self._new([torch.reshape(share, (-1,)) for share in self._live()])
+        values, _ = await flat._max_dim(0, False, timeout)
+        return values
+
+    async def _max_dim(self, dim: Any, keepdim: bool, timeout: float | None) -> tuple[Any, Any]:
+        """The largest values along ``dim`` and their indices (the first, on ties), both
+        shared: the values of this tensor's kind, the indices shared integers.
+
+        A tournament of neighbours (``x[0::2]`` against ``x[1::2]``): log2(n) rounds, each
+        one comparison (:func:`_negative`) and one Beaver product that selects values and
+        indices together, ``right + bit * (left - right)``. The bit is the shared integer
+        0/1, so the product needs no truncation: exact, with any number of holders.
+        Keeping neighbours together keeps each contender the winner of an interval, and
+        ``left >= right`` then keeps the first index of a tie, as torch does.
+        """
+        shape = self._shape_known()
+        if type(dim) is not int or not -len(shape) <= dim < max(len(shape), 1):
+            raise ValueError(f"dim {dim!r} is out of range for a shared tensor of shape {shape}")
+        dim %= max(len(shape), 1)
+        if not shape:  # a 0-d tensor is its own maximum, at index 0
+            shape = (1,)
+        count = shape[dim]
         if count == 0:
             raise ValueError("max() of an empty shared tensor")
+        first = [torch.movedim(torch.reshape(s, shape), dim, 0) for s in self._live()]
+        rest_shape = tuple(size for axis, size in enumerate(shape) if axis != dim)
+        public = torch.arange(count).reshape(count, *([1] * len(rest_shape)))
+        public = public.expand(count, *rest_shape).contiguous()
+        indices = [torch.mul(share, 0) for share in first]
+        indices[0] = torch.add(indices[0], public)
+        values = first
+        provider = self._provider()
         while count > 1:
-            half = count // 2
-            left = current._new([share[0:half] for share in current.shares])
-            right = current._new([share[half : 2 * half] for share in current.shares])
-            rest = [share[2 * half : count] for share in current.shares]
-            bigger = await left._compare(right, "gt", timeout)
-            winners = right + await bigger._beaver(left - right, "mul", timeout)
-            current = current._new(
-                [
-                    torch.cat([won, left_over])
-                    for won, left_over in zip(winners.shares, rest, strict=True)
-                ]
+            pairs = count // 2
+            left, right = (
+                [v[0 : 2 * pairs : 2] for v in values],
+                [v[1 : 2 * pairs : 2] for v in values],
             )
-            count = half + count % 2
-        return current._new([torch.reshape(share, ()) for share in current.shares])
+            left_i = [i[0 : 2 * pairs : 2] for i in indices]
+            right_i = [i[1 : 2 * pairs : 2] for i in indices]
+            # left >= right: not (left - right < 0)
+            below = await self._new(
+                [torch.sub(a, b) for a, b in zip(left, right, strict=True)]
+            )._raw_sign_bit(timeout, (pairs, *rest_shape))
+            keep_left = [torch.neg(bit) for bit in below]
+            keep_left[0] = torch.add(keep_left[0], 1)
+            differences = [
+                torch.stack([torch.sub(a, b), torch.sub(c, d)])
+                for a, b, c, d in zip(left, right, left_i, right_i, strict=True)
+            ]
+            chosen = await _multiply(
+                keep_left,
+                differences,
+                "mul",
+                provider,
+                self.locations,
+                timeout,
+                ((pairs, *rest_shape), (2, pairs, *rest_shape)),
+            )
+            leftover = count % 2
+            values = [
+                torch.cat([torch.add(b, z[0]), v[2 * pairs : count]])
+                if leftover
+                else torch.add(b, z[0])
+                for b, z, v in zip(right, chosen, values, strict=True)
+            ]
+            indices = [
+                torch.cat([torch.add(b, z[1]), i[2 * pairs : count]])
+                if leftover
+                else torch.add(b, z[1])
+                for b, z, i in zip(right_i, chosen, indices, strict=True)
+            ]
+            count = pairs + leftover
+        values = [torch.reshape(v, rest_shape) for v in values]
+        indices = [torch.reshape(i, rest_shape) for i in indices]
+        if keepdim and self.shape:
+            values = [torch.unsqueeze(v, dim) for v in values]
+            indices = [torch.unsqueeze(i, dim) for i in indices]
+        index_tensor = type(self)(indices, self.crypto_provider, None, torch.int64)
+        return self._new(values), index_tensor
+
+    async def _argmax(self, dim: Any, keepdim: bool, timeout: float | None) -> Any:
+        """The index of the largest element (of the flattened tensor for ``dim=None``)."""
+        if dim is None:
+            self._shape_known()
+            flat = self._new([torch.reshape(share, (-1,)) for share in self._live()])
+            _, indices = await flat._max_dim(0, False, timeout)
+            return indices
+        _, indices = await self._max_dim(dim, keepdim, timeout)
+        return indices
 
     async def _reconstruct(self, timeout: float | None) -> Any:
         shares, self.shares = self._live(), ()
@@ -475,6 +784,56 @@ class SharedBase:
         if self.precision_fractional is None:
             return total
         return FixedPrecisionTensor(total, self.precision_fractional, self.dtype)
+
+
+def _divided(shares: list[Share], divisor: int | torch.Tensor, what: str) -> list[Share]:
+    """Shares of the two-party shared ``z`` divided by a public positive ``divisor``,
+    without interaction (SecureML's trick): party 0 floors ``z_0 / d``, party 1 takes
+    ``-floor(-z_1 / d)``. Off by at most one unit, wrong with probability about
+    ``|z| / 2**63``."""
+    if len(shares) != 2:
+        raise FedTensorError(
+            f"{what} of shared tensors is truncated with the two-party trick: it needs "
+            f"exactly two share holders, not {len(shares)}"
+        )
+    first = torch.div(shares[0], divisor, rounding_mode="floor")
+    second = torch.neg(torch.div(torch.neg(shares[1]), divisor, rounding_mode="floor"))
+    return [first, second]
+
+
+async def _multiply(
+    xs: Sequence[Share],
+    ys: Sequence[Share],
+    op: str,
+    provider: WorkerHandle,
+    locations: Sequence[WorkerHandle],
+    timeout: float | None,
+    shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
+) -> list[Share]:
+    """Additive shares of ``x * y`` (or ``x @ y``) from shares of ``x`` and ``y``, with a
+    Beaver triple from ``provider`` (no truncation: ring values). One round trip.
+    ``shapes``: those of ``x`` and ``y`` where the pointers may not know them."""
+    shape_x, shape_y = shapes if shapes is not None else (xs[0].shape, ys[0].shape)
+    if shape_x is None or shape_y is None:
+        raise FedTensorError("the shapes of shared tensors must be known to multiply them")
+    function = torch.mul if op == "mul" else torch.matmul
+    shape_z = tuple(
+        function(torch.empty(shape_x, device="meta"), torch.empty(shape_y, device="meta")).shape
+    )
+    moved = await _dealt(provider, op, tuple(shape_x), tuple(shape_y), locations, timeout)
+    triples = [_unpack(flat, tuple(shape_x), tuple(shape_y), shape_z) for flat in moved]
+    # Open e = x - a and f = y - b: masked by the random a and b, they are safe to see.
+    e, f = await asyncio.gather(
+        _open([torch.sub(x, a) for x, (a, _, _) in zip(xs, triples, strict=True)], timeout),
+        _open([torch.sub(y, b) for y, (_, b, _) in zip(ys, triples, strict=True)], timeout),
+    )
+    shares = []
+    for index, (a, b, c) in enumerate(triples):
+        z = torch.add(torch.add(c, function(e, b)), function(a, f))
+        if index == 0:
+            z = torch.add(z, function(e, f))
+        shares.append(z)
+    return shares
 
 
 async def _dealt(
@@ -498,6 +857,18 @@ async def _dealt(
         for i in range(len(locations))
     ]
     del triple  # released behind the element commands
+    # The flat length is known here; telling the pointers lets every operation on the
+    # triple's parts know its shape without asking (worker processes cannot infer it).
+    if op == "bit":
+        length = 2 * math.prod(shape_x)
+    elif op == "and":
+        length = 3 * math.prod(shape_x)
+    else:
+        function = torch.mul if op == "mul" else torch.matmul
+        meta = torch.empty(shape_x, device="meta"), torch.empty(shape_y, device="meta")
+        length = math.prod(shape_x) + math.prod(shape_y) + function(*meta).numel()
+    for part in parts:
+        part._shape, part._dtype = (length,), torch.int64
     # Each party's shares go from the provider to that party, never here when both are
     # worker processes (fedtensor.client.transfer).
     moved: list[Share] = await asyncio.gather(
@@ -562,35 +933,22 @@ async def _and(
 _STRIDES = (1, 2, 4, 8, 16, 32)
 
 
-async def _negative(
-    shares: Sequence[Share],
+async def _add_bits(
+    xs: Sequence[Share],
+    ys: Sequence[Share],
+    dealt: Sequence[list[Share]],
     shape: tuple[int, ...],
-    provider: WorkerHandle,
-    locations: Sequence[WorkerHandle],
     timeout: float | None,
 ) -> list[Share]:
-    """Additive shares of the sign bit of the two-party shared ``x0 + x1`` (1 if negative).
-
-    The sign bit is the top bit of ``x0 + x1``: the parties add their shares as bits, each
-    holding its own share as XOR shares ``(x0, 0)`` and ``(0, x1)``, with a Kogge-Stone
-    adder (generate ``g = x0 & x1``, propagate ``p = x0 ^ x1``, six rounds of prefix
-    combination, each one batched AND of two words). Then the bit, XOR-shared, becomes
-    additively shared with a random bit ``r`` the provider shares both ways: ``c = b ^ r``
-    is opened (masked by ``r``) and ``b = c + r - 2cr``. Every triple is dealt up front,
-    concurrently. Eight openings in all, each masked by fresh randomness.
-    """
+    """XOR shares of the 64-bit sum ``x + y`` from XOR shares of ``x`` and ``y``: a
+    Kogge-Stone adder (generate ``g = x & y``, propagate ``p = x ^ y``, six rounds of
+    prefix combination, each one batched AND of two words). ``dealt``: seven ``"and"``
+    triples, the first of ``shape``, the others of ``(2, *shape)``."""
     pair = (2, *shape)
-    dealt = await asyncio.gather(
-        _dealt(provider, "and", shape, shape, locations, timeout),
-        *(_dealt(provider, "and", pair, pair, locations, timeout) for _ in _STRIDES),
-        _dealt(provider, "bit", shape, (), locations, timeout),
-    )
-    x0, x1 = shares
-    generate = await _and(
-        [x0, torch.zeros_like(x1)], [torch.zeros_like(x0), x1], dealt[0], shape, timeout
-    )
-    propagate = list(shares)  # XOR shares of x0 ^ x1
-    for stride, flats in zip(_STRIDES, dealt[1:-1], strict=True):
+    generate = await _and(xs, ys, dealt[0], shape, timeout)
+    start = [x ^ y for x, y in zip(xs, ys, strict=True)]  # XOR shares of x ^ y
+    propagate = start
+    for stride, flats in zip(_STRIDES, dealt[1:], strict=True):
         left = [torch.stack([p, p]) for p in propagate]
         right = [
             torch.stack([g << stride, p << stride])
@@ -599,7 +957,50 @@ async def _negative(
         both = await _and(left, right, flats, pair, timeout)
         generate = [g ^ z[0] for g, z in zip(generate, both, strict=True)]
         propagate = [z[1] for z in both]
-    total = [p ^ (g << 1) for p, g in zip(shares, generate, strict=True)]  # XOR shares of x0 + x1
+    return [p ^ (g << 1) for p, g in zip(start, generate, strict=True)]
+
+
+async def _negative(
+    shares: Sequence[Share],
+    shape: tuple[int, ...],
+    provider: WorkerHandle,
+    locations: Sequence[WorkerHandle],
+    timeout: float | None,
+) -> list[Share]:
+    """Additive shares of the sign bit of the shared ``x_0 + ... + x_{n-1}`` (1 if negative).
+
+    The sign bit is the top bit of the sum: the parties add their shares as bits, each
+    share held as XOR shares (``x_k`` by party ``k``, ``0`` by the others), one
+    Kogge-Stone adder (:func:`_add_bits`) per share after the first: n - 1 adders, each
+    seven batched AND gates. Then the bit, XOR-shared, becomes additively shared with a
+    random bit ``r`` the provider shares both ways: ``c = b ^ r`` is opened (masked by
+    ``r``) and ``b = c + r - 2cr``. Every triple is dealt up front, concurrently.
+    7(n - 1) + 1 openings in all, each masked by fresh randomness.
+    """
+    parties = len(shares)
+    pair = (2, *shape)
+    per_adder = 1 + len(_STRIDES)
+    dealt = await asyncio.gather(
+        *(
+            _dealt(
+                provider,
+                "and",
+                shape if gate == 0 else pair,
+                shape if gate == 0 else pair,
+                locations,
+                timeout,
+            )
+            for _ in range(parties - 1)
+            for gate in range(per_adder)
+        ),
+        _dealt(provider, "bit", shape, (), locations, timeout),
+    )
+    zeros = [torch.zeros_like(share) for share in shares]
+    total: list[Share] = [shares[0], *zeros[1:]]  # XOR shares of x_0
+    for k in range(1, parties):
+        addend = [shares[k] if party == k else zeros[party] for party in range(parties)]
+        gates = dealt[(k - 1) * per_adder : k * per_adder]
+        total = await _add_bits(total, addend, gates, shape, timeout)
     bits = [(t >> 63) & 1 for t in total]
     size = math.prod(shape)
     random_bits = [(flat[0:size].reshape(shape), flat[size:].reshape(shape)) for flat in dealt[-1]]
@@ -665,9 +1066,20 @@ class AdditiveSharingTensor(SharedBase):
     async def ne(self, other: Any, *, timeout: float | None = None) -> Any:
         return await self._compare(other, "ne", timeout)
 
-    async def max(self, *, timeout: float | None = None) -> Any:
-        """The largest element, shared (a 0-d shared tensor)."""
-        return await self._max(timeout)
+    async def max(
+        self, dim: int | None = None, keepdim: bool = False, *, timeout: float | None = None
+    ) -> Any:
+        """The largest element, shared (a 0-d shared tensor); with ``dim``, torch's
+        ``(values, indices)`` along it, the indices shared integers."""
+        if dim is None:
+            return await self._max(timeout)
+        return await self._max_dim(dim, keepdim, timeout)
+
+    async def argmax(
+        self, dim: int | None = None, keepdim: bool = False, *, timeout: float | None = None
+    ) -> Any:
+        """The index of the largest element (shared integers; the first on ties)."""
+        return await self._argmax(dim, keepdim, timeout)
 
 
 class SyncAdditiveSharingTensor(SharedBase):
@@ -744,6 +1156,17 @@ class SyncAdditiveSharingTensor(SharedBase):
 
     __hash__ = SharedBase.__hash__
 
-    def max(self, *, timeout: float | None = None) -> Any:
-        """The largest element, shared (a 0-d shared tensor)."""
-        return self._block(self._max(timeout), timeout)
+    def max(
+        self, dim: int | None = None, keepdim: bool = False, *, timeout: float | None = None
+    ) -> Any:
+        """The largest element, shared (a 0-d shared tensor); with ``dim``, torch's
+        ``(values, indices)`` along it, the indices shared integers."""
+        if dim is None:
+            return self._block(self._max(timeout), timeout)
+        return self._block(self._max_dim(dim, keepdim, timeout), timeout)
+
+    def argmax(
+        self, dim: int | None = None, keepdim: bool = False, *, timeout: float | None = None
+    ) -> Any:
+        """The index of the largest element (shared integers; the first on ties)."""
+        return self._block(self._argmax(dim, keepdim, timeout), timeout)

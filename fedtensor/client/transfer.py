@@ -22,6 +22,21 @@ alice, as PySyft's did); a copy gives a new pointer. Tags and a description trav
 with a tensor: the client knows them (they were given when it was sent, or found by a
 search) and re-describes the copy on the target.
 
+**Pointers to pointers** (PySyft's ``x.send(bob).send(alice)``) are resolved by the
+client, which knows the whole chain: ``send`` of a pointer stores on alice only a
+record of where it points (``{"pointer_to": "bob", "id_at_location": ...}``, so
+``alice._objects`` shows it) and gives a pointer to that record whose ``_origin`` is
+the pointer to bob. An operation on such pointers is sent straight to bob, where the
+data is, and its result is wrapped in the same chain (a new record on alice per
+result), so ``y = p2p2x + p2p2x`` leaves ``y`` on bob and a pointer to it on alice, as
+in PySyft. ``get()`` frees alice's record and gives the pointer to bob; a second
+``get()`` the value. ``remote_get()`` moves bob's tensor to alice (by :func:`transfer`,
+worker to worker), ``move`` moves the data at the chain's end. Why the client and not
+alice forwards: a worker never holds a client's token or a standing right to act on
+bob for it, so alice has nothing to forward with; the records are descriptions, not
+capabilities. No byte of bob's tensor passes through alice or the client before a
+``get()`` (or a ``remote_get()``/``move``, which go worker to worker).
+
 Tags live in the worker's session beside the objects (:mod:`fedtensor.worker.catalog`);
 the pointer keeps a local copy in its ``_meta`` slot. :func:`search` asks a worker
 for what matches (a round trip) and makes one pointer per match at once, pipelined:
@@ -45,11 +60,16 @@ if TYPE_CHECKING:
     from fedtensor.client.pointer import PointerBase
 
 __all__ = [
+    "chain_of",
+    "chain_result",
     "describe",
     "hand_back",
     "metadata",
+    "pointer_record",
+    "remote_get",
     "search",
     "search_terms",
+    "send_pointer",
     "set_metadata",
     "transfer",
 ]
@@ -109,22 +129,120 @@ def describe(pointer: PointerBase, tags: Iterable[Any], description: str | None)
     )
 
 
-def hand_back(pointer: PointerBase) -> Any:
-    """``get()`` of a pointer made by a pointer's ``send``: the pointer it was sent from.
+# -- pointers to pointers (PySyft's x.send(bob).send(alice)) ---------------------------------------
+
+
+def pointer_record(pointer: PointerBase) -> dict[str, Any]:
+    """What a worker holds for a pointer sent to it: where the pointer points, nothing more."""
+    return {"pointer_to": pointer.location.id, "id_at_location": pointer.id_at_location}
+
+
+def _link(client: Client, inner: PointerBase) -> PointerBase:
+    """A pointer on ``client``'s worker to the pointer ``inner``: a record stored there."""
+    link = client.store(pointer_record(inner))
+    link._origin = inner
+    link._shape, link._dtype = inner._shape, inner._dtype
+    return link
+
+
+def send_pointer(pointer: PointerBase, destination: WorkerHandle) -> PointerBase:
+    """``pointer.send(destination)``: a pointer on ``destination`` to ``pointer`` (PySyft's).
+
+    Nothing of the tensor moves and nothing waits: ``destination`` gets a record of where
+    ``pointer`` points (one pipelined store), and the client keeps the chain.
+    """
+    if pointer._error is not None:
+        raise type(pointer._error)(*pointer._error.args)
+    if pointer._client is None:
+        raise PointerReleased(f"{pointer!r} was already consumed by get()")
+    return _link(destination.client, pointer)
+
+
+def chain_of(pointer: PointerBase) -> tuple[PointerBase, tuple[PointerBase, ...]]:
+    """The pointer to the data at the end of ``pointer``'s chain, and the links before it
+    (outermost first; none for a plain pointer)."""
+    links = []
+    while (inner := pointer._origin) is not None:
+        links.append(pointer)
+        pointer = inner
+    return pointer, tuple(links)
+
+
+def chain_result(result: Any, links: tuple[Client, ...]) -> Any:
+    """An operation's ``result`` (a pointer where the data is, or a tuple of them), wrapped
+    in the same chain of links as its operands (``links``: their clients, outermost first)."""
+    if isinstance(result, tuple | list):
+        return type(result)([chain_result(item, links) for item in result])
+    for client in reversed(links):
+        result = _link(client, result)
+    return result
+
+
+def hand_back(pointer: PointerBase, *, free: bool) -> PointerBase:
+    """``get()`` (``free``) or a copy of a pointer to a pointer: the inner pointer.
 
     PySyft's ``x.send(bob).send(alice)`` made alice hold a pointer to bob's tensor, so a
-    first ``get()`` gave that pointer and a second the value. Here alice holds a copy;
-    ``get()`` frees it and gives back the pointer to bob, so the PySyft sequence gives
-    the same results. ``None`` once that pointer was consumed: ``get()`` then gives the
-    value.
+    first ``get()`` gave that pointer and a second the value. ``get()`` frees the record
+    on the intermediate worker; the tensor stays where it is.
     """
-    origin, pointer._origin = pointer._origin, None
+    inner = pointer._origin
+    assert inner is not None
+    if free:
+        client = pointer._client
+        pointer._origin = None
+        if client is not None:
+            pointer._client = None
+            client.release(pointer.id_at_location)
+    return inner
+
+
+def _take_over(pointer: PointerBase, data: PointerBase) -> None:
+    """Make the link ``pointer`` the pointer ``data`` is (its record freed), ``data`` released."""
     client = pointer._client
-    if origin is None or origin._client is None or client is None:
-        return None
-    pointer._client = None
-    client.release(pointer.id_at_location)
-    return origin
+    if client is not None:
+        client.release(pointer.id_at_location)
+    pointer._origin = None
+    pointer._client, data._client = data._client, None
+    pointer.location = data.location
+    pointer.id_at_location = data.id_at_location
+    pointer._shape, pointer._dtype = data._shape, data._dtype
+    meta = getattr(data, "_meta", None)
+    if meta is not None:
+        pointer._meta = meta
+
+
+def _release_link(link: PointerBase) -> None:
+    client, link._client = link._client, None
+    link._origin = None
+    if client is not None:
+        client.release(link.id_at_location)
+
+
+async def remote_get(pointer: PointerBase, timeout: float | None) -> PointerBase:
+    """PySyft's ``remote_get()`` of a pointer to a pointer: the worker holding the link gets
+    what it points to. A pointer to data moves that data there (worker to worker, as
+    :func:`transfer` moves); a pointer to a further link takes that link's target (the
+    chain gets shorter by one). A plain pointer is left as it is. Returns ``pointer``."""
+    if pointer._error is not None:
+        raise type(pointer._error)(*pointer._error.args)
+    inner = pointer._origin
+    if inner is None:
+        return pointer
+    if pointer._client is None:
+        raise PointerReleased(f"{pointer!r} was already consumed by get()")
+    if inner._origin is not None:
+        client = pointer._client
+        target = pointer._origin = inner._origin
+        _release_link(inner)
+        # The record is replaced by one that names the link's target.
+        client.release(pointer.id_at_location)
+        record = client.store(pointer_record(target))
+        record._client = None  # its id goes to ``pointer``
+        pointer.id_at_location = record.id_at_location
+        return pointer
+    await transfer(inner, pointer.location, keep=False, timeout=timeout)
+    _take_over(pointer, inner)
+    return pointer
 
 
 def _call(client: Client, op: str, args: tuple[Any, ...]) -> PointerBase:
@@ -147,8 +265,8 @@ async def transfer(
     itself re-pointed there with the source's copy freed (a move)."""
     if pointer._error is not None:
         raise type(pointer._error)(*pointer._error.args)
-    if not keep:
-        pointer._origin = None  # a moved pointer is the tensor itself, not a pointer's copy
+    if pointer._origin is not None:
+        return await _transfer_chain(pointer, destination, keep=keep, timeout=timeout)
     source = pointer._client
     if source is None:
         raise PointerReleased(f"{pointer!r} was already consumed by get()")
@@ -183,6 +301,25 @@ async def transfer(
     pointer.location = destination
     pointer.id_at_location = new_id
     pointer._shape, pointer._dtype = shape, dtype
+    return pointer
+
+
+async def _transfer_chain(
+    pointer: PointerBase, destination: WorkerHandle, *, keep: bool, timeout: float | None
+) -> PointerBase:
+    """:func:`transfer` of a pointer to a pointer: the data at the chain's end moves (or is
+    copied) to ``destination``; a move leaves ``pointer`` a plain pointer to it there and
+    frees the chain's records."""
+    data, links = chain_of(pointer)
+    for link in links:
+        if link._client is None:
+            raise PointerReleased(f"{link!r} was already consumed by get()")
+    if keep:
+        return await transfer(data, destination, keep=True, timeout=timeout)
+    await transfer(data, destination, keep=False, timeout=timeout)
+    for link in links[1:]:
+        _release_link(link)
+    _take_over(pointer, data)
     return pointer
 
 

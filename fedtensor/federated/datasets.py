@@ -32,8 +32,9 @@ the worker's position, so the same call holds out the same examples.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -70,6 +71,10 @@ class Shard:
     eval_targets: Any = None
     #: How many examples are held out.
     eval_size: int = 0
+    #: Makes this shard again on its worker, from data the worker holds itself (a shard
+    #: of :func:`load_dataset`): ``ft.fit`` calls it when a restarted worker rejoins a
+    #: run (its old pointers died with it). None: the data came from this client.
+    reload: Callable[[], Awaitable[Shard]] | None = field(default=None, compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -320,25 +325,48 @@ async def load_dataset(
         for worker in workers
     ]
     counts = [await size.fetch(free=True, timeout=timeout) for size in sizes]
-    if holdout:
-        split = []
-        for index, (shard, count) in enumerate(zip(shards, counts, strict=True)):
-            train, held = holdout_split(int(count), holdout, seed=seed, index=index)
-            split.append(
-                Shard(
-                    shard.worker,
-                    shard.data[train],
-                    shard.targets[train],
-                    len(train),
-                    shard.data[held],
-                    shard.targets[held],
-                    len(held),
-                )
-            )
-        return FederatedDataset(split)
     return FederatedDataset(
         [
-            Shard(shard.worker, shard.data, shard.targets, int(count))
-            for shard, count in zip(shards, counts, strict=True)
+            _dataset_shard(shard, int(count), name, holdout, seed, index, timeout)
+            for index, (shard, count) in enumerate(zip(shards, counts, strict=True))
         ]
     )
+
+
+def _dataset_shard(
+    shard: Shard, count: int, name: str, holdout: float, seed: int, index: int,
+    timeout: float | None,
+) -> Shard:  # fmt: skip
+    """The shard of worker ``index`` of :func:`load_dataset`: split, and able to reload."""
+    reload = partial(_reload_dataset_shard, shard.worker, name, holdout, seed, index, timeout)
+    if not holdout:
+        return Shard(shard.worker, shard.data, shard.targets, count, reload=reload)
+    train, held = holdout_split(count, holdout, seed=seed, index=index)
+    return Shard(
+        shard.worker,
+        shard.data[train],
+        shard.targets[train],
+        len(train),
+        shard.data[held],
+        shard.targets[held],
+        len(held),
+        reload=reload,
+    )
+
+
+async def _reload_dataset_shard(
+    worker: WorkerHandle, name: str, holdout: float, seed: int, index: int,
+    timeout: float | None,
+) -> Shard:  # fmt: skip
+    """Worker ``index``'s shard of data set ``name`` made again (the same split)."""
+    client = worker.client
+    count = await call_on(client, "fedtensor.dataset", (name, "size"), {}).fetch(
+        free=True, timeout=timeout
+    )
+    loaded = Shard(
+        worker,
+        call_on(client, "fedtensor.dataset", (name, "data"), {}),
+        call_on(client, "fedtensor.dataset", (name, "targets"), {}),
+        0,
+    )
+    return _dataset_shard(loaded, int(count), name, holdout, seed, index, timeout)

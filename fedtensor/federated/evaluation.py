@@ -9,17 +9,20 @@ the model does for each client of a non-IID population. Federated evaluation
 
 1. each worker's shard has a held-out part that never trains (``ft.federate(...,
    holdout=0.1)`` or ``ft.load_dataset(..., holdout=0.1)``, chosen reproducibly
-   by :func:`fedtensor.federated.datasets.holdout_split`);
+   by :func:`fedtensor.federated.datasets.holdout_split`); a simulated client's
+   (``ft.simulate_clients(..., holdout=0.1)``) is a row range of its executor's
+   block, right after its training rows, split off the same way;
 2. :class:`FederatedEvaluator` traces the model once more, in evaluation mode
    (dropout off, batch norms on running statistics), and stores that plan on each
-   worker it asks, once: no code travels, only the plan, which the worker checks
-   against its allow-list as it does a training plan;
+   worker it asks, once (once per executor for simulated clients): no code
+   travels, only the plan, which the worker checks against its allow-list as it
+   does a training plan;
 3. every ``evaluate_every`` rounds it samples ``evaluate_fraction`` of the live
-   workers that have a held-out part (from a generator seeded with the run's seed
-   and the round, apart from the training sample's), stores the global state on
-   each and queues one ``fedtensor.evaluate`` (:mod:`fedtensor.worker.evaluate`),
-   all at once; each answers a loss sum, a count of correct predictions and its
-   example count;
+   workers (or clients) that have a held-out part (from a generator seeded with
+   the run's seed and the round, apart from the training sample's), stores the
+   global state once on each worker and queues one ``fedtensor.evaluate`` per
+   client (:mod:`fedtensor.worker.evaluate`), all at once; each answers a loss
+   sum, a count of correct predictions and its example count;
 4. the :class:`FederatedEvaluation` of the round is the example-weighted mean
    loss and accuracy over the clients that answered, every client's own figures,
    and the distribution over clients: the 10th, 50th and 90th percentiles of
@@ -43,7 +46,7 @@ import torch.nn.functional
 from fedtensor.client.pointer import PointerBase, call_on
 from fedtensor.errors import RemoteError, WorkerUnavailable
 from fedtensor.errors import TimeoutError as FedTimeoutError
-from fedtensor.federated.datasets import FederatedDataset
+from fedtensor.federated.datasets import FederatedDataset, Shard
 from fedtensor.federated.trace import trace
 
 __all__ = ["QUANTILES", "FederatedEvaluation", "FederatedEvaluator", "evaluate"]
@@ -150,13 +153,13 @@ class FederatedEvaluator:
             raise ValueError("evaluate_fraction must be in (0, 1]")
         if every < 1:
             raise ValueError("evaluate_every must be at least 1")
-        self.candidates = [
-            index for index, shard in enumerate(data.shards) if shard.eval_data is not None
-        ]
+        # eval_size, not eval_data: a simulated client's eval_data is made when read.
+        self.candidates = [index for index, shard in enumerate(data.shards) if _held_out(shard)]
         if not self.candidates:
             raise ValueError(
                 "federated evaluation needs held-out parts on the workers: "
-                "ft.federate(..., holdout=0.1) or ft.load_dataset(..., holdout=0.1)"
+                "ft.federate(..., holdout=0.1), ft.load_dataset(..., holdout=0.1) "
+                "or ft.simulate_clients(..., holdout=0.1)"
             )
         self.data = data
         self.fraction = fraction
@@ -164,8 +167,9 @@ class FederatedEvaluator:
         self.seed = seed
         self.timeout = timeout
         self.plan = trace(model, loss, example, training=False)
-        #: The evaluation plan stored on each worker that has it, by index.
-        self.plans: dict[int, PointerBase] = {}
+        #: The evaluation plan stored on each worker that has it, by its client
+        #: connection: the simulated clients of one executor share one.
+        self.plans: dict[Any, PointerBase] = {}
 
     def due(self, round: int) -> bool:
         """Whether round ``round`` is one to evaluate after."""
@@ -190,28 +194,31 @@ class FederatedEvaluator:
         state = {key: value.detach() for key, value in model.state_dict().items()}
         shards = self.data.shards
         results: dict[int, PointerBase] = {}
+        # The global state goes once to each worker: its simulated clients share it.
+        stored: dict[Any, PointerBase] = {}
         for index in sampled:  # queued everywhere before any reply is awaited
             shard = shards[index]
             client = shard.worker.client
-            if index not in self.plans:
-                self.plans[index] = client.store(self.plan.wire)
-            stored = client.store(state)
+            if client not in self.plans:
+                self.plans[client] = client.store(self.plan.wire)
+            if client not in stored:
+                stored[client] = client.store(state)
             results[index] = call_on(
                 client,
                 "fedtensor.evaluate",
-                (self.plans[index], stored, shard.eval_data, shard.eval_targets),
+                (self.plans[client], stored[client], shard.eval_data, shard.eval_targets),
                 {},
             )
-            del stored  # released on the worker right after the evaluation read it
+        del stored  # released on the workers right after their last evaluation read it
         clients: dict[str, tuple[float, float, int]] = {}
         failed: dict[str, str] = {}
         for index in sampled:
-            name = shards[index].worker.id
+            name = shards[index].name
             try:
                 reply = await results.pop(index).fetch(free=True, timeout=self.timeout)
             except WorkerUnavailable as exc:
                 failed[name] = f"unavailable: {exc}"
-                self.plans.pop(index, None)
+                self.plans.pop(shards[index].worker.client, None)
             except FedTimeoutError as exc:
                 failed[name] = f"{type(exc).__name__}: {exc}"
             except RemoteError as exc:
@@ -231,3 +238,8 @@ class FederatedEvaluator:
     def close(self) -> None:
         """Let the stored plans go (they are released on the workers)."""
         self.plans.clear()
+
+
+def _held_out(shard: Shard) -> bool:
+    """Whether ``shard`` has a held-out part (without making pointers to it)."""
+    return shard.eval_size > 0 or (type(shard) is Shard and shard.eval_data is not None)

@@ -8,10 +8,14 @@ then:
    ``min_workers``), from a generator seeded with ``(seed, round)``;
 2. for each sampled worker, without waiting: stores the global state there and
    queues one ``fedtensor.local_update`` on the worker's shard (a few commands,
-   one frame, no round trip); all the workers of the round train concurrently;
+   one frame, no round trip); all the workers of the round train concurrently
+   (simulated clients: one ``fedtensor.local_updates`` per executor for all its
+   sampled clients, :class:`~fedtensor.federated.simulation.ClientUpdates`);
 3. collects the updates in a task group, one child per sampled worker, each
    waiting at most ``round_timeout`` for its worker's update; a worker that died
-   is dropped from later rounds, a straggler only from this one. A failure that
+   is dropped from later rounds (until it comes back: a Ray actor that Ray
+   restarted is asked before each round, see ``_rejoin``), a straggler only from
+   this one. A failure that
    would repeat on every worker (the plan is refused) cancels the whole group
    and ends the run;
 4. aggregates the updates with the strategy (FedAvg by default), if at least
@@ -48,10 +52,11 @@ from fedtensor.errors import TimeoutError as FedTimeoutError
 from fedtensor.federated import checkpoint as _checkpoint
 from fedtensor.federated import privacy as _privacy
 from fedtensor.federated.asynchronous import fit_asynchronously
-from fedtensor.federated.datasets import FederatedDataset
+from fedtensor.federated.datasets import FederatedDataset, Shard
 from fedtensor.federated.evaluation import FederatedEvaluator, evaluate
 from fedtensor.federated.progress import History, ProgressDisplay, RoundMetrics
 from fedtensor.federated.secagg import SecAggPlus, secure_round
+from fedtensor.federated.simulation import ClientShard, ClientUpdate, ClientUpdates
 from fedtensor.federated.strategies import AsynchronousStrategy, FedAvg, Strategy, Update
 from fedtensor.federated.trace import Plan, trace
 from fedtensor.protocol.plan import OPTIMIZERS
@@ -219,6 +224,8 @@ async def fit(
     )
     try:
         for round in range(first_round, rounds + 1):
+            if run.dropped:
+                await _rejoin(run)
             if not run.alive:
                 raise WorkerUnavailable("every worker of the federated data set is gone")
             if privacy is not None and (reason := _privacy_stop(run, round)) is not None:
@@ -277,6 +284,8 @@ class _Run:
     #: The plan stored on each worker, by ``id`` of its client: the shards of one
     #: worker (simulated clients, fedtensor.federated.simulation) share one.
     plans_by_client: dict[int, PointerBase] = field(default_factory=dict)
+    #: Indices of the workers dropped as unavailable that may come back (see _rejoin).
+    dropped: list[int] = field(default_factory=list)
 
 
 # Remote failures that are the plan's or the hyperparameters' fault, not the worker's.
@@ -336,9 +345,11 @@ async def _round(run: _Run, round: int) -> RoundMetrics:
 
     # Every sampled worker's commands are queued before any reply is awaited: the
     # workers train concurrently.
-    results: dict[int, PointerBase] = {}
+    results: dict[int, PointerBase | ClientUpdate] = {}
     # The global state goes once to each worker: its shards (simulated clients) share it.
     stored: dict[int, PointerBase] = {}
+    # Simulated clients train in one command per executor (fedtensor.worker.local_updates).
+    batched = ClientUpdates()
     for index in sampled:
         shard = shards[index]
         client = shard.worker.client
@@ -348,12 +359,17 @@ async def _round(run: _Run, round: int) -> RoundMetrics:
             run.plans_by_client[id(client)] = run.plans[index]
         if id(client) not in stored:
             stored[id(client)] = client.store(state)
+        if isinstance(shard, ClientShard):
+            batched.add(index, shard, worker_seed(run.seed, round, index))
+            continue
         results[index] = call_on(
             client,
             "fedtensor.local_update",
             (run.plans[index], stored[id(client)], shard.data, shard.targets),
             {**run.hyperparameters, "seed": worker_seed(run.seed, round, index)},
         )
+    if batched:
+        results.update(batched.submit(run.plans_by_client, stored, run.hyperparameters))
     state_copies = len(stored)
     del stored  # released on the workers right after their last update read it
     submitted = time.perf_counter()
@@ -364,7 +380,9 @@ async def _round(run: _Run, round: int) -> RoundMetrics:
     stopped: list[Exception] = []  # what ended the whole run, if anything
     run.shown.update(round, 0, len(sampled))
 
-    async def collect(index: int, result: PointerBase, group: anyio.abc.TaskGroup) -> None:
+    async def collect(
+        index: int, result: PointerBase | ClientUpdate, group: anyio.abc.TaskGroup
+    ) -> None:
         with anyio.move_on_after(run.round_timeout) as waited:
             try:
                 # round_timeout None: each worker handle's own timeout bounds the wait.
@@ -372,6 +390,7 @@ async def _round(run: _Run, round: int) -> RoundMetrics:
             except WorkerUnavailable as exc:
                 reasons[index] = f"unavailable: {exc}"
                 alive.remove(index)
+                run.dropped.append(index)
                 run.plans.pop(index, None)
                 run.plans_by_client.pop(id(shards[index].worker.client), None)
             except FedTimeoutError as exc:
@@ -459,11 +478,51 @@ async def _round(run: _Run, round: int) -> RoundMetrics:
     )
 
 
+async def _rejoin(run: _Run) -> None:
+    """Take back the dropped workers that are reachable again, their data loaded again.
+
+    A worker handle that can come back has a ``rejoin()`` (``ft.ray.RayWorker``: Ray
+    restarted its actor, empty); it answers without waiting for the restart. Its
+    shard is made again on it (``Shard.reload``: a data set the worker loads by name;
+    data this client sent died with the worker, and such a worker stays dropped), in
+    ``run.data`` itself, so the data set works after the run too. The plan and the
+    global state are sent to it by its next round, as to any worker.
+    """
+    for index in list(run.dropped):
+        shard = run.data.shards[index]
+        rejoin = getattr(shard.worker, "rejoin", None)
+        if rejoin is None or shard.reload is None:
+            run.dropped.remove(index)  # it cannot come back
+            continue
+        if not await rejoin():
+            continue  # still restarting (or gone for good): asked again next round
+        try:
+            fresh = await shard.reload()
+        except (WorkerUnavailable, FedTimeoutError, RemoteError):
+            continue
+        run.data.shards = (*run.data.shards[:index], fresh, *run.data.shards[index + 1 :])
+        run.dropped.remove(index)
+        run.alive.append(index)
+        run.alive.sort()
+
+
 async def _example_batch(data: FederatedDataset) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Tensors shaped like a batch of ``data`` (for tracing): known locally, or one example."""
-    if not data.shards:
-        return None
-    shard = data.shards[0]
+    """Tensors shaped like a batch of ``data`` (for tracing): known locally, or one example
+    from the first worker that answers (a dead one is dropped by the first round)."""
+    unavailable: list[WorkerUnavailable] = []
+    for shard in data.shards:
+        try:
+            return await _shard_example(shard)
+        except WorkerUnavailable as exc:
+            unavailable.append(exc)
+    if unavailable:
+        raise WorkerUnavailable(
+            f"every worker of the federated data set is gone: {unavailable[0]}"
+        ) from unavailable[0]
+    return None
+
+
+async def _shard_example(shard: Shard) -> tuple[torch.Tensor, torch.Tensor]:
     parts = []
     for pointer in (shard.data, shard.targets):
         if pointer.shape is not None and pointer.dtype is not None:

@@ -14,8 +14,10 @@ four stages, each one command per worker and one wait (bounded by
 
 1. **Setup** (queued with the round's training, no wait before it): each worker
    makes two X25519 key pairs and stores its secrets in the client's session on
-   the worker; then it trains (``fedtensor.local_update``), and the aggregator
-   fetches the public keys only.
+   the worker; then it trains (``fedtensor.local_update(..., private=True)``:
+   the trained state is kept where no fetch reaches it, see
+   :class:`~fedtensor.worker.secagg.PrivateUpdate`), and the aggregator fetches
+   the public keys only.
 2. **Share keys**: the workers that answered are put on a random ring, each
    joined to its ``k`` nearest (``k = O(log n)``); each worker gets its
    neighbours' public keys and answers with, for each neighbour, a Shamir share
@@ -45,9 +47,20 @@ What is protected, and from whom: an aggregator that runs this protocol
 (honest but curious, or one that tampers with relayed shares) learns the sum
 only. The default threshold is a majority of the neighbours, so no split of
 the honest workers' answers reveals both the seed and the mask key of one
-worker. fedtensor's clients can also run other commands on the workers: a
-client that deliberately fetches the local update's result sees it; keeping
-that out of reach takes a worker-side policy, which this module does not add.
+worker. The trained states never enter the client's reach: the pointer to
+each local update names a :class:`~fedtensor.worker.secagg.PrivateUpdate`,
+which fails to fetch, and masking empties it. What this does not cover: a
+client holding a worker's token can run other allow-listed commands, so one
+that deliberately departs from the protocol can read the worker's data
+(``fedtensor.dataset``) or train on it without ``private`` and fetch the result;
+SecAgg+ protects updates from an aggregator that runs ``fit``, not from a
+client the worker trusts with its data (that takes a worker-side access policy).
+
+Integer entries (a batch norm's ``num_batches_tracked``) are summed exactly
+under the same masks, unweighted, and each moves by the workers' mean change
+(rounded): plain FedAvg's maximum of their values needs each worker's value,
+which a sum does not give; the two agree whenever the workers moved the entry
+alike (as many local steps). Boolean entries keep their value.
 """
 
 from __future__ import annotations
@@ -69,7 +82,7 @@ from fedtensor.federated.progress import RoundMetrics
 from fedtensor.federated.strategies import Strategy
 from fedtensor.protocol import secagg_math as sm
 from fedtensor.protocol.values import tensor_bytes
-from fedtensor.worker.secagg import seed_commitment
+from fedtensor.worker.secagg import INTEGER_DELTA_BOUND, SEALED_BYTES, seed_commitment
 
 __all__ = ["SecAggPlus", "secure_round"]
 
@@ -204,6 +217,7 @@ async def secure_round(
     reasons: dict[int, str] = {}
     received_bytes = 0
     keys = sorted(k for k, v in state.items() if v.is_floating_point())
+    integer_keys = sorted(k for k, v in state.items() if _is_integer(v))
 
     # 1. Setup and training, queued at once on every sampled worker.
     setups: dict[int, PointerBase] = {}
@@ -226,7 +240,8 @@ async def secure_round(
             client,
             "fedtensor.local_update",
             (run.plans[index], stored[index], shard.data, shard.targets),
-            {**run.hyperparameters, "seed": _worker_seed(run.seed, round, index)},
+            # private: the trained state stays on the worker, out of this client's reach.
+            {**run.hyperparameters, "seed": _worker_seed(run.seed, round, index), "private": True},
         )
     submitted = time.perf_counter()
     run.shown.update(round, 0, len(sampled))
@@ -297,22 +312,33 @@ async def secure_round(
 
         # 2. Sealed shares.
         share_calls: dict[int, PointerBase] = {}
+        # One 64-byte row per worker (its two public keys); each worker gets its
+        # neighbours' rows as one tensor.
+        row = {position[index]: place for place, index in enumerate(sorted(advertised))}
+        table = torch.stack(
+            [
+                torch.cat([advertised[index]["encryption"], advertised[index]["masking"]])
+                for index in sorted(advertised)
+            ]
+        )
         for index in sorted(advertised):
             client = shards[index].worker.client
-            peers = {
-                str(peer): [
-                    advertised[index_at[peer]]["encryption"],
-                    advertised[index_at[peer]]["masking"],
-                ]
-                for peer in sorted(graph[position[index]])
-            }
+            peers = sorted(graph[position[index]])
             share_calls[index] = call_on(
                 client,
                 "fedtensor.secagg_share_keys",
                 (setups[index],),
-                {"neighbours": peers, "threshold": threshold},
+                {
+                    "neighbours": peers,
+                    "public_keys": table[[row[peer] for peer in peers]],
+                    "threshold": threshold,
+                },
             )
         shared = await gather("share keys", share_calls)
+        for index, reply in list(shared.items()):
+            if not _well_formed_shares(reply):
+                reasons[index] = "share keys: a malformed reply"
+                del shared[index]
         await _after("share keys", live(shared))
         shared_positions = {position[index] for index in shared}
         for index in shared:
@@ -326,22 +352,35 @@ async def secure_round(
         # 3. Masked inputs: each worker gets the shares sealed for it.
         mask_calls: dict[int, PointerBase] = {}
         peers_of: dict[int, list[int]] = {}
+        sent_to = {
+            position[index]: {receiver: place for place, receiver in enumerate(reply["to"])}
+            for index, reply in shared.items()
+        }
         for index in sorted(shared):
             me = position[index]
             peers_of[index] = sorted(graph[me] & shared_positions)
-            sealed = {}
+            senders, sealed = [], []
             for peer in peers_of[index]:
-                share = shared[index_at[peer]]["shares"][str(me)]
+                place = sent_to[peer].get(me)
+                if place is None:
+                    continue  # it sealed nothing for this worker: one share fewer
+                share = shared[index_at[peer]]["shares"][place]
                 if hooks.relay is not None:
                     share = hooks.relay(round, peer, me, share)
-                sealed[str(peer)] = share
+                senders.append(peer)
+                sealed.append(share)
             client = shards[index].worker.client
             mask_calls[index] = call_on(
                 client,
                 "fedtensor.secagg_mask",
                 (setups[index], results.pop(index), stored.pop(index)),
                 {
-                    "shares": sealed,
+                    "senders": senders,
+                    "shares": (
+                        torch.stack(sealed)
+                        if sealed
+                        else torch.zeros(0, SEALED_BYTES, dtype=torch.uint8)
+                    ),
                     "peers": peers_of[index],
                     "parameters": keys,
                     "clip": float(config.clip),
@@ -349,6 +388,7 @@ async def secure_round(
                     "clip_norm": clip_norm,
                     "noise_std": noise_std,
                     "weight": weight,
+                    "integers": integer_keys,
                 },
             )
         results.clear()  # the workers that left before masking: their updates are freed
@@ -414,8 +454,9 @@ async def secure_round(
                 f"a total weight of {total_weight} overflows the {sm.MODULUS_BITS}-bit sums "
                 f"of {config.bits}-bit updates: lower SecAggPlus(bits=...)"
             )
-        clipped = int(total[-1])
-        summed = sm.dequantize_sum(total[:-1], float(config.clip), config.bits, total_weight)
+        floats = sum(state[key].numel() for key in keys)
+        clipped = int(total[floats])
+        summed = sm.dequantize_sum(total[:floats], float(config.clip), config.bits, total_weight)
         sums: State = {}
         offset = 0
         for key in keys:
@@ -423,6 +464,7 @@ async def secure_round(
             sums[key] = summed[offset : offset + count].reshape(state[key].shape)
             offset += count
         new_state = run.strategy.aggregate_sum(state, sums, total_weight, run.parameters)
+        new_state.update(_integer_means(state, integer_keys, total[floats + 1 :], len(replies)))
         run.model.load_state_dict(new_state)
         report.update(
             quantization_step=sm.quantization_step(float(config.clip), config.bits),
@@ -457,13 +499,69 @@ async def secure_round(
     )
 
 
+def _well_formed_shares(reply: Any) -> bool:
+    """Whether a ``secagg_share_keys`` reply has a sealed row for each position it names."""
+    if not isinstance(reply, dict):
+        return False
+    to, shares = reply.get("to"), reply.get("shares")
+    return (
+        isinstance(to, list)
+        and all(type(p) is int for p in to)
+        and isinstance(shares, torch.Tensor)
+        and shares.dtype == torch.uint8
+        and tuple(shares.shape) == (len(to), SEALED_BYTES)
+    )
+
+
+def _is_integer(value: torch.Tensor) -> bool:
+    return not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+
+
+def _integer_means(state: State, keys: list[str], sums: torch.Tensor, count: int) -> State:
+    """Each integer entry moved by the mean of the ``count`` workers' deltas, rounded.
+
+    ``sums``: their masked-and-unmasked sum, residues mod 2**48 read as signed. Plain
+    FedAvg takes the largest of the workers' values; a sum cannot give that, but the
+    mean is the same whenever the workers moved an entry alike (a batch norm's
+    ``num_batches_tracked`` after as many local steps: shards of equal size).
+    """
+    if count > sm.MODULUS_MASK // (2 * INTEGER_DELTA_BOUND):
+        raise ValueError(f"{count} workers' integer deltas could overflow the 48-bit sums")
+    half = 1 << (sm.MODULUS_BITS - 1)
+    signed = torch.where(sums >= half, sums - (1 << sm.MODULUS_BITS), sums)
+    moved = torch.div(2 * signed + count, 2 * count, rounding_mode="floor")  # round half up
+    out: State = {}
+    offset = 0
+    for key in keys:
+        value = state[key]
+        change = moved[offset : offset + value.numel()].reshape(value.shape)
+        out[key] = (value.to(torch.int64) + change).to(value.dtype)
+        offset += value.numel()
+    return out
+
+
 def _worker_seed(seed: int, round: int, index: int) -> int:
     # fit.worker_seed, repeated to avoid a circular import (fit imports this module).
     return (seed * 1_000_003 + round * 10_007 + index) % (2**63)
 
 
-def _combine(shares: dict[int, bytes]) -> bytes:
-    secret = sm.combine_shares({x: int.from_bytes(y, "big") for x, y in shares.items()})
+def _revealed_shares(reply: dict[str, Any]) -> dict[str, dict[int, int]]:
+    """``secagg_unmask``'s reply as ``{"seeds": {owner: share}, "keys": {owner: share}}``."""
+    out: dict[str, dict[int, int]] = {}
+    for kind in ("seeds", "keys"):
+        owners, shares = reply[kind], reply[f"{kind[:-1]}_shares"]
+        if not isinstance(owners, list) or not isinstance(shares, torch.Tensor):
+            raise _Skip("a malformed unmasking reply")
+        data = sm.from_bytes_tensor(shares.reshape(-1), length=len(owners) * sm.SHARE_BYTES)
+        out[kind] = {
+            owner: int.from_bytes(data[i * sm.SHARE_BYTES : (i + 1) * sm.SHARE_BYTES], "big")
+            for i, owner in enumerate(owners)
+        }
+    return out
+
+
+def _combine(shares: dict[int, int]) -> bytes:
+    secret = sm.combine_shares(shares)
     if secret >= 1 << (8 * sm.KEY_BYTES):
         raise _Skip("a rebuilt secret is out of range")
     return secret.to_bytes(sm.KEY_BYTES, "big")
@@ -488,13 +586,14 @@ def _unmask(
     total = torch.zeros(length, dtype=torch.int64)
     sm.add_masks(total, ((masked[p], 1) for p in sorted(survivors)))
 
-    def shares_of(owner: int, kind: str) -> dict[int, bytes]:
+    held = {holder: _revealed_shares(reply) for holder, reply in revealed.items()}
+
+    def shares_of(owner: int, kind: str) -> dict[int, int]:
         found = {}
         for holder in graph[owner]:
-            reply = revealed.get(holder)
-            share = None if reply is None else reply[kind].get(str(owner))
+            share = held[holder][kind].get(owner) if holder in held else None
             if share is not None:
-                found[holder + 1] = sm.from_bytes_tensor(share, length=sm.SHARE_BYTES)
+                found[holder + 1] = share
         if len(found) < threshold:
             what = "self-mask seed" if kind == "seeds" else "mask key"
             raise _Skip(

@@ -29,9 +29,14 @@ in N and sends nothing per client.
 
 A :class:`SimulatedClients` is a :class:`~fedtensor.FederatedDataset`: ``fit``
 samples its clients (``fraction``) with the usual seeded sampling, stores the
-plan once per executor, and queues every sampled client's local update at once;
-an executor runs the commands it receives in order, so it trains its clients of
-the round one after another while the other executors train theirs. The client's
+plan once per executor, and sends each executor one command per round,
+``fedtensor.local_updates`` (:mod:`fedtensor.worker.local_updates`, queued by
+:class:`ClientUpdates`), naming the rows and seed of each of its sampled clients:
+it trains them one after another while the other executors train theirs, and
+answers with their updates in one reply. Sent one command per client, a client
+cost a worker process 4-8 ms against ~1 ms in process (two slices, a command, a
+fetch and a reply frame each, and a memory check running the plan on ``meta``
+tensors); now that is paid once per executor and round. The client's
 position in the data set gives it its seed (``worker_seed``), exactly as a worker's
 does: with ``split="iid"`` and the same ``seed``, N simulated clients train exactly
 as ``ft.federate`` over N virtual workers would.
@@ -39,21 +44,27 @@ as ``ft.federate`` over N virtual workers would.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
+from fedtensor.client.engine import error_from_failure
 from fedtensor.client.handles import WorkerHandle, send
+from fedtensor.client.pointer import PointerBase, call_on
+from fedtensor.errors import ProtocolError
 from fedtensor.federated.datasets import (
     SPLITS,
     FederatedDataset,
     Shard,
     _as_tensors,
+    holdout_split,
     split_indices,
 )
+from fedtensor.protocol.messages import Failure
 
-__all__ = ["ClientShard", "SimulatedClients", "simulate_clients"]
+__all__ = ["ClientShard", "ClientUpdates", "SimulatedClients", "simulate_clients"]
 
 
 class _Block:
@@ -75,13 +86,13 @@ class ClientShard(Shard):
     executor between rounds.
     """
 
-    def __init__(self, block: _Block, start: int, stop: int, client: str) -> None:
+    def __init__(
+        self, block: _Block, start: int, stop: int, client: str, held_out: int = 0
+    ) -> None:
         # Shard is a frozen dataclass: its fields are set as its own __init__ sets them.
         object.__setattr__(self, "worker", block.executor)
-        object.__setattr__(self, "size", stop - start)
-        object.__setattr__(self, "eval_data", None)
-        object.__setattr__(self, "eval_targets", None)
-        object.__setattr__(self, "eval_size", 0)
+        object.__setattr__(self, "size", stop - start - held_out)
+        object.__setattr__(self, "eval_size", held_out)
         object.__setattr__(self, "_block", block)
         object.__setattr__(self, "start", start)
         object.__setattr__(self, "client", client)
@@ -99,6 +110,20 @@ class ClientShard(Shard):
     @property
     def targets(self) -> Any:
         return self._block.targets[self.start : self.start + self.size]
+
+    # The held-out part (``holdout``) follows the training rows, also a view.
+    @property
+    def eval_data(self) -> Any:
+        if not self.eval_size:
+            return None
+        return self._block.data[self.start + self.size : self.start + self.size + self.eval_size]
+
+    @property
+    def eval_targets(self) -> Any:
+        if not self.eval_size:
+            return None
+        end = self.start + self.size + self.eval_size
+        return self._block.targets[self.start + self.size : end]
 
     @property
     def name(self) -> str:
@@ -143,6 +168,107 @@ class SimulatedClients(FederatedDataset):
         )
 
 
+class ClientUpdates:
+    """One round's local updates of simulated clients: one command per executor.
+
+    :func:`~fedtensor.federated.fit.fit` adds each sampled client (:meth:`add`);
+    :meth:`submit` queues on each executor one ``fedtensor.local_updates`` that
+    trains its sampled clients one after another on the rows of its block
+    (:mod:`fedtensor.worker.local_updates`), and gives back, per client, a
+    :class:`ClientUpdate` whose ``fetch`` is that client's reply: the executor's
+    reply is read once, when its first client is awaited.
+    """
+
+    def __init__(self) -> None:
+        self._by_block: dict[int, tuple[_Block, list[tuple[int, ClientShard, int]]]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._by_block)
+
+    def add(self, index: int, shard: ClientShard, seed: int) -> None:
+        """Client ``index`` (in the data set) trains this round with ``seed``."""
+        block = shard._block
+        self._by_block.setdefault(id(block), (block, []))[1].append((index, shard, seed))
+
+    def submit(
+        self,
+        plans: Mapping[int, PointerBase],
+        states: Mapping[int, PointerBase],
+        hyperparameters: Mapping[str, Any],
+    ) -> dict[int, ClientUpdate]:
+        """Queue the commands (``plans`` and ``states``: stored on each executor, by ``id``
+        of its client); each added client's update, by index."""
+        updates: dict[int, ClientUpdate] = {}
+        for block, members in self._by_block.values():
+            client = block.executor.client
+            rows = [[shard.start, shard.start + shard.size, seed] for _, shard, seed in members]
+            pointer = call_on(
+                client,
+                "fedtensor.local_updates",
+                (plans[id(client)], states[id(client)], block.data, block.targets, rows),
+                dict(hyperparameters),
+            )
+            reply = _ExecutorReply(pointer, block.executor.id, len(members))
+            for position, (index, _, _) in enumerate(members):
+                updates[index] = ClientUpdate(reply, position)
+        self._by_block.clear()
+        return updates
+
+
+class _ExecutorReply:
+    """An executor's ``fedtensor.local_updates`` reply, fetched once for all its clients."""
+
+    __slots__ = ("_clients", "_pointer", "_task", "_worker")
+
+    def __init__(self, pointer: PointerBase, worker: str, clients: int) -> None:
+        self._pointer: PointerBase | None = pointer
+        self._worker = worker
+        self._clients = clients
+        self._task: asyncio.Future[Any] | None = None
+
+    async def replies(self, timeout: float | None) -> list[Any]:
+        if self._task is None:
+            pointer, self._pointer = self._pointer, None
+            assert pointer is not None
+            self._task = asyncio.ensure_future(pointer.fetch(free=True, timeout=timeout))
+            # Read here when every client's wait was cancelled (a round's timeout).
+            self._task.add_done_callback(_retrieve)
+        # Shielded: one client's wait that is cancelled must not cancel the others'.
+        replies = await asyncio.shield(self._task)
+        if not isinstance(replies, list) or len(replies) != self._clients:
+            raise ProtocolError(
+                f"worker {self._worker!r} answered fedtensor.local_updates for "
+                f"{self._clients} clients with {type(replies).__name__}"
+            )
+        return replies
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+class ClientUpdate:
+    """One simulated client's part of its executor's reply (:meth:`ClientUpdates.submit`)."""
+
+    __slots__ = ("_position", "_reply")
+
+    def __init__(self, reply: _ExecutorReply, position: int) -> None:
+        self._reply = reply
+        self._position = position
+
+    async def fetch(self, *, free: bool = True, timeout: float | None = None) -> Any:
+        """The client's reply, as ``fedtensor.local_update`` gives it (its error raised)."""
+        reply = (await self._reply.replies(timeout))[self._position]
+        if isinstance(reply, dict) and "failed" in reply:
+            failed = reply["failed"]
+            if not (isinstance(failed, list) and len(failed) == 3):
+                raise ProtocolError(f"worker {self._reply._worker!r}: a malformed failure")
+            kind, error_type, message = (str(item) for item in failed)
+            raise error_from_failure(Failure(0, kind, error_type, message), self._reply._worker)
+        return reply
+
+
 def simulate_clients(
     dataset: Any,
     *,
@@ -154,6 +280,7 @@ def simulate_clients(
     shards_per_worker: int = 2,
     seed: int = 0,
     min_size: int = 1,
+    holdout: float = 0.0,
 ) -> SimulatedClients:
     """Cut ``dataset`` into ``clients`` simulated clients trained on ``executors``.
 
@@ -165,8 +292,14 @@ def simulate_clients(
     ``client-ID``, in increasing order of id), and then ``clients`` may be left
     out. Clients are pinned to the executors in contiguous runs of near-equal
     count; each executor is sent its clients' examples once (the sends run
-    concurrently, the local tensors may change right away).
+    concurrently, the local tensors may change right away). ``holdout`` > 0 keeps
+    that fraction of each client's examples out of training for federated
+    evaluation (``ft.fit(evaluate_fraction=...)``), chosen as ``ft.federate``
+    chooses a worker's (:func:`~fedtensor.federated.datasets.holdout_split`, from
+    ``seed`` and the client's position).
     """
+    if not 0 <= holdout < 1:
+        raise ValueError("holdout must be in [0, 1)")
     data, targets = _as_tensors(dataset)
     if not executors:
         raise ValueError("simulate_clients needs at least one executor")
@@ -191,7 +324,24 @@ def simulate_clients(
         order = torch.cat(parts)
         counts = torch.tensor([len(part) for part in parts])
         names = None
-    return _place(data, targets, order, counts, names, executors)
+    held_out = None
+    if holdout:
+        order, held_out = _hold_out(order, counts, holdout, seed)
+    return _place(data, targets, order, counts, names, executors, held_out)
+
+
+def _hold_out(
+    order: torch.Tensor, counts: torch.Tensor, holdout: float, seed: int
+) -> tuple[torch.Tensor, list[int]]:
+    """Each client's examples reordered, training ones first, then its held-out ones
+    (:func:`holdout_split`, as ``ft.federate`` splits a worker's); how many each holds out."""
+    reordered: list[torch.Tensor] = []
+    held_out: list[int] = []
+    for index, part in enumerate(torch.split(order, counts.tolist())):
+        train, held = holdout_split(len(part), holdout, seed=seed, index=index)
+        reordered += [part[train], part[held]]
+        held_out.append(len(held))
+    return torch.cat(reordered), held_out
 
 
 def _by_client_id(
@@ -216,6 +366,7 @@ def _place(
     counts: torch.Tensor,
     names: list[str] | None,
     executors: Sequence[WorkerHandle],
+    held_out: list[int] | None = None,
 ) -> SimulatedClients:
     """Send each executor one block of its clients' examples; make the clients."""
     starts = torch.cumsum(counts, 0) - counts  # each client's first position in ``order``
@@ -239,6 +390,7 @@ def _place(
                     start_list[client] - low,
                     start_list[client] + count_list[client] - low,
                     name,
+                    held_out[client] if held_out is not None else 0,
                 )
             )
     return SimulatedClients(shards, blocks)

@@ -42,10 +42,15 @@ computes on threads of its own), so a long operation does not delay pongs.
 :meth:`connection_closed` is called once, when TCP is gone.
 
 Before the handshake a connection costs almost nothing: the head is read in
-pieces of :data:`HEAD_CHUNK` bytes into a buffer that grows only as bytes
-arrive (to ``max_head`` at most), and the frame parser, whose receive buffer
-is 256 KiB, is made only once the connection opens. A thousand connections
-that never send a byte cost a few MiB, not a quarter of a GiB.
+pieces of :data:`HEAD_CHUNK` bytes into a buffer shared by every connection of
+the thread (asyncio fills it and calls :meth:`buffer_updated` in one callback,
+which copies the bytes out at once) and kept in a buffer of the connection's
+that grows only as bytes arrive (to ``max_head`` at most); the frame parser,
+whose receive buffer is 256 KiB, is made only once the connection opens. A
+thousand connections that never send a byte cost a few MiB, not a quarter of a
+GiB. On the worker's
+``wss://`` the transport is a :class:`~fedtensor.net.tls.TLSLayer`, whose own
+buffers are as small until :meth:`opened` tells it to grow them.
 
 When TCP is gone the parser and the reassembler drop their buffers and the
 parser its callbacks (bound methods of this object): a closed peer holds no
@@ -59,10 +64,12 @@ import asyncio
 import collections
 import logging
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from typing import ClassVar, cast
 
 from fedtensor.errors import LimitExceeded, ProtocolError
+from fedtensor.net.tls import TLSLayer
 from fedtensor.protocol.chunks import Reassembler, split_frame
 from fedtensor.protocol.codec import Chunk
 from fedtensor.protocol.pool import POOL
@@ -113,6 +120,16 @@ _DISCARDED = memoryview(bytearray(4096))
 
 _BINARY = Opcode.BINARY  # a global, not an enum lookup per message (see wsframes)
 
+_per_thread = threading.local()
+
+
+def _head_scratch() -> memoryview:
+    """This thread's buffer that heads are read into, for every connection before it opens."""
+    buffer: memoryview | None = getattr(_per_thread, "head", None)
+    if buffer is None:
+        buffer = _per_thread.head = memoryview(bytearray(HEAD_CHUNK))
+    return buffer
+
 
 class WebSocketPeer(asyncio.BufferedProtocol):
     """One end of a websocket connection carrying fedtensor frames."""
@@ -148,8 +165,6 @@ class WebSocketPeer(asyncio.BufferedProtocol):
         self._parser: Parser | None = None
         #: What was received before the connection opened.
         self.handshake_bytes = bytearray()
-        #: Where received bytes go while frames are not read (the handshake, the end).
-        self._head_buffer = memoryview(bytearray(HEAD_CHUNK))
         # Frames to send (their messages, and their size), and where a close frame goes.
         self._outgoing: collections.deque[tuple[Iterator[Chunk], int] | SendAfterQueued] = (
             collections.deque()
@@ -221,6 +236,8 @@ class WebSocketPeer(asyncio.BufferedProtocol):
             allocate=self._allocate,
             handle=self._handle_event,
         )
+        if isinstance(self.transport, TLSLayer):
+            self.transport.opened()  # its ciphertext buffer grows now too, not before
         self._act(self.websocket.opened())
 
     # -- asyncio callbacks ------------------------------------------------------------------------
@@ -234,7 +251,9 @@ class WebSocketPeer(asyncio.BufferedProtocol):
         parser = self._parser
         if parser is not None and self.websocket.reading:
             return parser.get_buffer(sizehint)
-        return self._head_buffer
+        if self.websocket.state is CONNECTING:
+            return _head_scratch()  # copied into handshake_bytes by _head_updated at once
+        return _DISCARDED
 
     def buffer_updated(self, nbytes: int) -> None:
         websocket = self.websocket
@@ -272,7 +291,7 @@ class WebSocketPeer(asyncio.BufferedProtocol):
     # -- receiving --------------------------------------------------------------------------------
 
     def _head_updated(self, nbytes: int) -> None:
-        self.handshake_bytes += self._head_buffer[:nbytes]
+        self.handshake_bytes += _head_scratch()[:nbytes]
         end = self.handshake_bytes.find(b"\r\n\r\n")
         if end < 0:
             if len(self.handshake_bytes) >= self.max_head:
@@ -282,7 +301,6 @@ class WebSocketPeer(asyncio.BufferedProtocol):
         if not self.handshake_received(head) or self.websocket.state is not OPEN:
             return
         self.handshake_bytes = bytearray()
-        self._head_buffer = _DISCARDED  # no longer needed
         if rest:
             try:
                 self._parser.receive(rest)  # type: ignore[union-attr]  # open: made

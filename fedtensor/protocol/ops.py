@@ -202,6 +202,9 @@ OPERATIONS, FUNCTION_NAMES = _build()
 #: (:mod:`fedtensor.worker.evaluate`). Plans cannot call them.
 WORKER_OPERATIONS: frozenset[str] = frozenset(
     {"fedtensor.dataset", "fedtensor.evaluate", "fedtensor.local_update"}
+    # Simulated clients: one executor's sampled clients trained in one command
+    # (fedtensor.worker.local_updates).
+    | {"fedtensor.local_updates"}
     # Secure aggregation's stages (fedtensor.worker.secagg).
     | {
         "fedtensor.secagg_setup",
@@ -230,8 +233,9 @@ WORKER_OPERATIONS: frozenset[str] = frozenset(
     }
     # A PySyft-style plan stored on the worker, run once (fedtensor.worker.plan_run).
     | {"fedtensor.run_plan"}
-    # The crypto provider's Beaver triples for secret sharing (fedtensor.worker.sharing).
-    | {"fedtensor.beaver_triple"}
+    # The crypto provider's Beaver triples for secret sharing, and a data owner's shares
+    # of a tensor it holds (fedtensor.worker.sharing).
+    | {"fedtensor.beaver_triple", "fedtensor.split_shares"}
 )
 
 #: Torch functions a pointer runs as one of fedtensor's own worker operations (the

@@ -14,6 +14,12 @@ the secret, again all but one uniformly random.
 The randomness is the operating system's CSPRNG (``os.urandom``) read as raw int64
 words: uniform over all 2^64 values. torch's generators are not cryptographic and
 ``torch.randint`` cannot cover the whole int64 range, so neither is used.
+
+Fixed precision (:func:`encode_fixed`) is here too, because both sides encode: the
+client a tensor it owns, a worker one it holds (sharing a remote tensor's data,
+:func:`fedtensor.worker.sharing.split_shares`). Values are ``round(x * 10**p)``;
+magnitudes at or past 2^62 after scaling are refused, so that a sum of two stays
+inside the ring.
 """
 
 from __future__ import annotations
@@ -23,7 +29,10 @@ import os
 
 import torch
 
-__all__ = ["random_ring", "split", "split_xor"]
+__all__ = ["MAX_PRECISION", "encode_fixed", "random_ring", "split", "split_xor"]
+
+#: The most decimal digits a fixed-precision value keeps after the point.
+MAX_PRECISION = 9
 
 
 def random_ring(shape: tuple[int, ...]) -> torch.Tensor:
@@ -58,3 +67,21 @@ def split_xor(value: torch.Tensor, parties: int, *, bits: int = -1) -> list[torc
     for share in shares:
         last ^= share
     return [*shares, last]
+
+
+def encode_fixed(value: torch.Tensor, precision: int) -> torch.Tensor:
+    """``value`` as fixed-precision ring values ``round(value * 10**precision)`` (int64).
+
+    TypeError for a complex or non-tensor value, ValueError for a precision outside
+    0..:data:`MAX_PRECISION` or a value too large (or not finite) for the ring.
+    """
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"a {type(value).__name__} is not a tensor")
+    if value.is_complex():
+        raise TypeError("complex tensors have no fixed-precision form")
+    if type(precision) is not int or not 0 <= precision <= MAX_PRECISION:
+        raise ValueError(f"precision_fractional is an int from 0 to {MAX_PRECISION}")
+    scaled = value.detach().to(torch.float64) * float(10**precision)
+    if not bool(torch.isfinite(scaled).all()) or bool((scaled.abs() >= 2.0**62).any()):
+        raise ValueError("a value too large (or not finite) for the fixed-precision ring")
+    return scaled.round().to(torch.int64)

@@ -36,6 +36,7 @@ from fedtensor import local as _local
 from fedtensor import virtual as _virtual
 from fedtensor.client import handles as _workers
 from fedtensor.client import modules as _modules
+from fedtensor.client import pointer as _pointer
 from fedtensor.client import sharing as _sharing
 from fedtensor.client.engine import run_on_loop
 from fedtensor.client.handles import DEFAULT_TIMEOUT, LocalWorker, RemoteWorker
@@ -182,6 +183,11 @@ class TorchHook:
         # (fedtensor.client.sharing).
         for name, method in _SHARING_METHODS.items():
             setattr(torch_module.Tensor, name, method)
+            # ...and of a pointer's data, which its worker shares (PySyft's Part 10).
+            setattr(_pointer.PointerBase, name, method)
+        # PySyft's t.copy(): a remote parameter copied on its worker, a local tensor cloned.
+        if not hasattr(torch_module.Tensor, "copy"):
+            torch_module.Tensor.copy = _tensor_copy
         # PySyft's remote models: model.send(bob), .get(), .copy(), .move(alice)
         # (fedtensor.client.modules).
         for name, method in _MODULE_METHODS.items():
@@ -199,6 +205,10 @@ class TorchHook:
         for name, method in _SHARING_METHODS.items():
             if getattr(self.torch.Tensor, name, None) is method:
                 delattr(self.torch.Tensor, name)
+            if getattr(_pointer.PointerBase, name, None) is method:
+                delattr(_pointer.PointerBase, name)
+        if getattr(self.torch.Tensor, "copy", None) is _tensor_copy:
+            del self.torch.Tensor.copy
 
 
 def _module_send(self: torch.nn.Module, *workers: _workers.WorkerHandle) -> torch.nn.Module:
@@ -245,9 +255,18 @@ def _tensor_describe(self: torch.Tensor, description: str) -> torch.Tensor:
 
 def _tensor_fix_precision(
     self: torch.Tensor, precision_fractional: int = _sharing.DEFAULT_PRECISION
-) -> _sharing.FixedPrecisionTensor:
-    """PySyft's ``fix_precision()``: ``round(x * 10**precision_fractional)`` as int64."""
+) -> Any:
+    """PySyft's ``fix_precision()``: ``round(x * 10**precision_fractional)`` as int64 (of a
+    pointer or remote parameter: a ``RemoteFixedPrecision``, shared by its worker)."""
     return _sharing.fix_precision(self, precision_fractional)
+
+
+def _tensor_copy(self: torch.Tensor) -> Any:
+    """PySyft's ``copy()``: of a remote model's parameter, a pointer to a copy on its
+    worker; of a local tensor, a clone."""
+    if _modules.is_remote(self):
+        return self.pointer.copy()  # type: ignore[attr-defined]
+    return self.clone()
 
 
 def _tensor_share(

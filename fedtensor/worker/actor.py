@@ -93,10 +93,12 @@ from fedtensor.worker.failed import Failed
 from fedtensor.worker.inline import MAX_COMMANDS as INLINE_MAX_COMMANDS
 from fedtensor.worker.inline import is_cheap
 from fedtensor.worker.local_update import local_update
+from fedtensor.worker.local_updates import local_updates
 from fedtensor.worker.plan_run import run_plan
 from fedtensor.worker.scheduler import Scheduler
+from fedtensor.worker.secagg import private_update
 from fedtensor.worker.secagg import worker_operations as secagg_operations
-from fedtensor.worker.sharing import beaver_triple
+from fedtensor.worker.sharing import beaver_triple, split_shares
 
 __all__ = ["Failed", "Session", "WorkerActor", "in_process_workers", "snapshot", "tensor_bytes"]
 
@@ -320,9 +322,11 @@ class WorkerActor:
         self._worker_operations: dict[str, Callable[..., Any]] = {
             "fedtensor.dataset": self._dataset,
             "fedtensor.local_update": self._local_update,
+            "fedtensor.local_updates": self._local_updates,
             "fedtensor.evaluate": evaluate,
             "fedtensor.run_plan": run_plan,
             "fedtensor.beaver_triple": beaver_triple,
+            "fedtensor.split_shares": split_shares,
             **secagg_operations(),
         }
         #: Tags, search and deliveries to other workers (fedtensor.worker.exchange).
@@ -340,11 +344,22 @@ class WorkerActor:
         )
         assert set(self._worker_operations) == set(WORKER_OPERATIONS)
 
-    def _local_update(self, *args: Any, **kwargs: Any) -> Any:
-        """``fedtensor.local_update`` with this worker's ``step_delay`` (never the client's)."""
+    def _local_update(self, *args: Any, private: bool = False, **kwargs: Any) -> Any:
+        """``fedtensor.local_update`` with this worker's ``step_delay`` (never the client's).
+
+        ``private=True`` (secure aggregation): the result is kept on the worker as a
+        :class:`~fedtensor.worker.secagg.PrivateUpdate`, which no fetch can read.
+        """
         if "step_delay" in kwargs:
             raise TypeError("step_delay is the worker's setting, not a client's")
-        return local_update(*args, **kwargs, step_delay=self.step_delay)
+        update = local_update(*args, **kwargs, step_delay=self.step_delay)
+        return private_update(update) if private is True else update
+
+    def _local_updates(self, *args: Any, **kwargs: Any) -> Any:
+        """``fedtensor.local_updates`` (simulated clients), with this worker's ``step_delay``."""
+        if "step_delay" in kwargs:
+            raise TypeError("step_delay is the worker's setting, not a client's")
+        return local_updates(*args, **kwargs, step_delay=self.step_delay)
 
     def _dataset(self, name: str, part: str) -> Any:
         """A copy of one part (``"data"``, ``"targets"``, ``"size"``) of a held data set."""
@@ -569,6 +584,7 @@ class WorkerActor:
         assert not callable(batch)
         if batch is None:
             session.objects.clear()
+            session.metadata.clear()  # a compute thread may keep the session object a while
             session.memory_used = 0
             self._sessions.discard(session)
             return
@@ -690,7 +706,13 @@ class WorkerActor:
                     refused = check_call(inner, OPERATIONS[inner], args[1:], kwargs, ledger)
                 elif worker_operation:
                     refused = check_worker_operation(
-                        message.op, args, kwargs, ledger, self.datasets
+                        message.op,
+                        args,
+                        kwargs,
+                        ledger,
+                        self.datasets,
+                        getattr(self.exchange.session, "metadata", None),  # for search
+                        objects,
                     )
                 else:
                     refused = check_call(message.op, func, args, kwargs, ledger)

@@ -57,16 +57,19 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from fedtensor.errors import FedTensorError
+from fedtensor.worker.compiler import compile_plan, state_entries
+from fedtensor.worker.evaluate import EVALUATE_BATCH_SIZE
 from fedtensor.worker.failed import Failed
 from fedtensor.worker.inline import NAMES as _BOUNDED_BY_INPUTS
 from fedtensor.worker.local_update import memory_bytes
-from fedtensor.worker.sharing import triple_bytes
+from fedtensor.worker.local_updates import memory_bytes as _batch_memory_bytes
+from fedtensor.worker.sharing import split_bytes, triple_bytes
 
 __all__ = [
     "DEFAULT_BUDGET_FRACTION",
@@ -78,6 +81,7 @@ __all__ = [
     "check_worker_operation",
     "default_budget",
     "meta_bytes",
+    "metadata_bytes",
     "python_bytes",
     "reply_bytes",
 ]
@@ -166,6 +170,17 @@ def _storage_of(tensor: torch.Tensor) -> tuple[int, int]:
     return -id(tensor), tensor.numel() * tensor.element_size()
 
 
+def metadata_bytes(tags: frozenset[str], description: str | None) -> int:
+    """What an object's tags and description occupy (each string counted, even one
+    shared with another object's tags: never below what they take)."""
+    size = _granules(sys.getsizeof(tags)) + 64  # the set, and the pair holding it
+    for tag in tags:
+        size += _granules(sys.getsizeof(tag))
+    if description is not None:
+        size += _granules(sys.getsizeof(description))
+    return size
+
+
 def python_bytes(value: Any) -> int:
     """What ``value`` occupies, estimated conservatively (tensor storages counted once)."""
     walk = _Walk(sys.maxsize)
@@ -176,11 +191,13 @@ def python_bytes(value: Any) -> int:
 class Ledger:
     """What one client's stored objects cost, against its budget (see the module header)."""
 
-    __slots__ = ("_charges", "_storages", "budget", "used")
+    __slots__ = ("_charges", "_extras", "_storages", "budget", "used")
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.used = 0
+        # object id -> bytes held beside the object (its tags and description)
+        self._extras: dict[int, int] = {}
         # storage key -> [nbytes charged, stored objects using it]
         self._storages: dict[int, list[int]] = {}
         # object id -> (Python bytes and grads, storage keys)
@@ -263,7 +280,30 @@ class Ledger:
     def clear(self) -> None:
         self._charges.clear()
         self._storages.clear()
+        self._extras.clear()
         self.used = 0
+
+    def charge_extra(self, id_: int, size: int, what: str) -> Failed | None:
+        """Charge ``size`` bytes held beside object ``id_`` (its tags, its description)
+        in place of what was charged for it before; a ``"limit"`` failure if it does
+        not fit. Kept until :meth:`release_extra`, not with the object: what it pays
+        for may outlive the object (metadata is dropped lazily)."""
+        change = size - self._extras.get(id_, 0)
+        if change > self.remaining:
+            return self._refused(change, what)
+        self._extras[id_] = size
+        self.used += change
+        return None
+
+    def release_extra(self, id_: int) -> None:
+        self.used -= self._extras.pop(id_, 0)
+
+    def extra_ids(self) -> list[int]:
+        """The ids something is charged beside (see :meth:`charge_extra`)."""
+        return list(self._extras)
+
+    def extra_count(self) -> int:
+        return len(self._extras)
 
     def refusal(self, size: int, what: str) -> Failed:
         """The failure for ``what`` needing ``size`` bytes more than the client has left."""
@@ -479,13 +519,18 @@ def check_worker_operation(
     kwargs: dict[str, Any],
     ledger: Ledger,
     datasets: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    metadata: Mapping[int, Any] | None = None,
+    objects: Container[int] = (),
 ) -> Failed | None:
     """:func:`check_call` for fedtensor's own operations, which never run on meta.
 
     A data set's part costs its bytes; ``fedtensor.local_update`` what
     :func:`fedtensor.worker.local_update.memory_bytes` reckons from a dry run of
-    its plan; the others (evaluation, secure aggregation, exchanges) are bounded
-    by their inputs as a data-dependent operation is.
+    its plan; ``fedtensor.run_plan`` and ``fedtensor.evaluate`` a dry run of theirs
+    (a batch's, for evaluation); ``fedtensor.search`` an entry per object described in
+    ``metadata`` (the session's) and stored in ``objects``, and per data set part;
+    the others are bounded by their inputs as a data-dependent operation is (the
+    comment at each says why).
     """
     remaining = ledger.remaining
     if op == "fedtensor.dataset":
@@ -496,9 +541,10 @@ def check_worker_operation(
             return None  # the operation says what is wrong
         size = TENSOR_OVERHEAD + found[0 if part == "data" else 1].nbytes
         what = f"{op} would allocate"
-    elif op == "fedtensor.local_update":
+    elif op in ("fedtensor.local_update", "fedtensor.local_updates"):
         try:
-            size = memory_bytes(*args, limit=remaining, **kwargs)
+            reckon = memory_bytes if op == "fedtensor.local_update" else _batch_memory_bytes
+            size = reckon(*args, limit=remaining, **kwargs)
         except (TypeError, FedTensorError):
             return None  # wrong arguments, a plan refused: the operation says so
         except MemoryError as exc:
@@ -515,12 +561,136 @@ def check_worker_operation(
         except (TypeError, ValueError):
             return None  # the operation says what is wrong
         what = f"{op} would allocate"
+    elif op == "fedtensor.split_shares":  # the owner's shares of a tensor it holds
+        try:
+            size = split_bytes(*args, **kwargs)
+        except (TypeError, ValueError):
+            return None  # the operation says what is wrong
+        what = f"{op} would allocate"
+    elif op in ("fedtensor.run_plan", "fedtensor.evaluate"):
+        # A plan's nodes allocate whatever they compute (a repeat of a 4-element input
+        # to 1 GB): sized node by node by a run on meta tensors, as local_update is.
+        try:
+            size = _plan_run_bytes(op, args, kwargs, remaining)
+        except (TypeError, ValueError, FedTensorError):
+            return None  # wrong arguments, a plan refused: the operation says so
+        except MemoryError as exc:
+            return Failed(
+                "limit",
+                "MemoryQuotaExceeded",
+                f"{op}: {exc}: past what the client's memory quota of {ledger.budget} "
+                f"bytes leaves ({ledger.used} in use)",
+            )
+        what = f"{op} may allocate"
+    elif op == "fedtensor.search":
+        # An entry per described object and data set part, each a dict and a list of its
+        # tags: many cheap objects with many tags make a long answer to a short query.
+        # Sized from the session's metadata before the search walks it.
+        size = search_bytes(metadata or {}, objects, datasets)
+        what = f"{op} may allocate"
+    elif op == "fedtensor.alias":
+        # Not past its budget: its result is its input itself, nothing allocated; storing
+        # it charges the alias's own object (a tensor's storage once, whatever names it).
+        size = 0
+        what = f"{op} would allocate"
+    elif op == "fedtensor.deliver":
+        # Not past its budget: it encodes the value it sends (tensors out of band, Python
+        # values smaller than in memory), which the transport may copy once: twice its size.
+        size = 2 * reply_bytes(args[0]) if args else 0
+        what = f"{op} may allocate"
     else:
+        # Bounded by their inputs: secagg_setup and secagg_public_keys make a fixed few
+        # hundred bytes; secagg_share_keys a sealed share per neighbour, each named by two
+        # distinct 32-byte keys of its input; secagg_mask a few vectors of an entry per
+        # entry of the global state's parameters it names (distinct keys: it refuses a
+        # key named twice), at most 48 bytes each against the bound's 56; secagg_unmask a
+        # share per neighbour that secagg_mask accepted; autograd_grad a grad shaped as
+        # each of its inputs, its intermediates bounded by the graph's saved tensors,
+        # charged when made.
         size = _unknown_bound(args, kwargs)
         what = f"{op} may allocate"
     if size > remaining:
         return ledger.refusal(size, what)
     return None
+
+
+def _meta_twin(value: Any) -> Any:
+    """A meta tensor of ``value``'s shape, dtype and strides; other values as they are."""
+    if isinstance(value, torch.Tensor):
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+    return value
+
+
+def _plan_run_bytes(op: str, args: tuple[Any, ...], kwargs: dict[str, Any], limit: int) -> int:
+    """What ``fedtensor.run_plan`` or ``fedtensor.evaluate`` may allocate, from a dry run.
+
+    ``run_plan(plan, state, *inputs)`` keeps every node's output until it returns: the
+    dry run's total. ``evaluate(plan, state, data, targets, batch_size=)`` copies the
+    state, then runs batch by batch, each batch's nodes freed before the next: the
+    state's bytes and one batch's dry run. Raises :class:`MemoryError` past ``limit``
+    (or at a node whose size meta tensors cannot tell), :class:`TypeError`,
+    :class:`ValueError` or a :class:`FedTensorError` for arguments the operation refuses.
+    """
+    copies = 0
+    if op == "fedtensor.run_plan":
+        if kwargs:
+            raise TypeError("run_plan takes positional arguments")
+        plan, state, *inputs = args
+    else:
+        plan, state, data, targets, batch_size = _evaluate_arguments(*args, **kwargs)
+        if not isinstance(data, torch.Tensor) or not isinstance(targets, torch.Tensor):
+            raise TypeError("evaluate runs on tensors")
+        if type(batch_size) is not int or batch_size < 1 or not data.dim() or not targets.dim():
+            raise ValueError("a batch size of at least 1, tensors of a dimension or more")
+        rows = min(batch_size, len(data))
+        inputs = [
+            torch.empty((rows, *data.shape[1:]), dtype=data.dtype, device="meta"),
+            torch.empty((rows, *targets.shape[1:]), dtype=targets.dtype, device="meta"),
+        ]
+    compiled = compile_plan(plan)
+    entries = state_entries(compiled, state)
+    if op == "fedtensor.evaluate":  # its copy of the state
+        copies = sum(TENSOR_OVERHEAD + int(value.nbytes) for value in entries.values())
+        if copies > limit:
+            raise MemoryError(f"the model state's copy would take {copies} bytes")
+    meta_state = {key: _meta_twin(value) for key, value in entries.items()}
+    meta_inputs = [_meta_twin(value) for value in inputs]
+    return copies + compiled.dry_run(meta_state, *meta_inputs, limit=limit - copies)
+
+
+def _evaluate_arguments(
+    plan: Any, state: Any, data: Any, targets: Any, *, batch_size: Any = EVALUATE_BATCH_SIZE
+) -> tuple[Any, Any, Any, Any, Any]:
+    """``fedtensor.evaluate``'s arguments, bound as it binds them."""
+    return plan, state, data, targets, batch_size
+
+
+#: Bytes of one entry of ``fedtensor.search``'s answer besides its tag list and shape:
+#: a dict of six keys (about 360 bytes with its slots), its id or name, and the answer
+#: list's slot, rounded up.
+_SEARCH_ENTRY_BYTES = 512
+#: Dimensions assumed for a described object's shape (a tensor has at most 64 in torch).
+_SEARCH_SHAPE_SLOTS = 64
+
+
+def search_bytes(
+    metadata: Mapping[int, Any],
+    objects: Container[int],
+    datasets: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+) -> int:
+    """What ``fedtensor.search`` may allocate: as if every described object still in
+    ``objects`` and every data set part matched (a list of 8-byte slots of its tags,
+    and of its shape)."""
+    lists = 2 * 64  # the headers of an entry's tag list and shape list
+    size = 64  # the answer's list
+    for id_, entry in metadata.items():
+        if id_ not in objects:
+            continue  # released since it was described: the search drops it
+        tags = entry[0] if type(entry) is tuple and entry else ()
+        size += _SEARCH_ENTRY_BYTES + lists + 8 * (len(tags) + _SEARCH_SHAPE_SLOTS)
+    for data, targets in datasets.values():
+        size += 2 * (_SEARCH_ENTRY_BYTES + lists + 8 * 16) + 8 * (data.dim() + targets.dim())
+    return size
 
 
 # -- replies a client has not taken -------------------------------------------------------------

@@ -84,7 +84,9 @@ class CompiledPlan:
         values: list[Any] = []
         append = values.append
         known = {value.untyped_storage()._cdata for value in state.values()}
-        known.update(value.untyped_storage()._cdata for value in inputs)
+        known.update(
+            value.untyped_storage()._cdata for value in inputs if isinstance(value, torch.Tensor)
+        )  # run_plan's inputs may be other values (numbers): passed as they are
         total = 0
         with torch.no_grad():
             for position, (kind, target, args, kwargs) in enumerate(self._steps):

@@ -34,6 +34,7 @@ import torch
 from fedtensor.errors import FedTensorError
 from fedtensor.protocol.codec import encode_frame
 from fedtensor.protocol.messages import Reply, Store
+from fedtensor.worker.budget import metadata_bytes
 from fedtensor.worker.capabilities import (
     CAPABILITY_HEADER,
     PROOF_HEADER,
@@ -99,13 +100,42 @@ class Exchange:
 
     # -- tags and search -------------------------------------------------------------------------
 
-    def _describe(self, object_id: object, tags: object, description: object = None) -> None:
+    def _describe(self, object_id: object, tags: object, description: object = None) -> Any:
         session = self.session
-        describe(session.metadata, session.objects, object_id, tags, description)
+        metadata = session.metadata
+        old = metadata.get(object_id)
+        describe(metadata, session.objects, object_id, tags, description)
+        ledger = session.ledger
+        if ledger is None:
+            return None
+        # Tags and descriptions count against the client's budget as stored values do:
+        # else many cheap objects carrying 1 MiB of tags each hold memory charged nothing.
+        assert type(object_id) is int  # describe checked it
+        refused = ledger.charge_extra(
+            object_id, metadata_bytes(*metadata[object_id]), "fedtensor.describe would hold"
+        )
+        if refused is not None:
+            if old is None:
+                del metadata[object_id]
+            else:
+                metadata[object_id] = old
+        self._release_dropped(session)
+        return refused
 
     def _search(self, terms: object) -> list[dict[str, Any]]:
         session = self.session
-        return search(session.metadata, session.objects, self.datasets, self.dataset_tags, terms)
+        found = search(session.metadata, session.objects, self.datasets, self.dataset_tags, terms)
+        self._release_dropped(session)
+        return found
+
+    @staticmethod
+    def _release_dropped(session: Any) -> None:
+        """Return what metadata dropped since (released objects') was charged."""
+        ledger, metadata = session.ledger, session.metadata
+        if ledger is not None and ledger.extra_count() > len(metadata):
+            for id_ in ledger.extra_ids():
+                if id_ not in metadata:
+                    ledger.release_extra(id_)
 
     # -- moving tensors --------------------------------------------------------------------------
 

@@ -14,24 +14,37 @@ public keys, its encrypted shares) goes to the aggregator, which relays it.
     like any result, so the next stages find it by its pointer. The codec has no
     encoding for it: fetching it over the wire fails, the secrets stay on the
     worker. ``fedtensor.secagg_public_keys(secrets)`` gives the two public keys.
-``fedtensor.secagg_share_keys(secrets, neighbours=, threshold=)``
+``fedtensor.secagg_share_keys(secrets, neighbours=, public_keys=, threshold=)``
     Given its neighbours' public keys, the worker draws its self-mask seed,
     splits the seed and its mask private key into Shamir shares (any
     ``threshold`` of them rebuild the secret), and seals each neighbour's pair
     of shares with AES-GCM under the key it agrees with that neighbour, bound to
     (round, sender, receiver, stage). It returns the sealed shares and a
     SHA-256 commitment to the seed (so a wrong reconstruction is detected).
-``fedtensor.secagg_mask(secrets, update, global_state, shares=, peers=, ...)``
+    What goes to and from a worker per neighbour (public keys, sealed shares,
+    unmasking shares) travels as one uint8 tensor per stage, a row per
+    neighbour, with a list of the positions the rows belong to: a round's
+    cost in handling small tensors is then one per worker and stage, not one
+    per neighbour.
+``fedtensor.local_update(..., private=True)``
+    Trains as always, but its result is a :class:`PrivateUpdate`: the update
+    (the trained state) stays on the worker as an object the codec has no
+    encoding for, so the client that queued the training cannot fetch it (or
+    send it to another worker) by its pointer; only ``secagg_mask`` reads it,
+    and empties it once masked.
+``fedtensor.secagg_mask(secrets, update, global_state, senders=, shares=, peers=, ...)``
     Opens the shares its neighbours sealed for it (one that fails authentication
     is rejected and its sender named in the reply), then masks its update: the
     delta ``update["state"] - global_state`` of the floating-point entries
     (optionally L2-clipped to ``clip_norm`` and noised with ``noise_std``, the
     differential-privacy interface), quantized, multiplied by its weight (its
-    example count), plus one integer slot counting its clipped entries, plus its
-    self mask and, for each peer, the pairwise mask (added if its position is the
-    smaller, subtracted otherwise), mod ``2**48``. The update itself is never
-    returned: only the masked vector and the statistics (examples, loss,
-    correct, seconds), which travel in the clear as Flower's do.
+    example count), plus one integer slot counting its clipped entries, plus the
+    exact, unweighted delta of each integer entry named in ``integers`` (a batch
+    norm's ``num_batches_tracked``), plus its self mask and, for each peer, the
+    pairwise mask (added if its position is the smaller, subtracted otherwise),
+    mod ``2**48``. The update itself is never returned: only the masked vector
+    and the statistics (examples, loss, correct, seconds), which travel in the
+    clear as Flower's do.
 ``fedtensor.secagg_unmask(secrets, survivors=, dropped=)``
     Once, after masking: for each neighbour that survived, its share of that
     neighbour's seed; for each that dropped, its share of that neighbour's mask
@@ -56,6 +69,9 @@ import torch
 from fedtensor.protocol import secagg_math as sm
 
 __all__ = [
+    "INTEGER_DELTA_BOUND",
+    "SEALED_BYTES",
+    "PrivateUpdate",
     "SecAggSecrets",
     "secagg_mask",
     "secagg_public_keys",
@@ -65,6 +81,47 @@ __all__ = [
 ]
 
 _STAGE_SHARES = "share-keys"
+#: The largest change of an integer entry a worker masks: up to 2**15 workers' sum of
+#: them stays within the signed range of the 48-bit sums.
+INTEGER_DELTA_BOUND = 1 << 32
+#: A sealed pair of shares: AES-GCM's nonce, the two shares, its tag.
+SEALED_BYTES = 12 + 2 * sm.SHARE_BYTES + 16
+_INTEGRAL = frozenset({torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64})
+
+
+class PrivateUpdate:
+    """``fedtensor.local_update``'s result kept on the worker (``private=True``).
+
+    The client's session stores this instead of the update: the codec has no
+    encoding for it, so a fetch (or a delivery to another worker) of its pointer
+    fails, and no allow-listed operation but ``fedtensor.secagg_mask`` reads it.
+    Its ``__sizeof__`` is the update's, so the worker's memory quota charges it.
+    """
+
+    __slots__ = ("_kept",)
+
+    def __init__(self, update: dict[str, Any]) -> None:
+        self._kept: dict[str, Any] | None = update
+
+    def take(self) -> dict[str, Any]:
+        """The update, once: it is freed here (masking needs it once)."""
+        kept, self._kept = self._kept, None
+        if kept is None:
+            raise ValueError("this update was already masked")
+        return kept
+
+    def __sizeof__(self) -> int:
+        state = self._kept.get("state") if self._kept is not None else None
+        tensors = state.values() if isinstance(state, dict) else ()
+        return 64 + sum(256 + value.nbytes for value in tensors if isinstance(value, torch.Tensor))
+
+    def __repr__(self) -> str:  # never the values
+        return "<PrivateUpdate>" if self._kept is not None else "<PrivateUpdate (masked)>"
+
+
+def private_update(update: dict[str, Any]) -> PrivateUpdate:
+    """``fedtensor.local_update``'s result kept private (see :class:`PrivateUpdate`)."""
+    return PrivateUpdate(update)
 
 
 class SecAggSecrets:
@@ -130,26 +187,36 @@ def secagg_public_keys(state: Any) -> dict[str, torch.Tensor]:
     }
 
 
-def secagg_share_keys(state: Any, *, neighbours: Any, threshold: Any) -> dict[str, Any]:
+def secagg_share_keys(
+    state: Any, *, neighbours: Any, public_keys: Any, threshold: Any
+) -> dict[str, Any]:
     """Seal a Shamir share of the seed and of the mask key for every neighbour.
 
-    ``neighbours``: ``{str(position): [encryption key, mask key]}``. Returns
-    ``{"shares": {str(position): sealed}, "commitment": sha256(seed)}``.
+    ``neighbours``: their positions; ``public_keys``: a uint8 tensor with a row of
+    64 bytes per neighbour, in that order (its encryption key, then its mask key).
+    Returns ``{"to": neighbours, "shares": a uint8 tensor with the sealed pair of
+    shares for each, in that order, "commitment": sha256(seed)}``: one tensor per
+    stage, not one per neighbour (each tensor costs a round its handling twice).
     """
     held = _secrets(state, "setup")
-    if not isinstance(neighbours, dict) or not neighbours:
-        raise ValueError("neighbours must be a non-empty {position: [keys]} map")
+    if (
+        not isinstance(neighbours, list)
+        or not neighbours
+        or not all(type(p) is int and p >= 0 and p != held.position for p in neighbours)
+        or len(set(neighbours)) != len(neighbours)
+    ):
+        raise ValueError("neighbours must be a non-empty list of other positions, each once")
+    if (
+        not isinstance(public_keys, torch.Tensor)
+        or public_keys.dtype != torch.uint8
+        or tuple(public_keys.shape) != (len(neighbours), 2 * sm.KEY_BYTES)
+    ):
+        raise ValueError("public_keys must be a uint8 tensor of 64 bytes per neighbour")
+    table = sm.from_bytes_tensor(public_keys.reshape(-1))
     parsed: dict[int, tuple[bytes, bytes]] = {}
-    for key, pair in neighbours.items():
-        position = int(key) if isinstance(key, str) and key.isdigit() else -1
-        if position < 0 or position == held.position:
-            raise ValueError(f"bad neighbour position {key!r}")
-        if not isinstance(pair, list | tuple) or len(pair) != 2:
-            raise ValueError("each neighbour has two public keys")
-        parsed[position] = (
-            sm.from_bytes_tensor(pair[0], length=sm.KEY_BYTES),
-            sm.from_bytes_tensor(pair[1], length=sm.KEY_BYTES),
-        )
+    for row, position in enumerate(neighbours):
+        pair = table[2 * sm.KEY_BYTES * row : 2 * sm.KEY_BYTES * (row + 1)]
+        parsed[position] = (pair[: sm.KEY_BYTES], pair[sm.KEY_BYTES :])
     own = {sm.public_bytes(held.encryption_key), sm.public_bytes(held.mask_key)}
     every = [key for pair in parsed.values() for key in pair]
     if len(set(every)) != len(every) or own & set(every):
@@ -160,24 +227,25 @@ def secagg_share_keys(state: Any, *, neighbours: Any, threshold: Any) -> dict[st
         raise ValueError(f"threshold {held.threshold} above the {len(parsed)} neighbours")
     held.neighbours = parsed
     held.seed = secrets.token_bytes(sm.KEY_BYTES)
-    xs = [position + 1 for position in parsed]
-    seed_shares = sm.split_secret(int.from_bytes(held.seed, "big"), xs, held.threshold)
-    key_shares = sm.split_secret(
-        int.from_bytes(sm.private_bytes(held.mask_key), "big"), xs, held.threshold
+    xs = [position + 1 for position in neighbours]
+    seed_shares, key_shares = sm.split_secrets(
+        [int.from_bytes(held.seed, "big"), int.from_bytes(sm.private_bytes(held.mask_key), "big")],
+        xs,
+        held.threshold,
     )
-    sealed: dict[str, torch.Tensor] = {}
-    for position, (encryption_public, _) in parsed.items():
-        x = position + 1
-        plaintext = seed_shares[x].to_bytes(sm.SHARE_BYTES, "big") + key_shares[x].to_bytes(
+    sealed = bytearray()
+    for position, seed_share, key_share in zip(neighbours, seed_shares, key_shares, strict=True):
+        plaintext = seed_share.to_bytes(sm.SHARE_BYTES, "big") + key_share.to_bytes(
             sm.SHARE_BYTES, "big"
         )
-        key = sm.agree(held.encryption_key, encryption_public, "share encryption", held.round)
+        key = sm.agree(held.encryption_key, parsed[position][0], "share encryption", held.round)
         held.channel_keys[position] = key
         aad = sm.associated_data(held.round, held.position, position, _STAGE_SHARES)
-        sealed[str(position)] = sm.to_bytes_tensor(sm.seal(key, plaintext, aad))
+        sealed += sm.seal(key, plaintext, aad)
     held.stage = "shared"
     return {
-        "shares": sealed,
+        "to": list(neighbours),
+        "shares": sm.to_bytes_tensor(bytes(sealed)).view(len(neighbours), SEALED_BYTES),
         "commitment": sm.to_bytes_tensor(seed_commitment(held.seed, held.round, held.position)),
     }
 
@@ -205,7 +273,13 @@ def _flat_delta(update: Any, global_state: Any, parameters: Any) -> torch.Tensor
     for new, old in pairs:
         for part in sm.chunks(new.numel()):  # passes on the calling thread (see sm.chunks)
             piece = delta[offset + part.start : offset + part.stop]
-            piece.copy_(new[part]).sub_(old[part])
+            if new.dtype == old.dtype:
+                # One pass, in the entries' own precision (float32: correctly rounded, an
+                # error below 2**-24 of the delta, far under a quantization step), widened
+                # as it is written.
+                torch.sub(new[part], old[part], out=piece)
+            else:
+                piece.copy_(new[part]).sub_(old[part])
         offset += new.numel()
     return delta
 
@@ -218,11 +292,45 @@ def _scratch_delta(count: int) -> torch.Tensor:
     """
     held: torch.Tensor | None = getattr(_delta, "tensor", None)
     if held is None or held.numel() < count:
-        held = _delta.tensor = torch.empty(count, dtype=torch.float64)
+        held = torch.empty(count, dtype=torch.float64)
+        if count <= _SCRATCH_KEPT:
+            # Larger ones are not kept: a thread would hold one client's largest masking
+            # for good, outside every client's memory budget.
+            _delta.tensor = held
     return held[:count]
 
 
+#: Entries of the largest scratch a thread keeps (8 MiB: a model of 1 M parameters).
+_SCRATCH_KEPT = 1 << 20
+
+
 _delta = threading.local()
+
+
+def _integer_deltas(
+    update: dict[str, Any], global_state: Any, integers: Any, floats: set[Any]
+) -> torch.Tensor:
+    """The int64 deltas of the integer entries ``integers``, flattened in that order."""
+    if not isinstance(integers, list | tuple) or len(set(integers)) != len(integers):
+        raise ValueError("integers must be a list of distinct keys")
+    if not integers:
+        return torch.zeros(0, dtype=torch.int64)
+    if floats & set(integers):
+        raise ValueError("a key cannot be both among parameters and integers")
+    pieces = []
+    for key in integers:
+        new, old = update["state"].get(key), global_state.get(key)
+        if not isinstance(new, torch.Tensor) or not isinstance(old, torch.Tensor):
+            raise ValueError(f"no tensor {key!r} in the update and the global state")
+        if new.dtype not in _INTEGRAL or old.dtype not in _INTEGRAL:
+            raise ValueError(f"{key!r} is not an integer entry")
+        if new.shape != old.shape:
+            raise ValueError(f"{key!r} has shape {tuple(new.shape)}, not {tuple(old.shape)}")
+        pieces.append(new.reshape(-1).to(torch.int64) - old.reshape(-1).to(torch.int64))
+    deltas = torch.cat(pieces)
+    if deltas.numel() and int(deltas.abs().max()) > INTEGER_DELTA_BOUND:
+        raise ValueError(f"an integer entry changed by more than {INTEGER_DELTA_BOUND}")
+    return deltas
 
 
 def secagg_mask(
@@ -230,6 +338,7 @@ def secagg_mask(
     update: Any,
     global_state: Any,
     *,
+    senders: Any,
     shares: Any,
     peers: Any,
     parameters: Any,
@@ -238,15 +347,19 @@ def secagg_mask(
     weight: int | None = None,
     clip_norm: float | None = None,
     noise_std: float = 0.0,
+    integers: Any = (),
 ) -> dict[str, Any]:
     """Open the neighbours' shares, then mask this worker's weighted, quantized delta.
 
     ``peers``: the neighbours that shared keys (masks are agreed with each);
-    ``shares``: ``{str(sender): sealed}`` for some of them. ``clip_norm`` and
+    ``shares``: a uint8 tensor of what ``senders`` (some of them) sealed for this
+    worker, a row each (:data:`SEALED_BYTES`), in that order. ``clip_norm`` and
     ``noise_std`` are the differential-privacy interface: the delta is L2-clipped,
     then Gaussian noise from a generator seeded by :mod:`secrets` is added, before
-    quantization. Reply: ``{"masked", "examples", "weight", "loss", "correct",
-    "seconds", "rejected"}``.
+    quantization. ``update``: a :class:`PrivateUpdate` (emptied here) or
+    ``local_update``'s plain reply. ``integers``: integer entries whose exact
+    deltas follow the float ones. Reply: ``{"masked", "examples", "weight",
+    "loss", "correct", "seconds", "rejected"}``.
     """
     started = time.perf_counter()
     held = _secrets(state, "shared")
@@ -255,24 +368,39 @@ def secagg_mask(
         raise ValueError("bits must be in 2..32 and clip a positive number")
     if not isinstance(peers, list) or not set(peers) <= set(held.neighbours):
         raise ValueError("peers must be a list of this worker's neighbours")
-    if not isinstance(shares, dict) or not all(
-        isinstance(key, str) and key.isdigit() and int(key) in peers for key in shares
+    if (
+        not isinstance(senders, list)
+        or not all(type(sender) is int and sender in peers for sender in senders)
+        or len(set(senders)) != len(senders)
     ):
-        raise ValueError("shares must come from peers")
+        raise ValueError("shares must come from peers, each once")
+    if (
+        not isinstance(shares, torch.Tensor)
+        or shares.dtype != torch.uint8
+        or tuple(shares.shape) != (len(senders), SEALED_BYTES)
+    ):
+        raise ValueError(f"shares must be a uint8 tensor of {SEALED_BYTES} bytes per sender")
     if noise_std < 0 or not math.isfinite(noise_std):
         raise ValueError("noise_std must be >= 0")
+    if not isinstance(parameters, list) or len(set(parameters)) != len(parameters):
+        # Repeated keys would make the vectors longer than the update it was charged for.
+        raise ValueError("parameters must be a list of distinct keys")
+    if isinstance(update, PrivateUpdate):
+        update = update.take()
     delta = _flat_delta(update, global_state, parameters)
+    integer_deltas = _integer_deltas(update, global_state, integers, set(parameters))
     examples = _int(update.get("examples"), "examples")
     weight = examples if weight is None else _int(weight, "weight")
     if weight * ((1 << bits) - 1) >= 1 << sm.MODULUS_BITS:
         raise ValueError(f"weight {weight} too large for {bits}-bit quantization")
 
     rejected: list[int] = []
-    for key, sealed in shares.items():
-        sender = int(key)
+    received = sm.from_bytes_tensor(shares.reshape(-1)) if senders else b""
+    for row, sender in enumerate(senders):
+        sealed = received[row * SEALED_BYTES : (row + 1) * SEALED_BYTES]
         aad = sm.associated_data(held.round, sender, held.position, _STAGE_SHARES)
         try:
-            plaintext = sm.open_sealed(held.channel_keys[sender], sm.from_bytes_tensor(sealed), aad)
+            plaintext = sm.open_sealed(held.channel_keys[sender], sealed, aad)
             if len(plaintext) != 2 * sm.SHARE_BYTES:
                 raise sm.ShareRejected("a share of the wrong length")
         except (sm.ShareRejected, ValueError):
@@ -292,10 +420,13 @@ def secagg_mask(
             delta = delta * (clip_norm / norm)
     if noise_std:
         delta = delta + torch.randn(delta.shape, dtype=torch.float64, generator=entropy) * noise_std
-    vector = torch.empty(delta.numel() + 1, dtype=torch.int64)
-    levels = vector[:-1]  # quantized in place: no second vector to allocate and fill
+    count = delta.numel()
+    vector = torch.empty(count + 1 + integer_deltas.numel(), dtype=torch.int64)
+    levels = vector[:count]  # quantized in place: no second vector to allocate and fill
     _, clipped = sm.quantize(delta, float(clip), bits, out=levels, overwrite=True)
-    vector[-1] = clipped
+    vector[count] = clipped
+    # Residues mod 2**48 (a negative delta wraps), summed exactly under the masks.
+    vector[count + 1 :] = integer_deltas.bitwise_and(sm.MODULUS_MASK)
     for part in sm.chunks(levels.numel()):
         levels[part].mul_(weight)
     seeds = [(held.seed, 1)]
@@ -322,7 +453,8 @@ def secagg_unmask(state: Any, *, survivors: Any, dropped: Any) -> dict[str, Any]
     For each neighbour in ``survivors``, this worker's share of its seed; for
     each in ``dropped``, its share of its mask key. Refused if the two lists
     overlap, if this worker is not among the survivors, or if fewer survivors
-    remain than the threshold.
+    remain than the threshold. Reply: ``{"seeds": [owner], "seed_shares": a uint8
+    tensor of a share per owner, "keys": [owner], "key_shares": ...}``.
     """
     held = _secrets(state, "masked")
     if not isinstance(survivors, list) or not isinstance(dropped, list):
@@ -335,16 +467,23 @@ def secagg_unmask(state: Any, *, survivors: Any, dropped: Any) -> dict[str, Any]
     if len(alive) < held.threshold:
         raise ValueError(f"{len(alive)} survivors, fewer than the threshold {held.threshold}")
     held.stage = "unmasked"
-    seeds: dict[str, torch.Tensor] = {}
-    keys: dict[str, torch.Tensor] = {}
-    for peer, (seed_share, key_share) in held.accepted.items():
+    seeds, keys = [], []
+    seed_shares, key_shares = bytearray(), bytearray()
+    for peer, (seed_share, key_share) in sorted(held.accepted.items()):
         if peer in alive:
-            seeds[str(peer)] = sm.to_bytes_tensor(seed_share.to_bytes(sm.SHARE_BYTES, "big"))
+            seeds.append(peer)
+            seed_shares += seed_share.to_bytes(sm.SHARE_BYTES, "big")
         elif peer in gone:
-            keys[str(peer)] = sm.to_bytes_tensor(key_share.to_bytes(sm.SHARE_BYTES, "big"))
+            keys.append(peer)
+            key_shares += key_share.to_bytes(sm.SHARE_BYTES, "big")
     held.accepted.clear()
     held.channel_keys.clear()
-    return {"seeds": seeds, "keys": keys}
+    return {
+        "seeds": seeds,
+        "seed_shares": sm.to_bytes_tensor(bytes(seed_shares)).view(len(seeds), sm.SHARE_BYTES),
+        "keys": keys,
+        "key_shares": sm.to_bytes_tensor(bytes(key_shares)).view(len(keys), sm.SHARE_BYTES),
+    }
 
 
 def worker_operations() -> Mapping[str, Any]:

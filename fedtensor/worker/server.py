@@ -16,13 +16,14 @@ Before authentication a connection costs almost nothing and cannot linger:
   allocated for it, and clients already connected are served on.
 - A connection has ``Limits.handshake_timeout`` seconds from its TCP accept to
   an accepted websocket handshake, the TLS handshake of ``wss://`` included
-  (asyncio's TLS layer gets that time, and the HTTP head what is left), else
-  TCP is dropped.
+  (one timer, the peer's, runs from the accept), else TCP is dropped.
 - Until then it holds a 1 KiB read buffer and the head received so far (at
   most :data:`MAX_REQUEST_HEAD` bytes); the frame parser and its buffers come
-  with the open connection (see :mod:`fedtensor.net.peer`). On ``wss://``,
-  asyncio's TLS layer adds its own read buffer (256 KiB) per connection, which
-  the cap on unauthenticated connections bounds.
+  with the open connection (see :mod:`fedtensor.net.peer`). On ``wss://``, TLS
+  is driven by a :class:`~fedtensor.net.tls.TLSLayer` (not asyncio's ``ssl=``,
+  whose 256 KiB read buffer comes with every accepted connection): nothing of
+  OpenSSL's until the first byte, its connection state (about 16 KiB) once TLS
+  is done, and buffers as small as on ``ws://`` until the handshake is accepted.
 
 Per connection:
 
@@ -97,8 +98,10 @@ from websockets.server import ServerProtocol
 
 from fedtensor.errors import LimitExceeded, ProtocolError
 from fedtensor.net.peer import WebSocketPeer
+from fedtensor.net.tls import TLSLayer
 from fedtensor.protocol.codec import Chunk, decode_frame, decoded_bound, encode_frame
 from fedtensor.protocol.messages import Call, Fetch, ListObjects, Message, Release, Store
+from fedtensor.protocol.pool import release_idle, steady_allocator
 from fedtensor.protocol.wsconnection import close_code_for
 from fedtensor.protocol.wsframes import CloseCode
 from fedtensor.worker.actor import Failed, Session, WorkerActor
@@ -208,6 +211,10 @@ class WorkerServer:
         exchange.send = lambda *args: send_blocking(self._loop, *args)
         self._token = token.encode() if token is not None else None
         self._ssl = ssl
+        if ssl is not None:
+            # A TLS 1.2 client's renegotiation: not needed, and a write during one would end
+            # the connection (fedtensor/net/tls.py). TLS 1.3 has none.
+            ssl.options |= ssl_module.OP_NO_RENEGOTIATION
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self._grace = grace
@@ -240,6 +247,7 @@ class WorkerServer:
     ) -> None:
         """Listen on ``host:port`` (0: any free port) until :meth:`shutdown`."""
         loop = self._loop = asyncio.get_running_loop()
+        steady_allocator()  # large blocks mapped, not pinned in the heaps (protocol/pool.py)
         threads = [
             threading.Thread(
                 target=self.actor.serve_in_thread,
@@ -341,19 +349,17 @@ class WorkerServer:
         task.add_done_callback(self._starting.discard)
 
     async def _start(self, peer: _ServerPeer, connection: socket.socket) -> None:
-        """Make ``connection`` ``peer``'s transport (after the TLS handshake, for wss)."""
+        """Make ``connection`` ``peer``'s transport (through a TLSLayer, for wss)."""
         loop = asyncio.get_running_loop()
+        context = self._ssl
         try:
-            if self._ssl is None:
+            if context is None:
                 await loop.connect_accepted_socket(lambda: peer, connection)
             else:
-                await loop.connect_accepted_socket(
-                    lambda: peer,
-                    connection,
-                    ssl=self._ssl,
-                    ssl_handshake_timeout=self.limits.handshake_timeout,
-                )
-        except Exception as exc:  # a TLS handshake that failed or timed out; a reset
+                # Not asyncio's ssl=: its 256 KiB buffer per connection comes before the
+                # token is checked. The TLS handshake is timed by the peer's handshake timer.
+                await loop.connect_accepted_socket(lambda: TLSLayer(context, peer), connection)
+        except Exception as exc:  # a reset before asyncio took the socket
             _log.debug("a connection ended before its handshake: %r", exc)
             connection.close()
             peer.handshake_over()
@@ -451,6 +457,11 @@ class WorkerServer:
                 count,
                 self._session_ttl,
             )
+        if not any(other.session is not None for other in self._peers):
+            # The last client left: once what it queued has run (its objects freed), the
+            # buffers kept for large transfers and the allocator's free pages go back to
+            # the system (protocol/pool.py): a worker at rest holds what it held at start.
+            self.actor.barrier(release_idle)
 
     def _attach(
         self,
@@ -605,7 +616,8 @@ class _ServerPeer(WebSocketPeer):
         self.holds: set[str] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # The handshake's time runs from the TCP accept: what the TLS handshake left.
+        # The handshake's time runs from the TCP accept (on wss, the TLSLayer calls this
+        # at the accept: its TLS handshake runs on this timer too).
         self.websocket.open_timeout = max(self._deadline - self.loop.time(), 0.0)
         super().connection_made(transport)
 

@@ -19,6 +19,17 @@ Randomness comes from the operating system's CSPRNG (:mod:`fedtensor.protocol.ri
 uniform over the whole ring, as the security of the shares needs. The provider
 learns nothing about the secrets: it never receives a share of them.
 
+**Sharing a tensor the worker holds** (PySyft's ``ptr.fix_precision().share(bob,
+alice, crypto_provider=james)``, Part 10's secure aggregation): the data owner is this
+worker, so the shares are drawn here. ``fedtensor.split_shares(tensor, parties,
+precision)`` encodes the tensor as fixed precision (``precision`` an int; ``None``
+for an integer tensor shared as it is) and returns ``parties`` int64 shares of it,
+all but one uniform over the ring. The client keeps the element for this worker
+here and *moves* each other element to its party, as it moves a triple's shares:
+a share never passes through the client between worker processes, and no party but
+this one (which holds the secret anyway) ever holds two shares.
+:func:`split_bytes` sizes it for the worker's memory budget before it runs.
+
 The arguments are checked before anything is allocated (the shapes through meta
 tensors) and the triple's size is bounded by :data:`MAX_TRIPLE_ELEMENTS`, so a bad
 request is refused with a clear error and the worker keeps serving.
@@ -31,9 +42,16 @@ from typing import Any
 
 import torch
 
-from fedtensor.protocol.ring import random_ring, split, split_xor
+from fedtensor.protocol.ring import encode_fixed, random_ring, split, split_xor
 
-__all__ = ["MAX_PARTIES", "MAX_TRIPLE_ELEMENTS", "beaver_triple"]
+__all__ = [
+    "MAX_PARTIES",
+    "MAX_TRIPLE_ELEMENTS",
+    "beaver_triple",
+    "split_bytes",
+    "split_shares",
+    "triple_bytes",
+]
 
 #: The most elements ``a``, ``b`` and ``c`` of one triple may have together.
 MAX_TRIPLE_ELEMENTS = 1 << 24
@@ -111,3 +129,41 @@ def triple_bytes(op: Any, shape_x: Any, shape_y: Any, parties: Any) -> int:
     each party's shares of them, 8 bytes an element (ValueError for bad arguments)."""
     shapes = _triple_shapes(op, shape_x, shape_y, parties)
     return 8 * sum(math.prod(shape) for shape in shapes) * (int(parties) + 1)
+
+
+def _split_arguments(value: Any, parties: Any, precision: Any) -> None:
+    """Check :func:`split_shares`'s arguments (TypeError, ValueError)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"split_shares takes a tensor, not {type(value).__name__}")
+    if type(parties) is not int or not 2 <= parties <= MAX_PARTIES:
+        raise ValueError(f"a tensor is split into 2 to {MAX_PARTIES} shares")
+    if precision is None:
+        if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(
+                "only integer tensors are shared as they are: fix_precision() first "
+                "(ptr.fix_precision().share(bob, alice, crypto_provider=charlie))"
+            )
+    elif type(precision) is not int:
+        raise TypeError("precision is an int or None")
+    if value.numel() * parties > MAX_TRIPLE_ELEMENTS:
+        raise ValueError(
+            f"{value.numel()} elements in {parties} shares are over the limit of "
+            f"{MAX_TRIPLE_ELEMENTS} elements"
+        )
+
+
+def split_shares(value: Any, parties: Any, precision: Any = None) -> tuple[torch.Tensor, ...]:
+    """``parties`` additive int64 shares of ``value`` (fixed precision ``precision``, or an
+    integer tensor as it is for ``None``); see the module's header."""
+    _split_arguments(value, parties, precision)
+    # encode_fixed: ValueError for a bad precision or a value too large for the ring
+    ring = value.detach().to(torch.int64) if precision is None else encode_fixed(value, precision)
+    return tuple(split(ring, parties))
+
+
+def split_bytes(value: Any, parties: Any, precision: Any = None) -> int:
+    """What :func:`split_shares` allocates at its peak, at most: the float64 scaling, the
+    ring values and the shares, 8 bytes an element (TypeError, ValueError for bad
+    arguments)."""
+    _split_arguments(value, parties, precision)
+    return 8 * int(value.numel()) * (int(parties) + 3)
