@@ -38,8 +38,13 @@ the machine's physical memory (:func:`default_budget`; ``fedtensor worker
   (:meth:`~fedtensor.worker.compiler.CompiledPlan.dry_run`): a node, or the
   step's total, past what is left refuses the update before it trains; so does a
   node whose output size meta tensors cannot tell, since nothing would then bound
-  the nodes after it. fedtensor's other worker operations are bounded by their
-  inputs, as data-dependent operations are.
+  the nodes after it. ``fedtensor.run_plan`` and ``fedtensor.evaluate`` (one
+  batch, and its copy of the state) are dry-run the same way; ``fedtensor.search``
+  is sized by an entry per described object it may list (:func:`search_bytes`);
+  fedtensor's other worker operations are bounded by their inputs, as
+  data-dependent operations are (:func:`check_worker_operation` says why at each).
+- **Tags and descriptions** (``fedtensor.describe``) are charged beside their
+  object (:meth:`Ledger.charge_extra`) until the metadata is dropped.
 - After it ran, the result is charged at its real cost (:meth:`Ledger.store`):
   the pre-check bounds the peak, the ledger what stays.
 - **Replies not read** (:class:`Replies`): the bytes of replies computed and not

@@ -22,7 +22,10 @@ worker was given for it (``--dataset-tags NAME=TAG,...``, ``dataset_tags=``).
 Matching is PySyft's: every term must match (AND); a term matches a tag equal to it, or
 a substring of the description. Metadata of released objects is dropped lazily; objects
 whose command failed are not found. An alias counts against the client's memory quota
-as a second copy would (the quota counts what each id holds).
+as a second copy would (the quota counts what each id holds); an object's tags and
+description count too, from its describe until they are dropped (see
+:meth:`fedtensor.worker.exchange.Exchange._describe`), and a search is sized before it
+runs by an entry per described object (:func:`fedtensor.worker.budget.search_bytes`).
 """
 
 from __future__ import annotations
