@@ -22,28 +22,16 @@ import time
 from typing import Any
 
 import torch
-from torch import nn
 
 import fedtensor as ft
 from benchmarks import common
 from benchmarks.common import Baseline, Config, Row
+from benchmarks.flower_side import MLP
 from fedtensor.demo import load_digits
 
 LR, BATCH_SIZE, PER_ROUND, CLIENTS, SEED = 0.1, 16, 100, 1_000, 0
 EXECUTORS = (1, 2, 4)
 RAY_CPUS = 2
-
-
-class MLP(nn.Module):
-    """64-32-10, as the simulation suite's."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.hidden = nn.Linear(64, 32)
-        self.out = nn.Linear(32, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.relu(self.hidden(x.flatten(1))))  # type: ignore[no-any-return]
 
 
 async def _executors(count: int, train: Any, rounds: int) -> dict[str, float]:

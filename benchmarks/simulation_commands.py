@@ -22,26 +22,13 @@ import time
 from typing import Any
 
 import torch
-from torch import nn
 
 import fedtensor as ft
 import fedtensor.federated.fit as _fit
-from benchmarks.flower_side import digits_like
+from benchmarks.flower_side import MLP, digits_like
 from fedtensor.demo import load_digits
 
 POOLS = ("virtual1", "process1", "process2")
-
-
-class MLP(nn.Module):
-    """64-32-10 on flattened 8x8 digits."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.hidden = nn.Linear(64, 32)
-        self.out = nn.Linear(32, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.relu(self.hidden(x.flatten(1))))  # type: ignore[no-any-return]
 
 
 class _NotASimulatedClient:

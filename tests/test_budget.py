@@ -33,6 +33,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import tracemalloc
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -180,6 +181,150 @@ def test_a_tensor_that_requires_grad_reserves_its_grad() -> None:
     session = _session(actor)
     _run(actor, session, Store(1, torch.ones(1000, requires_grad=True)))
     assert session.memory_used == 2 * 4000 + TENSOR_OVERHEAD
+
+
+def _pinned_by_graph(tensor: torch.Tensor) -> int:
+    """Bytes of the storages ``tensor``'s autograd graph keeps alive: the tensors its
+    nodes saved for backward, and the leaves it accumulates grads into (each once)."""
+    storages: dict[int, int] = {}
+    seen: set[Any] = set()
+    stack = [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        held = [getattr(node, name) for name in dir(node) if name.startswith("_saved_")]
+        held.append(getattr(node, "variable", None))
+        for value in held:
+            for item in value if isinstance(value, tuple) else (value,):
+                if isinstance(item, torch.Tensor):
+                    storage = item.untyped_storage()
+                    storages[storage.data_ptr()] = storage.nbytes()
+        stack.extend(function for function, _ in node.next_functions)
+    return sum(storages.values())
+
+
+def _grad_chain(actor: WorkerActor, session: Session, length: int) -> list[Message]:
+    """``sin`` applied ``length`` times to a stored 1 MiB tensor that requires grad,
+    each intermediate result freed by the client once the next is made (the last
+    one stays, under id ``length + 1``). Returns the replies of fetching each step's
+    result, as a client would see a failure."""
+    _run(actor, session, Store(1, torch.ones(MIB // 4, requires_grad=True)))
+    failures: list[Message] = []
+    for step in range(1, length + 1):
+        _run(actor, session, Call(step + 1, "Tensor.sin", (Ref(step),), {}))
+        if not isinstance(session.objects[step + 1], torch.Tensor):
+            failures += _run(actor, session, Fetch(step, step + 1, free=False))
+        if step > 1:
+            _run(actor, session, Release((step,)))
+    return failures
+
+
+def test_memory_an_autograd_graph_keeps_for_backward_is_charged() -> None:
+    # Each sin saves its input for backward: the last result's graph keeps all 20
+    # intermediate results alive after the client freed them (20 MiB). Before graphs
+    # were charged the ledger counted 4 MiB here (a chain of 200 held 75 MiB).
+    actor = WorkerActor("w")
+    session = _session(actor, quota=64 * MIB)
+    assert _grad_chain(actor, session, 20) == []
+    pinned = _pinned_by_graph(session.objects[21])
+    assert pinned >= 20 * MIB
+    # What the graph pins, plus the last result, the leaf's and its grads, objects.
+    assert pinned <= session.memory_used <= pinned + 3 * MIB + 4 * TENSOR_OVERHEAD
+    _run(actor, session, Release((1, 21)))
+    assert session.memory_used == 0
+
+
+def test_a_long_grad_chain_past_the_quota_is_refused_and_all_is_returned() -> None:
+    actor = WorkerActor("w")
+    session = _session(actor)  # 10 MiB
+    failures = _grad_chain(actor, session, 200)
+    # Refused once what the graph keeps reaches the quota (before, all 200 steps ran):
+    # the client sees LimitExceeded, at the step and at every step after it.
+    assert len(failures) >= 190
+    first = _failure(failures[0])
+    assert first.kind == "limit"
+    assert "memory quota of 10485760 bytes" in first.message
+    assert session.memory_used <= QUOTA
+    _run(actor, session, Release(tuple(range(1, 202))))
+    assert session.memory_used == 0
+
+
+def test_a_tensor_saved_for_backward_past_the_quota_is_refused() -> None:
+    # cross_entropy returns one number, and saves its log_softmax (1 MiB) for backward:
+    # the check before it runs sees 4 bytes, the saved-tensor hook sees the rest.
+    actor = WorkerActor("w")
+    logits = torch.ones(256, 1024, requires_grad=True)
+    targets = torch.zeros(256, dtype=torch.long)
+    session = _session(actor, quota=python_bytes(logits) + python_bytes(targets) + MIB // 2)
+    _run(actor, session, Store(1, logits), Store(2, targets))
+    used = session.memory_used
+    call = Call(3, "torch.nn.functional.cross_entropy", (Ref(1), Ref(2)), {})
+    reply = _failure(_run(actor, session, call, Fetch(4, 3, free=False))[0])
+    assert reply.kind == "limit"
+    assert reply.message.startswith("keeping a tensor for backward: 1048576 bytes")
+    assert session.memory_used == used
+    # Without grad nothing is saved: the same loss fits.
+    _run(actor, session, Call(5, "Tensor.detach", (Ref(1),), {}))
+    _run(actor, session, Call(6, "torch.nn.functional.cross_entropy", (Ref(5), Ref(2)), {}))
+    assert isinstance(session.objects[6], torch.Tensor)
+    _run(actor, session, Release((1, 2, 3, 5, 6)))
+    assert session.memory_used == 0
+
+
+def test_fetching_a_result_away_returns_what_its_graph_was_charged() -> None:
+    actor = WorkerActor("w")
+    session = _session(actor, quota=64 * MIB)
+    _grad_chain(actor, session, 4)
+    _run(actor, session, Release((1,)))
+    assert session.memory_used >= 4 * MIB  # the graph keeps the leaf and 3 results
+    (reply,) = _run(actor, session, Fetch(40, 5, free=True))
+    assert isinstance(reply, Reply)
+    assert reply.value.grad_fn is None  # no graph leaves the worker
+    assert session.memory_used == 0
+
+
+def test_backward_returns_what_the_graph_was_charged() -> None:
+    actor = WorkerActor("w")
+    session = _session(actor, quota=64 * MIB)
+    _grad_chain(actor, session, 8)
+    held = session.memory_used
+    assert held >= 8 * MIB
+    _run(actor, session, Call(30, "Tensor.sum", (Ref(9),), {}))
+    _run(actor, session, Call(31, "Tensor.backward", (Ref(30),), {}))
+    grad = session.objects[1].grad
+    assert grad is not None
+    assert grad.shape == (MIB // 4,)
+    # The graph is gone: left are the leaf and its grad, the last result and the grad
+    # reserved for it, and its sum.
+    assert session.memory_used <= 4 * MIB + 8 * TENSOR_OVERHEAD + 64
+    _run(actor, session, Release((1, 9, 30, 31)))
+    assert session.memory_used == 0
+
+
+def test_operations_without_an_input_that_requires_grad_run_without_the_hooks() -> None:
+    plain, grad = torch.ones(2), torch.ones(2, requires_grad=True)
+    assert not budget.requires_grad((plain, 2, [plain, (plain,)]), {"out": plain})
+    assert budget.requires_grad((plain, grad), {})
+    assert budget.requires_grad(([plain, (grad,)],), {})
+    assert budget.requires_grad((plain,), {"weight": {"w": [grad]}})
+
+
+def test_a_graph_dropped_on_another_thread_is_returned_to_the_ledger() -> None:
+    ledger = budget.Ledger(64 * MIB)
+    leaf = torch.ones(MIB // 4, requires_grad=True)
+    with ledger.saved_tensors():
+        result = leaf.sin().sin()
+    assert ledger.used == 2 * MIB  # the leaf, and the first sin, saved by the nodes
+    dropper = threading.Thread(target=lambda: results.clear())
+    results = [result]
+    del result
+    dropper.start()
+    dropper.join(timeout=10)
+    assert not dropper.is_alive()
+    ledger.settle()
+    assert ledger.used == 0
 
 
 # -- allocations checked before they happen --------------------------------------------------------
@@ -861,3 +1006,28 @@ def test_a_worker_keeps_one_allocator_arena_for_its_threads() -> None:
 
     assert arenas("steady") == 1
     assert arenas("default") > 1  # what it prevents
+
+
+def test_a_plan_run_on_tensors_that_require_grad_charges_what_its_graph_keeps() -> None:
+    # fedtensor.run_plan makes a graph as torch operations do: a chain of plan runs, each
+    # intermediate result freed by the client, keeps every input alive for backward.
+    actor = WorkerActor("w")
+    session = _session(actor, quota=64 * MIB)
+    plan = _plan(["call", "Tensor.sin", (Ref(0),), {}])
+    _run(actor, session, Store(1, {"w": torch.ones(1)}), Store(2, plan))
+    _run(actor, session, Store(10, torch.ones(MIB // 4, requires_grad=True)))
+    for step in range(10, 20):
+        _run(
+            actor, session, Call(100 + step, "fedtensor.run_plan", (Ref(2), Ref(1), Ref(step)), {})
+        )
+        _run(actor, session, Call(step + 1, "fedtensor.element", (Ref(100 + step), 0), {}))
+        _run(actor, session, Release((100 + step,) if step == 10 else (100 + step, step)))
+    last = session.objects[20]
+    assert isinstance(last, torch.Tensor)
+    assert last.grad_fn is not None
+    pinned = _pinned_by_graph(last)
+    assert pinned >= 10 * MIB
+    assert session.memory_used >= pinned
+    del last  # the test's own reference would keep the graph
+    _run(actor, session, Release((1, 2, 10, 20)))
+    assert session.memory_used == 0

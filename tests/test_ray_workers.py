@@ -214,6 +214,10 @@ async def test_fit_starts_when_the_first_worker_is_dead(
     async with ft.ray.workers(2, host="127.0.0.1", datasets={"toy": dataset_file}) as workers:
         data = await ft.load_dataset(list(workers), "toy")  # shapes unknown here
         ray.kill(workers[0].actor, no_restart=True)
+        # ray.kill returns at once: wait until Ray itself reports the actor dead, so that
+        # the command below cannot be answered by a worker still alive.
+        with pytest.raises(ray.exceptions.RayActorError):
+            await asyncio.wait_for(asyncio.wrap_future(workers[0].actor.pid.remote().future()), 30)
         with pytest.raises(ft.WorkerUnavailable):  # the connection is seen gone
             await (ft.send(torch.ones(1), workers[0]) + 1).get()
         model = torch.nn.Linear(3, 2)

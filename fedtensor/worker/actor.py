@@ -83,9 +83,11 @@ from fedtensor.worker.autograd_ops import (
 from fedtensor.worker.budget import (
     Ledger,
     Replies,
+    SavedOverBudget,
     check_call,
     check_worker_operation,
     reply_bytes,
+    requires_grad,
 )
 from fedtensor.worker.evaluate import evaluate
 from fedtensor.worker.exchange import Exchange
@@ -280,6 +282,13 @@ class Session:
         if not self.closed:
             self.closed = True
             self._actor._post(self, None)
+
+
+#: fedtensor's worker operations whose results can carry an autograd graph the client keeps
+#: (a plan run on tensors that require grad; ``torch.autograd.grad(create_graph=True)``):
+#: run, as torch operations are, with the tensors their graph saves charged to the client.
+#: (``fedtensor.local_update`` and the like finish their backward passes themselves.)
+_GRAPH_MAKING_OPERATIONS = frozenset({"fedtensor.run_plan", "fedtensor.autograd_grad"})
 
 
 class WorkerActor:
@@ -678,6 +687,9 @@ class WorkerActor:
                     ledger.release(message.id)  # type: ignore[union-attr]
                     session.memory_used = ledger.used
                 replies.append(self._fetch(session, message))  # type: ignore[arg-type]
+                if ledger is not None and message.free:  # type: ignore[union-attr]
+                    ledger.settle()  # the graph of what was fetched away is gone now
+                    session.memory_used = ledger.used
             elif kind is ListObjects:
                 replies.append(Reply(message.request, sorted(objects)))  # type: ignore[union-attr]
             # Anything else (a reply sent to a worker) cannot be answered: it is dropped.
@@ -721,7 +733,17 @@ class WorkerActor:
             if refused is not None:
                 return refused
         try:
+            if (
+                ledger is not None
+                and (not worker_operation or message.op in _GRAPH_MAKING_OPERATIONS)
+                and requires_grad(args, kwargs)
+            ):
+                # Tensors its graph saves for backward are charged while the graph holds them.
+                with ledger.saved_tensors():
+                    return func(*args, **kwargs)
             return func(*args, **kwargs)
+        except SavedOverBudget as exc:
+            return exc.failed
         except ForbiddenOperation as exc:  # a plan naming an operation off the allow-list
             return Failed("forbidden", "ForbiddenOperation", exc.remote_message)
         except Exception as exc:  # the op's own error is the client's to see
