@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -213,11 +214,16 @@ async def test_fit_starts_when_the_first_worker_is_dead(
 ) -> None:
     async with ft.ray.workers(2, host="127.0.0.1", datasets={"toy": dataset_file}) as workers:
         data = await ft.load_dataset(list(workers), "toy")  # shapes unknown here
-        ray.kill(workers[0].actor, no_restart=True)
-        # ray.kill returns at once: wait until Ray itself reports the actor dead, so that
-        # the command below cannot be answered by a worker still alive.
-        with pytest.raises(ray.exceptions.RayActorError):
-            await asyncio.wait_for(asyncio.wrap_future(workers[0].actor.pid.remote().future()), 30)
+        pid = await asyncio.wrap_future(workers[0].actor.pid.remote().future())
+        process = os.pidfd_open(pid)  # readable once that process has ended
+        try:
+            ray.kill(workers[0].actor, no_restart=True)
+            # ray.kill returns at once: wait until the actor's process has ended, so that
+            # the command below cannot be answered by a worker still alive.
+            ended, _, _ = await asyncio.to_thread(select.select, [process], [], [], 30)
+            assert ended, "the killed actor's process did not end within 30 s"
+        finally:
+            os.close(process)
         with pytest.raises(ft.WorkerUnavailable):  # the connection is seen gone
             await (ft.send(torch.ones(1), workers[0]) + 1).get()
         model = torch.nn.Linear(3, 2)
