@@ -209,6 +209,45 @@ async def test_a_restarted_actor_rejoins_the_fit_under_way(
         del data
 
 
+async def test_a_restarted_actor_gets_the_shard_this_client_sent_again(ray_instance: None) -> None:
+    # ft.federate's data came from this client: the restarted (empty) worker gets its
+    # shard sent again from the copy kept for a worker that can come back, and trains.
+    generator = torch.Generator().manual_seed(0)
+    examples = torch.randn(40, 3, generator=generator)
+    labels = torch.randint(0, 2, (40,), generator=generator)
+    group = ft.ray.workers(2, host="127.0.0.1", max_restarts=1, timeout=30)
+    async with group as workers:
+        victim = workers[1]
+        old_pid = await victim.actor.pid.remote()
+        data = ft.federate((examples, labels), list(workers), seed=0, holdout=0.25)
+        sizes = data.sizes()
+        assert all(shard.reload is not None for shard in data.shards)
+        sent = await data.shards[1].data  # a copy of what worker 1 holds
+        restarted: list[int] = []
+
+        def on_round(metrics: ft.RoundMetrics) -> None:
+            if metrics.round == 1:
+                os.kill(old_pid, signal.SIGKILL)
+            elif "ray-1" in metrics.failed and not restarted:
+                restarted.append(ray.get(victim.actor.pid.remote(), timeout=60))
+
+        model = torch.nn.Linear(3, 2)
+        history = await ft.fit(
+            model, data, rounds=8, batch_size=8, progress=False, on_round=on_round,
+            evaluate_fraction=1.0,
+        )  # fmt: skip
+        dropped = next(m.round for m in history if "ray-1" in m.failed)
+        assert restarted
+        assert restarted[0] != old_pid
+        back = [m.round for m in history if m.round > dropped and "ray-1" in m.completed]
+        assert back, [(m.round, m.sampled, m.failed) for m in history]
+        assert data.sizes() == sizes  # the same split, sent again
+        # the new worker holds exactly the examples first sent to it
+        assert torch.equal(await data.shards[1].data, sent)
+        assert history[-1].client_eval["ray-1"][2] == data.shards[1].eval_size
+        del data
+
+
 async def test_fit_starts_when_the_first_worker_is_dead(
     ray_instance: None, dataset_file: Path
 ) -> None:

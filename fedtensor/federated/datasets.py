@@ -71,9 +71,10 @@ class Shard:
     eval_targets: Any = None
     #: How many examples are held out.
     eval_size: int = 0
-    #: Makes this shard again on its worker, from data the worker holds itself (a shard
-    #: of :func:`load_dataset`): ``ft.fit`` calls it when a restarted worker rejoins a
-    #: run (its old pointers died with it). None: the data came from this client.
+    #: Makes this shard again on its worker: ``ft.fit`` calls it when a restarted worker
+    #: rejoins a run (its old pointers died with it). A shard of :func:`load_dataset`
+    #: is loaded again by name; one that :func:`federate` sent to a worker that can
+    #: come back is sent again from the copy kept for that. None: it cannot be remade.
     reload: Callable[[], Awaitable[Shard]] | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -259,21 +260,15 @@ def federate(
         seed=seed,
         min_size=min_size,
     )
-    if holdout:
-        return FederatedDataset(
-            [
-                _held_out_shard(worker, data[part], targets[part], holdout, seed, index)
-                for index, (worker, part) in enumerate(zip(workers, parts, strict=True))
-            ]
-        )
-    shards = [
-        Shard(worker, send(data[part], worker), send(targets[part], worker), len(part))
-        for worker, part in zip(workers, parts, strict=True)
-    ]
-    return FederatedDataset(shards)
+    return FederatedDataset(
+        [
+            _sent_shard(worker, data[part], targets[part], holdout, seed, index)
+            for index, (worker, part) in enumerate(zip(workers, parts, strict=True))
+        ]
+    )
 
 
-def _held_out_shard(
+def _sent_shard(
     worker: WorkerHandle,
     data: torch.Tensor,
     targets: torch.Tensor,
@@ -281,6 +276,17 @@ def _held_out_shard(
     seed: int,
     index: int,
 ) -> Shard:
+    """Worker ``index``'s shard of :func:`federate`, sent from this client.
+
+    A worker that can come back empty (it has a ``rejoin()``: a Ray actor that Ray
+    restarts) keeps its shard's local copy here, to be sent again when it rejoins a
+    run (``Shard.reload``); for any other worker nothing is kept.
+    """
+    reload = None
+    if getattr(worker, "rejoin", None) is not None:
+        reload = partial(_resend_shard, worker, data, targets, holdout, seed, index)
+    if not holdout:
+        return Shard(worker, send(data, worker), send(targets, worker), len(data), reload=reload)
     train, held = holdout_split(len(data), holdout, seed=seed, index=index)
     return Shard(
         worker,
@@ -290,7 +296,20 @@ def _held_out_shard(
         send(data[held], worker),
         send(targets[held], worker),
         len(held),
+        reload=reload,
     )
+
+
+async def _resend_shard(
+    worker: WorkerHandle,
+    data: torch.Tensor,
+    targets: torch.Tensor,
+    holdout: float,
+    seed: int,
+    index: int,
+) -> Shard:
+    """The shard of :func:`_sent_shard` sent again (the same split), to a restarted worker."""
+    return _sent_shard(worker, data, targets, holdout, seed, index)
 
 
 async def load_dataset(

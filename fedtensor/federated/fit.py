@@ -483,9 +483,10 @@ async def _rejoin(run: _Run) -> None:
 
     A worker handle that can come back has a ``rejoin()`` (``ft.ray.RayWorker``: Ray
     restarted its actor, empty); it answers without waiting for the restart. Its
-    shard is made again on it (``Shard.reload``: a data set the worker loads by name;
-    data this client sent died with the worker, and such a worker stays dropped), in
-    ``run.data`` itself, so the data set works after the run too. The plan and the
+    shard is made again on it (``Shard.reload``: a data set the worker loads by name,
+    or the shard ``ft.federate`` sent, sent again from the copy it kept; a shard that
+    cannot be remade leaves its worker dropped), in ``run.data`` itself, so the data
+    set works after the run too. The plan and the
     global state are sent to it by its next round, as to any worker.
     """
     for index in list(run.dropped):
