@@ -53,15 +53,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from types import TracebackType
-from typing import IO, Any, overload
+from collections.abc import Mapping, Sequence
+from typing import IO, Any, Self
 
 import anyio
 import anyio.abc
 import anyio.to_thread
 
-from fedtensor.client.handles import DEFAULT_TIMEOUT, RemoteWorker, require_asyncio
+from fedtensor.client.handles import DEFAULT_TIMEOUT, RemoteWorker, WorkerGroup, require_asyncio
 from fedtensor.errors import FedTensorError, TimeoutError, WorkerUnavailable
 
 __all__ = ["START_TIMEOUT", "LocalWorkers", "available_cores", "local_workers", "share_cores"]
@@ -117,7 +116,7 @@ def _option_arguments(options: Mapping[str, Any], index: int, count: int) -> lis
     return arguments
 
 
-class LocalWorkers(Sequence[RemoteWorker]):
+class LocalWorkers(WorkerGroup[RemoteWorker]):
     """``n`` worker processes on this machine and a connected handle to each.
 
     A sequence of :class:`~fedtensor.RemoteWorker` handles (``workers[0]``,
@@ -178,19 +177,6 @@ class LocalWorkers(Sequence[RemoteWorker]):
 
     # -- the sequence of handles -----------------------------------------------------------------
 
-    @overload
-    def __getitem__(self, index: int) -> RemoteWorker: ...
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[RemoteWorker]: ...
-    def __getitem__(self, index: int | slice) -> RemoteWorker | Sequence[RemoteWorker]:
-        return self._handles[index]
-
-    def __len__(self) -> int:
-        return len(self._handles)
-
-    def __iter__(self) -> Iterator[RemoteWorker]:
-        return iter(self._handles)
-
     @property
     def pids(self) -> list[int]:
         """The worker processes' ids."""
@@ -210,7 +196,7 @@ class LocalWorkers(Sequence[RemoteWorker]):
 
     # -- life cycle ------------------------------------------------------------------------------
 
-    async def start(self) -> LocalWorkers:
+    async def start(self) -> Self:
         """Start the processes, wait until each is ready, connect to each; returns ``self``."""
         require_asyncio("ft.local_workers")
         if self.processes or self._closed:
@@ -359,17 +345,6 @@ class LocalWorkers(Sequence[RemoteWorker]):
             await anyio.to_thread.run_sync(process.wait, self.stop_timeout)
         if process.stdout is not None:
             process.stdout.close()
-
-    async def __aenter__(self) -> LocalWorkers:
-        return await self.start()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 def local_workers(

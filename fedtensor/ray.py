@@ -57,16 +57,15 @@ import asyncio
 import os
 import secrets
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from types import TracebackType
-from typing import Any, Literal, overload
+from typing import Any, Literal, Self
 
 import anyio
 import anyio.abc
 import anyio.to_thread
 
-from fedtensor.client.handles import DEFAULT_TIMEOUT, RemoteWorker, require_asyncio
+from fedtensor.client.handles import DEFAULT_TIMEOUT, RemoteWorker, WorkerGroup, require_asyncio
 from fedtensor.errors import FedTensorError, WorkerUnavailable
 
 __all__ = ["RayWorker", "RayWorkers", "WorkerActor", "workers"]
@@ -281,7 +280,7 @@ class RayWorker(RemoteWorker):
         return f"<RayWorker id:{self.id} {self.url}>"
 
 
-class RayWorkers(Sequence[RayWorker]):
+class RayWorkers(WorkerGroup[RayWorker]):
     """``n`` fedtensor workers as Ray actors, a connected handle to each (see :func:`workers`)."""
 
     def __init__(
@@ -319,23 +318,10 @@ class RayWorkers(Sequence[RayWorker]):
         self._started_ray = False
         self._closed = False
 
-    @overload
-    def __getitem__(self, index: int) -> RayWorker: ...
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[RayWorker]: ...
-    def __getitem__(self, index: int | slice) -> RayWorker | Sequence[RayWorker]:
-        return self._handles[index]
-
-    def __len__(self) -> int:
-        return len(self._handles)
-
-    def __iter__(self) -> Iterator[RayWorker]:
-        return iter(self._handles)
-
     def __repr__(self) -> str:
         return f"<RayWorkers {', '.join(self.ids)}>"
 
-    async def start(self) -> RayWorkers:
+    async def start(self) -> Self:
         """Start the actors, wait until each serves, connect to each; returns ``self``."""
         require_asyncio("ft.ray.workers")
         if self.actors or self._closed:
@@ -445,17 +431,6 @@ class RayWorkers(Sequence[RayWorker]):
             remove_placement_group(self._placement_group)
         if self._started_ray:
             ray.shutdown()
-
-    async def __aenter__(self) -> RayWorkers:
-        return await self.start()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 def workers(

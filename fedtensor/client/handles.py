@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Generic, Self, TypeVar, overload
 
 import anyio
 import anyio.abc
@@ -39,6 +39,7 @@ __all__ = [
     "LocalWorker",
     "ReadOnlyDict",
     "RemoteWorker",
+    "WorkerGroup",
     "WorkerHandle",
     "connect",
     "encode_by_default",
@@ -342,3 +343,44 @@ def send(
         return pointers[0]
     blocking = all(worker._blocking for worker in workers)
     return (SyncMultiPointerTensor if blocking else MultiPointerTensor)(pointers)
+
+
+_Handle = TypeVar("_Handle", bound=WorkerHandle)
+
+
+class WorkerGroup(Sequence[_Handle], Generic[_Handle]):
+    """Workers started together (``ft.local_workers``, ``ft.ray.workers``): a sequence of
+    their handles, opened by :meth:`start` or ``async with``, closed by :meth:`aclose`.
+    A subclass sets ``_handles`` once started and says how to start and stop."""
+
+    _handles: list[_Handle]
+
+    @overload
+    def __getitem__(self, index: int) -> _Handle: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[_Handle]: ...
+    def __getitem__(self, index: int | slice) -> _Handle | Sequence[_Handle]:
+        return self._handles[index]
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+    def __iter__(self) -> Iterator[_Handle]:
+        return iter(self._handles)
+
+    async def start(self) -> Self:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
