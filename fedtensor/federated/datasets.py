@@ -285,16 +285,32 @@ def _sent_shard(
     reload = None
     if getattr(worker, "rejoin", None) is not None:
         reload = partial(_resend_shard, worker, data, targets, holdout, seed, index)
+    return _split_shard(
+        worker, data, targets, len(data), holdout, seed, index, reload, partial(_send_to, worker)
+    )
+
+
+def _send_to(worker: WorkerHandle, tensor: torch.Tensor) -> Any:
+    return send(tensor, worker)
+
+
+def _split_shard(
+    worker: WorkerHandle, data: Any, targets: Any, count: int, holdout: float, seed: int,
+    index: int, reload: Callable[[], Awaitable[Shard]] | None, place: Callable[[Any], Any],
+) -> Shard:  # fmt: skip
+    """Worker ``index``'s shard of ``count`` examples, ``holdout`` of them held out
+    (:func:`holdout_split`), each part put on the worker by ``place``: sent from here
+    (:func:`federate`), or already there (:func:`load_dataset`: pointers, as they are)."""
     if not holdout:
-        return Shard(worker, send(data, worker), send(targets, worker), len(data), reload=reload)
-    train, held = holdout_split(len(data), holdout, seed=seed, index=index)
+        return Shard(worker, place(data), place(targets), count, reload=reload)
+    train, held = holdout_split(count, holdout, seed=seed, index=index)
     return Shard(
         worker,
-        send(data[train], worker),
-        send(targets[train], worker),
+        place(data[train]),
+        place(targets[train]),
         len(train),
-        send(data[held], worker),
-        send(targets[held], worker),
+        place(data[held]),
+        place(targets[held]),
         len(held),
         reload=reload,
     )
@@ -358,19 +374,13 @@ def _dataset_shard(
 ) -> Shard:  # fmt: skip
     """The shard of worker ``index`` of :func:`load_dataset`: split, and able to reload."""
     reload = partial(_reload_dataset_shard, shard.worker, name, holdout, seed, index, timeout)
-    if not holdout:
-        return Shard(shard.worker, shard.data, shard.targets, count, reload=reload)
-    train, held = holdout_split(count, holdout, seed=seed, index=index)
-    return Shard(
-        shard.worker,
-        shard.data[train],
-        shard.targets[train],
-        len(train),
-        shard.data[held],
-        shard.targets[held],
-        len(held),
-        reload=reload,
+    return _split_shard(
+        shard.worker, shard.data, shard.targets, count, holdout, seed, index, reload, _in_place
     )
+
+
+def _in_place(pointer: Any) -> Any:
+    return pointer
 
 
 async def _reload_dataset_shard(

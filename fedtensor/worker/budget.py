@@ -632,6 +632,16 @@ def check_call(
     return None
 
 
+def _dry_run_refused(op: str, exc: MemoryError, ledger: Ledger) -> Failed:
+    """The failure of ``op`` whose dry run found it would pass what the client has left."""
+    return Failed(
+        "limit",
+        "MemoryQuotaExceeded",
+        f"{op}: {exc}: past what the client's memory quota of {ledger.budget} "
+        f"bytes leaves ({ledger.used} in use)",
+    )
+
+
 def check_worker_operation(
     op: str,
     args: tuple[Any, ...],
@@ -667,12 +677,7 @@ def check_worker_operation(
         except (TypeError, FedTensorError):
             return None  # wrong arguments, a plan refused: the operation says so
         except MemoryError as exc:
-            return Failed(
-                "limit",
-                "MemoryQuotaExceeded",
-                f"{op}: {exc}: past what the client's memory quota of {ledger.budget} "
-                f"bytes leaves ({ledger.used} in use)",
-            )
+            return _dry_run_refused(op, exc, ledger)
         what = f"{op} may allocate"
     elif op == "fedtensor.beaver_triple":  # sized by its arguments, not its inputs
         try:
@@ -694,12 +699,7 @@ def check_worker_operation(
         except (TypeError, ValueError, FedTensorError):
             return None  # wrong arguments, a plan refused: the operation says so
         except MemoryError as exc:
-            return Failed(
-                "limit",
-                "MemoryQuotaExceeded",
-                f"{op}: {exc}: past what the client's memory quota of {ledger.budget} "
-                f"bytes leaves ({ledger.used} in use)",
-            )
+            return _dry_run_refused(op, exc, ledger)
         what = f"{op} may allocate"
     elif op == "fedtensor.search":
         # An entry per described object and data set part, each a dict and a list of its
