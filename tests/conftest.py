@@ -4,8 +4,12 @@ and websockets to worker processes. In-process store tests run on both in-memory
 from __future__ import annotations
 
 import os
+import socket
+import ssl
+from collections.abc import Iterator
 
 import pytest
+import trustme
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -26,3 +30,29 @@ def ft_transport(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(params=[False, True], ids=["objects", "encoded"])
 def ft_encode(request: pytest.FixtureRequest) -> bool:
     return bool(request.param)
+
+
+# -- TLS and raw sockets (tests/test_preauth.py, tests/test_tls_layer.py) --------------------------
+
+
+@pytest.fixture(scope="module")
+def authority() -> trustme.CA:
+    """A certificate authority for the module's wss:// workers."""
+    return trustme.CA()
+
+
+@pytest.fixture
+def client_tls(authority: trustme.CA) -> ssl.SSLContext:
+    """A client context that trusts :func:`authority`."""
+    context = ssl.create_default_context()
+    authority.configure_trust(context)
+    return context
+
+
+@pytest.fixture
+def sockets() -> Iterator[list[socket.socket]]:
+    """Raw sockets a test opens, closed after it."""
+    opened: list[socket.socket] = []
+    yield opened
+    for sock in opened:
+        sock.close()

@@ -23,7 +23,7 @@ import asyncio
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import anyio
 import pytest
@@ -76,11 +76,6 @@ async def _wait_closed(reader: asyncio.StreamReader) -> None:
         pass
 
 
-@pytest.fixture(scope="module")
-def authority() -> trustme.CA:
-    return trustme.CA()
-
-
 @pytest.fixture
 async def serve(authority: trustme.CA) -> AsyncIterator[object]:
     """A factory of workers served in this process: ``await serve(limits, tls=False)``."""
@@ -100,22 +95,6 @@ async def serve(authority: trustme.CA) -> AsyncIterator[object]:
         yield start
         for server in servers:
             server.shutdown()
-
-
-@pytest.fixture
-def client_tls(authority: trustme.CA) -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    authority.configure_trust(context)
-    return context
-
-
-@pytest.fixture
-def sockets() -> Iterator[list[socket.socket]]:
-    """Raw sockets a test opens, closed after it."""
-    opened: list[socket.socket] = []
-    yield opened
-    for sock in opened:
-        sock.close()
 
 
 # -- memory -------------------------------------------------------------------------------------
