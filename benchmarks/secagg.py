@@ -5,8 +5,9 @@ workers, each with 320 examples of random 8x8 inputs (one local epoch: 10 steps 
 batches of 32; ``--secagg-steps 1`` for the worst case, one step, where masking dominates):
 the plain round (``ft.FedAvg``: every worker's state fetched and averaged) is the baseline,
 the secure round (``secure_aggregation=ft.SecAggPlus()``, defaults: ``k = 2 ceil(log2 n)``
-neighbours, a majority threshold, 22-bit quantization) the contender. Both run in this process
-on one torch thread (the workers' masking shares it with the aggregator), from the same
+neighbours, a majority threshold, 22-bit quantization, masked mod 2**32: each worker's weight
+is folded in before quantizing, so the sums fit the 32-bit ring) the contender. Both run in this
+process on one torch thread (the workers' masking shares it with the aggregator), from the same
 weights, after a warm-up round of each; the figure is the median round wall time (``History``'s
 ``seconds``) of 3 runs (1 with ``--quick``); the notes add the median CPU time of this process
 per round (all the virtual workers run in it), steadier than wall time on a busy machine. The
@@ -130,6 +131,7 @@ def notes(rows: list[Row], env: dict[str, Any]) -> str:
         lines.append(
             f"{count} workers: plain {plain:.3f} s, SecAgg+ {secure:.3f} s ({secure / plain:.2f}x),"
             f" k = {figures.get('neighbours', 0):.0f}, t = {figures.get('threshold', 0):.0f},"
+            f" mod 2**{figures.get('modulus_bits', 48):.0f},"
             f" {1000 * (secure - plain) / count:.1f} ms more per worker; CPU time"
             f" {cpu_plain:.3f} s against {cpu_secure:.3f} s ({cpu_secure / cpu_plain:.2f}x)"
         )

@@ -8,7 +8,11 @@ split 100,000 digit-shaped examples (the digits repeated with a little noise; no
 downloaded). Each runs on three pools of executors, one after another: 1 virtual worker in
 this process (torch at 1 thread: one core), 1 local worker process and 2 local worker
 processes (``ft.local_workers``, ``--threads 1`` each: one core each); 1,000 clients also as
-1,000 virtual workers (``ft.federate``, one core: how such a run was written before).
+1,000 virtual workers (``ft.federate``, one core: how such a run was written before). With
+``--single-updates`` the 2 processes also run before that pool with every client's update
+sent back alone (a FedAvg that turns partial sums off: the reply of a round before them,
+"single updates (before)"), for a before-and-after in one run; ``ft.fit`` now has each
+executor answer with its clients' weighted sum.
 
 Figures: setup (executors started, the data placed), the first round (from calling ``ft.fit``:
 tracing the model and storing the plan included), the mean of later rounds, the peak PSS and RSS
@@ -66,6 +70,9 @@ POOLS = {  # key: (title, executors, in this process); "workers": one virtual wo
     "workers": ("1 virtual worker per client (ft.federate, before)", 0, True),
     "virtual1": ("1 virtual worker (in process, 1 thread)", 1, True),
     "process1": ("1 local worker process (--threads 1)", 1, False),
+    # With --single-updates: 2 processes sending every client's update back alone, as
+    # before partial sums (run before "process2", in the same run).
+    "process2_single": ("2 local worker processes, single updates (before)", 2, False),
     "process2": ("2 local worker processes (--threads 1 each)", 2, False),
 }
 TARGET_SPEEDUP = 1.6
@@ -76,6 +83,13 @@ TARGET_PSS_BYTES = 10**9  # 1 GB, as PSS is reported here (decimal)
 FLOWER = {1_000: (18.6, 1.05, 1.47, 13)}
 VIRTUAL_WORKERS_BEFORE = {1_000: (0.21, 0.135, 0.40)}
 FLOWER_ABSENT = "flwr is not installed (pip install 'fedtensor[flower]')"
+
+
+class SingleUpdates(ft.FedAvg):
+    """FedAvg asking each executor for every client's update (no partial sums): the
+    reply of a round before partial sums, for the "before" row."""
+
+    partial_sums_ok = False
 
 
 def flower_missing() -> str | None:
@@ -168,9 +182,10 @@ async def _run(
         torch.manual_seed(SEED)
         model = MLP()
         fit_started = time.perf_counter()
+        strategy = SingleUpdates() if key.endswith("_single") else ft.FedAvg()
         history = await ft.fit(
             model, data, rounds=rounds, fraction=PER_ROUND / clients, batch_size=BATCH_SIZE,
-            lr=LR, seed=SEED, progress=False, on_round=sample,
+            lr=LR, seed=SEED, progress=False, on_round=sample, strategy=strategy,
         )  # fmt: skip
         completed = [len(m.completed) for m in history]
         if isinstance(data, ft.SimulatedClients):
@@ -221,6 +236,8 @@ async def run_simulation(cfg: Config, env: dict[str, Any]) -> list[Row]:
         for key, (title, _, _) in POOLS.items():
             if key == "workers" and clients > 1_000:
                 continue  # 10,000 virtual workers: not the design under test, and slow to open
+            if key == "process2_single" and not env.get("single_updates"):
+                continue  # only with --single-updates
             row = Row(f"simulation{clients}_{key}", f"{clients:,} clients, {title}", "s")
             try:
                 measured[key] = await _run(
@@ -233,7 +250,7 @@ async def run_simulation(cfg: Config, env: dict[str, Any]) -> list[Row]:
             result = results[f"{clients}_{key}"] = measured[key]
             row.fedtensor = result["later_round_s"]
             row.extra = result
-            if key == "process2":
+            if key.startswith("process2"):
                 one_core = [
                     measured[k]["later_round_s"]
                     for k in ("workers", "virtual1", "process1")
@@ -241,8 +258,12 @@ async def run_simulation(cfg: Config, env: dict[str, Any]) -> list[Row]:
                 ]
                 if one_core:
                     row.baselines.append(Baseline("the faster 1-core pool", min(one_core)))
+                if one_core and key == "process2":  # the target is the pool as it is now
                     row.target = min(one_core) / TARGET_SPEEDUP
                     row.target_text = f">= {TARGET_SPEEDUP:g}x faster"
+                if key == "process2" and "process2_single" in measured:
+                    before = measured["process2_single"]["later_round_s"]
+                    row.baselines.append(Baseline("single updates (before), same run", before))
             rows.append(row)
         flower = await _flower(clients, cfg.rounds["rounds"], env)
         for row in rows:
@@ -349,6 +370,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     async def suite(env: dict[str, Any]) -> list[Row]:
         env.update(rounds=cfg.rounds["rounds"], lr=LR, batch_size=BATCH_SIZE, per_round=PER_ROUND)
         env["flower_skipped"] = skipped
+        env["single_updates"] = getattr(args, "single_updates", False)
         return await run_simulation(cfg, env)
 
     return common.run_suite(args, "simulation", cfg, suite, notes)
@@ -358,6 +380,11 @@ if __name__ == "__main__":  # python -m benchmarks.simulation [--quick]: this su
     parser = argparse.ArgumentParser(prog="python -m benchmarks.simulation", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="3 rounds instead of 10")
     parser.add_argument("--no-flower", action="store_true", help="do not run Flower's side")
+    parser.add_argument(
+        "--single-updates",
+        action="store_true",
+        help="also run 2 processes with single updates (no partial sums: before), same run",
+    )
     parser.add_argument("--uvloop", action="store_true", help="on uvloop, if it is installed")
     parser.add_argument("--json", type=Path, default=common.REPO / "benchmarks/results/latest.json")
     raise SystemExit(run_from_args(parser.parse_args()))

@@ -214,9 +214,8 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--warm-up",
         action="store_true",
-        help="before reporting ready, import what the first training's memory check needs "
-        "(torch's compiler stack: seconds), so that a client's first round does not wait "
-        "for it (ft.local_workers sets it)",
+        help="before reporting ready, size and train one tiny local update, so that a "
+        "client's first round does not pay the first run's costs (ft.local_workers sets it)",
     )
     worker.add_argument("--ping-interval", type=float, default=20.0, help="seconds (default 20)")
     worker.add_argument("--ping-timeout", type=float, default=20.0, help="seconds (default 20)")

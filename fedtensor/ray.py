@@ -45,7 +45,10 @@ sets loaded again); :meth:`RayWorker.reconnect` asks Ray for the new address and
 connects to it. A fit under way takes it back by itself: before each round it asks
 :meth:`RayWorker.rejoin` of every worker it dropped, which looks without waiting
 whether Ray has restarted the actor, and connects to it when it has; ``ft.fit`` then
-loads the worker's data set again (shards of ``ft.load_dataset``) and samples it.
+makes the worker's shard again (loaded again by name for ``ft.load_dataset``, sent
+again from the client's copy for ``ft.federate``, the executor's block sent again for
+``ft.simulate_clients``) and samples it. ``ft.FedBuff``/``ft.FedAsync`` ask after
+every update taken instead of before each round.
 
 ``import fedtensor`` does not import Ray: this module imports it when a group of
 workers starts.

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import torch
 
@@ -270,4 +271,121 @@ async def test_fit_starts_when_the_first_worker_is_dead(
         assert history[0].failed["ray-0"].startswith("unavailable")
         assert history[0].completed == ("ray-1",)
         assert history[1].sampled == ("ray-1",)  # dropped for good: no restarts
+        del data
+
+
+async def test_a_restarted_executor_gets_its_block_again_and_its_clients_rejoin(
+    ray_instance: None,
+) -> None:
+    # Simulated clients on Ray executors: the restarted (empty) executor is sent its
+    # block again from the copy kept for an executor that can come back; its clients
+    # are sampled again, and train as in a run where the executor never died.
+    generator = torch.Generator().manual_seed(0)
+    examples = torch.randn(96, 3, generator=generator)
+    labels = (examples[:, 0] > 0).long()
+    torch.manual_seed(0)
+    start = torch.nn.Linear(3, 2).state_dict()
+    options: dict[str, Any] = {"batch_size": 8, "lr": 0.5, "progress": False}
+
+    def model() -> torch.nn.Module:
+        fresh = torch.nn.Linear(3, 2)
+        fresh.load_state_dict(start)
+        return fresh
+
+    group = ft.ray.workers(2, host="127.0.0.1", max_restarts=1, timeout=30)
+    async with group as executors:
+        victim = executors[1]
+        old_pid = await victim.actor.pid.remote()
+        clients = ft.simulate_clients(
+            (examples, labels), clients=8, executors=list(executors), seed=0, holdout=0.25
+        )
+        on_victim = {shard.name for shard in clients.shards if shard.worker is victim}
+        assert len(on_victim) == 4
+        # The run where nothing died, and one full round: the references.
+        reference = await ft.fit(model(), clients, rounds=8, fraction=0.5, **options)
+        one_round = model()
+        await ft.fit(one_round, clients, rounds=1, **options)
+        restarted: list[int] = []
+
+        def on_round(metrics: ft.RoundMetrics) -> None:
+            if metrics.round == 1:
+                os.kill(old_pid, signal.SIGKILL)  # mid-fit: before round 2 is queued
+            elif on_victim & set(metrics.failed) and not restarted:
+                # Wait (bounded) for Ray's restart, as the test above does.
+                restarted.append(ray.get(victim.actor.pid.remote(), timeout=60))
+
+        with anyio.fail_after(120):
+            history = await ft.fit(
+                model(), clients, rounds=8, fraction=0.5, on_round=on_round,
+                evaluate_fraction=1.0, **options,
+            )  # fmt: skip
+        dropped = next(m.round for m in history if on_victim & set(m.failed))
+        assert all(
+            history[dropped - 1].failed[name].startswith("unavailable")
+            for name in on_victim & set(history[dropped - 1].failed)
+        )
+        assert restarted
+        assert restarted[0] != old_pid  # Ray started a new process
+        back = [m.round for m in history if m.round > dropped and on_victim & set(m.completed)]
+        assert back, [(m.round, m.sampled, m.failed) for m in history]
+        # While away its clients gave no update; from its return on, every round samples
+        # what the run where it never died sampled, and all of them train.
+        assert all(
+            not on_victim & set(m.completed) for m in history if m.round < back[0] and m.round > 1
+        )
+        for metrics in history[back[0] - 1 :]:
+            assert metrics.sampled == reference[metrics.round - 1].sampled
+            assert metrics.completed == metrics.sampled
+            assert not metrics.failed
+        # The block sent again holds the same rows: its held-out rows are evaluated...
+        assert {name: result[2] for name, result in history[-1].client_eval.items()} == {
+            shard.name: shard.eval_size for shard in clients.shards
+        }
+        # ...and a full round from the same start gives the very weights it gave before.
+        again = model()
+        await ft.fit(again, clients, rounds=1, **options)
+        for key, value in one_round.state_dict().items():
+            assert torch.equal(again.state_dict()[key], value), key
+        del clients
+
+
+async def test_a_restarted_actor_rejoins_an_asynchronous_run(ray_instance: None) -> None:
+    # FedBuff: the killed worker is dropped (recorded in a version's `failed`), the
+    # other keeps the buffer filling, and the restarted worker gets its shard sent
+    # again and trains again (its updates in `arrivals`).
+    generator = torch.Generator().manual_seed(0)
+    examples = torch.randn(64, 3, generator=generator)
+    labels = (examples[:, 0] > 0).long()
+    group = ft.ray.workers(2, host="127.0.0.1", max_restarts=1, timeout=30)
+    async with group as workers:
+        victim = workers[1]
+        old_pid = await victim.actor.pid.remote()
+        data = ft.federate((examples, labels), list(workers), seed=0)
+        sent = await data.shards[1].data  # a copy of what worker 1 holds
+        restarted: list[int] = []
+
+        def on_round(metrics: ft.RoundMetrics) -> None:
+            if metrics.round == 1:
+                os.kill(old_pid, signal.SIGKILL)
+            elif "ray-1" in metrics.failed and not restarted:
+                # Wait (bounded) for Ray's restart, as the tests above do.
+                restarted.append(ray.get(victim.actor.pid.remote(), timeout=60))
+
+        # One update in flight at a time: each refill picks one of the idle workers
+        # (seeded), so once back the restarted worker is soon picked, and waited for.
+        strategy = ft.FedBuff(buffer_size=1, concurrency=1)
+        with anyio.fail_after(60):
+            history = await ft.fit(
+                torch.nn.Linear(3, 2), data, rounds=24, strategy=strategy, batch_size=8,
+                progress=False, on_round=on_round,
+            )  # fmt: skip
+        assert [m.round for m in history] == list(range(1, 25))  # every version was made
+        dropped = next(m.round for m in history if "ray-1" in m.failed)
+        assert history[dropped - 1].failed["ray-1"].startswith("unavailable")
+        assert restarted
+        assert restarted[0] != old_pid
+        back = [m.round for m in history if m.round > dropped and "ray-1" in m.arrivals]
+        assert back, [(m.round, m.arrivals, m.failed) for m in history]
+        # the new worker holds exactly the examples first sent to it
+        assert torch.equal(await data.shards[1].data, sent)
         del data

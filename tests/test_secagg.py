@@ -242,10 +242,14 @@ def _run_protocol(
     relay: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None,
     gone_before_masking: Sequence[int] = (),
     gone_after_masking: Sequence[int] = (),
+    modulus_bits: int | None = None,
     **dp: Any,
 ) -> tuple[torch.Tensor, set[int], list[dict[str, Any]]]:
-    """Drive the worker operations as the aggregator does; the unmasked integer sum."""
+    """Drive the worker operations as the aggregator does; the unmasked integer sum
+    (in the ring the aggregator would choose, unless ``modulus_bits`` is given)."""
     count = len(deltas)
+    if modulus_bits is None:
+        modulus_bits = sm.choose_modulus_bits(count, bits, deltas[0].numel())
     base = {"w": torch.zeros_like(deltas[0])}
     held = [worker_secagg.secagg_setup(round=1, position=p) for p in range(count)]
     public = [worker_secagg.secagg_public_keys(h) for h in held]
@@ -268,6 +272,8 @@ def _run_protocol(
             parameters=["w"],
             clip=clip,
             bits=bits,
+            max_weight=max(weights),
+            modulus_bits=modulus_bits,
             **dp,
         )
     rejected = {q for reply in masked.values() for q in reply["rejected"]}
@@ -291,6 +297,7 @@ def _run_protocol(
         threshold,
         1,
         {p: f"w{p}" for p in range(count)},
+        modulus_bits=modulus_bits,
     )
     return total, survivors, list(masked.values())
 
@@ -304,19 +311,32 @@ def _expected(deltas: Sequence[torch.Tensor], weights: Sequence[int], members: A
     return sum((deltas[p].double() * weights[p] for p in members), torch.zeros(1).double())
 
 
+def _average_and_bound(
+    total: torch.Tensor, weights: Sequence[int], members: Any, clip: float = 1.0, bits: int = 20
+) -> tuple[torch.Tensor, float]:
+    """The weighted average an unmasked sum of ratio-scaled inputs gives, and its error
+    bound per coordinate: ``n * step / sum(w_i / max_w)`` (``max_w`` over all ``weights``,
+    as the masking was told)."""
+    ratios = [weights[p] / max(weights) for p in members]
+    summed = sm.dequantize_sum(total[:-1], clip, bits, len(ratios))
+    return summed / sum(ratios), len(ratios) * sm.quantization_step(clip, bits) / sum(ratios)
+
+
 def test_the_protocol_gives_the_weighted_sum_within_the_quantization_step() -> None:
     deltas, weights = _deltas(8), [3, 1, 4, 1, 5, 9, 2, 6]
     total, survivors, replies = _run_protocol(deltas, weights, neighbours=4, threshold=3)
     assert survivors == set(range(8))
-    weight = sum(weights)
-    summed = sm.dequantize_sum(total[:-1], 1.0, 20, weight)
-    error = (summed - _expected(deltas, weights, range(8))) / weight
-    assert error.abs().max() < sm.quantization_step(1.0, 20)
+    average, bound = _average_and_bound(total, weights, range(8))
+    error = average - _expected(deltas, weights, range(8)) / sum(weights)
+    # The ratios' bound (the weights folded in before quantizing): 8 steps over
+    # sum(w / 9) = 31 / 9, where integer weights kept it at one step.
+    assert bound == pytest.approx(8 * 9 / 31 * sm.quantization_step(1.0, 20))
+    assert error.abs().max() < bound
     assert int(total[-1]) == 0  # nothing clipped
     # What the aggregator received of each worker is nothing like its update.
     step = sm.quantization_step(1.0, 20)
     for p, reply in enumerate(replies):
-        seen = sm.dequantize_sum(reply["masked"][:-1], 1.0, 20, weights[p]) / weights[p]
+        seen = sm.dequantize_sum(reply["masked"][:-1], 1.0, 20, 1)
         assert (seen - deltas[p].double()).abs().mean() > 1e6 * step
         assert abs(_correlation(reply["masked"][:-1].double(), deltas[p].double())) < 0.15
 
@@ -366,10 +386,8 @@ def test_a_tampered_share_drops_its_sender_and_the_sum_of_the_rest_is_right() ->
     assert survivors == {0, 1, 2, 3, 5}
     assert replies[1]["rejected"] == [4]
     weight = sum(weights[p] for p in survivors)
-    summed = sm.dequantize_sum(total[:-1], 1.0, 20, weight)
-    assert (
-        summed - _expected(deltas, weights, survivors)
-    ).abs().max() < weight * sm.quantization_step(1.0, 20)
+    average, bound = _average_and_bound(total, weights, survivors)
+    assert (average - _expected(deltas, weights, survivors) / weight).abs().max() < bound
 
 
 def test_the_differential_privacy_interface_clips_and_noises_before_masking() -> None:
@@ -420,6 +438,8 @@ def test_a_worker_refuses_what_would_unmask_one_input() -> None:
             parameters=[],
             clip=1.0,
             bits=8,
+            max_weight=1,
+            modulus_bits=32,
         )
     assert repr(fresh[0]).startswith("<SecAggSecrets round 1 position 0")
 
@@ -442,6 +462,8 @@ def test_overlapping_or_repeated_unmask_requests_are_refused() -> None:
         parameters=["w"],
         clip=1.0,
         bits=8,
+        max_weight=1,
+        modulus_bits=32,
     )
     with pytest.raises(ValueError, match="both a survivor and dropped"):
         worker_secagg.secagg_unmask(held[0], survivors=[0, 1, 2], dropped=[1])
@@ -552,6 +574,9 @@ async def test_secure_fedavg_equals_plain_fedavg_on_virtual_workers(encode: bool
         assert not m.skipped
         step = sm.quantization_step(1.0, 20)
         assert m.secure_aggregation["quantization_step"] == step
+        # Equal shards (50 each): every ratio is 1, the bound one step; 4 inputs fit 2**32.
+        assert m.secure_aggregation["quantization_bound"] == pytest.approx(step)
+        assert m.secure_aggregation["modulus_bits"] == 32
         assert m.secure_aggregation["clipped"] == 0
         assert m.secure_aggregation["neighbours"] == 3  # default 2*ceil(log2 4) = 4, at most n-1
         _assert_within(model.state_dict(), _fedavg(start, list(true.values())), step)

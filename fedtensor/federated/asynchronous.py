@@ -37,6 +37,17 @@ version with the updates still in flight (worker, number, and the model version
 each started from, whose state it keeps); resuming sends them again, so a run
 resumed with the same arrival order ends with the same weights as one that
 never stopped.
+
+Faults. An update whose worker died fails with :class:`~fedtensor.WorkerUnavailable`:
+the worker is dropped (the next version's ``failed`` says why) and the free slot
+goes at once to another worker, so the buffer keeps filling from the others. A
+worker that can come back (a Ray actor with ``max_restarts``: it has a ``rejoin()``,
+and its shard a ``reload``) is asked again after every update taken, without
+waiting for its restart (as :func:`fedtensor.fit` asks before each round); once back
+its shard is made again on it (loaded again by name, or sent again from the copy
+``ft.federate`` kept), in the data set itself, and it is sent updates again, which
+``arrivals`` records. A run with a fault is not replayable by its arrival order: when
+the worker came back depends on time.
 """
 
 from __future__ import annotations
@@ -118,10 +129,14 @@ class _AsynchronousRun:
         self.hyperparameters = hyperparameters
         self.update_timeout = update_timeout
         self.seed = seed
-        self.names = [shard.worker.id for shard in data.shards]
+        self.names = [shard.name for shard in data.shards]  # a simulated client's own
         self.index_of = {name: index for index, name in enumerate(self.names)}
         self.alive = list(range(len(data.shards)))
-        self.plans: dict[int, PointerBase] = {}
+        #: Indices of the workers dropped as unavailable that may come back (see rejoin).
+        self.dropped: list[int] = []
+        #: The plan stored on each worker, by its connection (a worker's simulated clients
+        #: share one; a restarted worker, on a new connection, is sent it again).
+        self.plans: dict[object, PointerBase] = {}
         self.flights: dict[int, _Flight] = {}  # worker index -> its update in flight
         self.arrived: dict[int, _Arrival] = {}
         self.queue: list[int] = []  # worker indices, in the order their updates arrived
@@ -143,13 +158,13 @@ class _AsynchronousRun:
         assert self.group is not None
         shard = self.data.shards[index]
         client = shard.worker.client
-        if index not in self.plans:
-            self.plans[index] = client.store(self.plan.wire)
+        if client not in self.plans:
+            self.plans[client] = client.store(self.plan.wire)
         stored = client.store(self.bases[base])
         result = call_on(
             client,
             "fedtensor.local_update",
-            (self.plans[index], stored, shard.data, shard.targets),
+            (self.plans[client], stored, shard.data, shard.targets),
             {**self.hyperparameters, "seed": update_seed(self.seed, update)},
         )
         del stored  # released on the worker right after the update read it
@@ -226,7 +241,8 @@ class _AsynchronousRun:
         if isinstance(error, WorkerUnavailable):
             self.failed[name] = f"unavailable: {error}"
             self.alive.remove(index)
-            self.plans.pop(index, None)
+            self.dropped.append(index)
+            self.plans.pop(self.data.shards[index].worker.client, None)
         elif isinstance(error, FedTimeoutError):
             self.failed[name] = f"{type(error).__name__}: {error}"
         elif isinstance(error, RemoteError):
@@ -235,6 +251,35 @@ class _AsynchronousRun:
             self.failed[name] = f"{type(error).__name__}: {error}"
         else:
             raise error  # not a worker's failure: the run ends with it
+
+    async def rejoin(self) -> None:
+        """Take back the dropped workers that are reachable again, their shard made again.
+
+        As :func:`fedtensor.fit` does before each round: a worker that has a
+        ``rejoin()`` (a Ray worker) and a shard with a ``reload`` is asked, without
+        waiting for its restart; once back, its shard is made again on it, in the
+        data set itself, and it is idle (the next :meth:`refill` may send it an
+        update). Any other worker stays dropped, and is not asked again.
+        """
+        shards = list(self.data.shards)
+        back: list[int] = []
+        for index in list(self.dropped):
+            shard = shards[index]
+            rejoin = getattr(shard.worker, "rejoin", None)
+            if rejoin is None or shard.reload is None:
+                self.dropped.remove(index)  # it cannot come back
+                continue
+            if not await rejoin():
+                continue  # still restarting (or gone for good): asked after the next update
+            try:
+                shards[index] = await shard.reload()
+            except (WorkerUnavailable, FedTimeoutError, RemoteError):
+                continue
+            self.dropped.remove(index)
+            back.append(index)
+        if back:
+            self.data.shards = tuple(shards)
+            self.alive = sorted([*self.alive, *back])
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -346,6 +391,8 @@ async def fit_asynchronously(
                 run.failed = {}
                 run.sent_since = 0
                 last = now
+            if run.dropped:  # a restarted worker is idle again, for the refill below
+                await run.rejoin()
             # The idle workers get the newest model at once: nobody waits for evaluation.
             run.refill(strategy.concurrency)
             run.forget_unused_bases()

@@ -11,14 +11,16 @@ then:
    one frame, no round trip); all the workers of the round train concurrently
    (simulated clients: one ``fedtensor.local_updates`` per executor for all its
    sampled clients, :class:`~fedtensor.federated.simulation.ClientUpdates`);
-3. collects the updates in a task group, one child per sampled worker, each
+3. collects the updates in a task group, one child per sampled worker (per
+   executor for simulated clients, whose updates share one reply), each
    waiting at most ``round_timeout`` for its worker's update; a worker that died
    is dropped from later rounds (until it comes back: a Ray actor that Ray
    restarted is asked before each round, see ``_rejoin``), a straggler only from
    this one. A failure that
    would repeat on every worker (the plan is refused) cancels the whole group
    and ends the run;
-4. aggregates the updates with the strategy (FedAvg by default), if at least
+4. aggregates the updates with the strategy (FedAvg by default; simulated clients'
+   executors answer with their weighted sums when ``strategy.partial_sums_ok``), if at least
    ``min_workers`` answered (otherwise the round is recorded as skipped and the
    global model stays as it was), evaluates the model on held-out data, shows
    progress (:mod:`fedtensor.federated.progress`), and saves a checkpoint
@@ -56,7 +58,7 @@ from fedtensor.federated.datasets import FederatedDataset, Shard
 from fedtensor.federated.evaluation import FederatedEvaluator, evaluate
 from fedtensor.federated.progress import History, ProgressDisplay, RoundMetrics
 from fedtensor.federated.secagg import SecAggPlus, secure_round
-from fedtensor.federated.simulation import ClientShard, ClientUpdate, ClientUpdates
+from fedtensor.federated.simulation import ClientShard, ClientUpdate, ClientUpdates, by_reply
 from fedtensor.federated.strategies import AsynchronousStrategy, FedAvg, Strategy, Update
 from fedtensor.federated.trace import Plan, trace
 from fedtensor.protocol.plan import OPTIMIZERS
@@ -348,8 +350,11 @@ async def _round(run: _Run, round: int) -> RoundMetrics:
     results: dict[int, PointerBase | ClientUpdate] = {}
     # The global state goes once to each worker: its shards (simulated clients) share it.
     stored: dict[int, PointerBase] = {}
-    # Simulated clients train in one command per executor (fedtensor.worker.local_updates).
-    batched = ClientUpdates()
+    # Simulated clients train in one command per executor (fedtensor.worker.local_updates),
+    # which answers with its clients' weighted sum when the strategy reads only the mean
+    # (central DP clips each update: it needs them one by one).
+    central_dp = run.privacy is not None and run.privacy.central is not None
+    batched = ClientUpdates(partial_sums=run.strategy.partial_sums_ok and not central_dp)
     for index in sampled:
         shard = shards[index]
         client = shard.worker.client
@@ -381,39 +386,49 @@ async def _round(run: _Run, round: int) -> RoundMetrics:
     run.shown.update(round, 0, len(sampled))
 
     async def collect(
-        index: int, result: PointerBase | ClientUpdate, group: anyio.abc.TaskGroup
+        members: list[tuple[int, PointerBase | ClientUpdate]], group: anyio.abc.TaskGroup
     ) -> None:
+        # One task per reply: the simulated clients of an executor share one (after the
+        # first, their fetches return at once), so a round costs a task per executor.
+        answered = 0
         with anyio.move_on_after(run.round_timeout) as waited:
-            try:
-                # round_timeout None: each worker handle's own timeout bounds the wait.
-                reply = await result.fetch(free=True, timeout=run.round_timeout)
-            except WorkerUnavailable as exc:
-                reasons[index] = f"unavailable: {exc}"
-                alive.remove(index)
-                run.dropped.append(index)
-                run.plans.pop(index, None)
-                run.plans_by_client.pop(id(shards[index].worker.client), None)
-            except FedTimeoutError as exc:
-                reasons[index] = f"{type(exc).__name__}: {exc}"
-            except RemoteError as exc:
-                reasons[index] = f"{type(exc).__name__}: {exc}"
-                if exc.remote_type in _PLAN_ERRORS:
-                    # The same plan fails on every worker: stop the run, do not skip.
+            for index, result in members:
+                try:
+                    # round_timeout None: each worker handle's own timeout bounds the wait.
+                    reply = await result.fetch(free=True, timeout=run.round_timeout)
+                except WorkerUnavailable as exc:
+                    reasons[index] = f"unavailable: {exc}"
+                    alive.remove(index)
+                    run.dropped.append(index)
+                    run.plans.pop(index, None)
+                    dead = run.plans_by_client.pop(id(shards[index].worker.client), None)
+                    if dead is not None:  # the worker's other shards (simulated clients) too
+                        for other in [i for i, plan in run.plans.items() if plan is dead]:
+                            del run.plans[other]
+                except FedTimeoutError as exc:
+                    reasons[index] = f"{type(exc).__name__}: {exc}"
+                except RemoteError as exc:
+                    reasons[index] = f"{type(exc).__name__}: {exc}"
+                    if exc.remote_type in _PLAN_ERRORS:
+                        # The same plan fails on every worker: stop the run, do not skip.
+                        stopped.append(exc)
+                        group.cancel_scope.cancel()
+                    remote_errors[index] = exc
+                except Exception as exc:  # not a worker's failure: the run ends with it
                     stopped.append(exc)
                     group.cancel_scope.cancel()
-                remote_errors[index] = exc
-            except Exception as exc:  # not a worker's failure: the run ends with it
-                stopped.append(exc)
-                group.cancel_scope.cancel()
-            else:
-                updates[index] = (reply, time.perf_counter() - submitted)
+                else:
+                    updates[index] = (reply, time.perf_counter() - submitted)
+                answered += 1
         if waited.cancelled_caught:
-            reasons[index] = f"no update within {run.round_timeout} s"
+            for index, _ in members[answered:]:
+                reasons[index] = f"no update within {run.round_timeout} s"
         run.shown.update(round, len(updates), len(sampled))
 
     async with anyio.create_task_group() as group:
-        for index in sampled:
-            group.start_soon(collect, index, results.pop(index), group)
+        for members in by_reply(sampled, results):
+            group.start_soon(collect, members, group)
+    results.clear()
     if stopped:
         raise stopped[0]
     if not updates and remote_errors:
@@ -421,6 +436,8 @@ async def _round(run: _Run, round: int) -> RoundMetrics:
         # rather than skip round after round.
         raise remote_errors[min(remote_errors)]
 
+    # Partial sums (simulated clients): their mean as one update, and which clients it holds.
+    summed, in_sums, summed_bytes = batched.summed(state, updates)
     replies = [(index, *updates[index]) for index in sampled if index in updates]
     name = {index: shards[index].name for index in sampled}  # only the sampled: O(round)
     examples = sum(int(reply["examples"]) for _, reply, _ in replies)
@@ -429,8 +446,10 @@ async def _round(run: _Run, round: int) -> RoundMetrics:
     clip_norm = privacy.clip_norm if privacy is not None else math.nan
     if not skipped:
         updates_in = [
-            Update(name[i], reply["state"], int(reply["examples"])) for i, reply, _ in replies
-        ]
+            Update(name[i], reply["state"], int(reply["examples"]))
+            for i, reply, _ in replies
+            if i not in in_sums
+        ] + summed
         if privacy is not None and privacy.central is not None:
             # Central DP: the strategy sees only the noised mean of the clipped updates.
             noised = privacy.aggregate(state, [update.state for update in updates_in])
@@ -471,7 +490,8 @@ async def _round(run: _Run, round: int) -> RoundMetrics:
             else 0.0
         ),
         bytes_sent=tensor_bytes(state) * state_copies,
-        bytes_received=sum(tensor_bytes(reply["state"]) for _, reply, _ in replies),
+        bytes_received=summed_bytes
+        + sum(tensor_bytes(reply["state"]) for i, reply, _ in replies if i not in in_sums),
         epsilon=epsilon,
         example_epsilon=example_epsilon,
         clip_norm=clip_norm,
@@ -487,24 +507,36 @@ async def _rejoin(run: _Run) -> None:
     or the shard ``ft.federate`` sent, sent again from the copy it kept; a shard that
     cannot be remade leaves its worker dropped), in ``run.data`` itself, so the data
     set works after the run too. The plan and the
-    global state are sent to it by its next round, as to any worker.
+    global state are sent to it by its next round, as to any worker. Simulated
+    clients share their executor: it is asked once, its block sent again once
+    (``ClientShard.reload``), and all its dropped clients come back together.
     """
-    for index in list(run.dropped):
-        shard = run.data.shards[index]
+    answers: dict[int, bool] = {}  # id of a worker handle -> whether it is back
+    back: list[int] = []
+    given_up: set[int] = set()
+    shards = list(run.data.shards)
+    for index in run.dropped:
+        shard = shards[index]
         rejoin = getattr(shard.worker, "rejoin", None)
         if rejoin is None or shard.reload is None:
-            run.dropped.remove(index)  # it cannot come back
+            given_up.add(index)  # it cannot come back
             continue
-        if not await rejoin():
+        if id(shard.worker) not in answers:
+            answers[id(shard.worker)] = await rejoin()
+        if not answers[id(shard.worker)]:
             continue  # still restarting (or gone for good): asked again next round
         try:
             fresh = await shard.reload()
         except (WorkerUnavailable, FedTimeoutError, RemoteError):
             continue
-        run.data.shards = (*run.data.shards[:index], fresh, *run.data.shards[index + 1 :])
-        run.dropped.remove(index)
-        run.alive.append(index)
-        run.alive.sort()
+        shards[index] = fresh
+        back.append(index)
+    if back:
+        run.data.shards = tuple(shards)
+        run.alive = sorted([*run.alive, *back])
+    if back or given_up:
+        gone = given_up.union(back)
+        run.dropped = [index for index in run.dropped if index not in gone]
 
 
 async def _example_batch(data: FederatedDataset) -> tuple[torch.Tensor, torch.Tensor] | None:

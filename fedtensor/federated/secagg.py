@@ -25,7 +25,8 @@ four stages, each one command per worker and one wait (bounded by
    that neighbour. The aggregator cannot open them; it relays them.
 3. **Masked input**: each worker opens the shares relayed to it (one that fails
    authentication names its sender, who is then dropped) and answers with its
-   example-weighted, quantized update plus its self mask and pairwise masks.
+   weighted, quantized update plus its self mask and pairwise masks, in the ring
+   the aggregator chose for the round (below).
    The update itself never leaves the worker; the local update's result is
    never fetched, only the statistics (examples, loss, correct answers, compute
    seconds), which travel in the clear, as Flower's metrics and example counts do.
@@ -38,6 +39,21 @@ four stages, each one command per worker and one wait (bounded by
    masks shared with dropped workers, and dequantizes the sum.
 
 The strategy then moves the model from the sum (:meth:`Strategy.aggregate_sum`).
+
+**Weights and the ring.** A worker's weight (its example count, or 1 under
+differential privacy) is folded in before quantizing as the ratio ``w_i / max_w``
+of the round's largest weight (the largest sampled shard: Flower's SecAgg+ does
+the same with its ``max_weight``), so each input adds at most ``2**bits - 1`` per
+entry and the sum of ``n`` fits ``2**32`` when ``n * (2**bits - 1) < 2**32``
+(1,024 workers at 22 bits): the aggregator then masks mod ``2**32`` (``int32``
+words, half the keystream and memory traffic of the 48-bit ring), else mod
+``2**48`` (:func:`~fedtensor.protocol.secagg_math.choose_modulus_bits`), and tells
+the workers in the masking call. The sum unmasked is ``sum(r_i x_i)``; divided
+by ``sum(r_i)`` it is the weighted average, with an error per coordinate below
+``n * step / sum(r_i)`` (``quantization_bound``; ``step`` when the weights are
+equal, ``step * max_w / mean_w`` in general): the price of the ratio against an
+integer weight, which kept the bound at ``step`` but needed ``total_weight *
+(2**bits - 1)`` to fit the ring.
 Fewer than ``threshold`` shares for someone (more than ``neighbours -
 threshold`` dropouts around one worker), or fewer survivors than
 ``max(2, min_workers)``, skips the round with its reason in
@@ -82,7 +98,7 @@ from fedtensor.federated.progress import RoundMetrics
 from fedtensor.federated.strategies import Strategy
 from fedtensor.protocol import secagg_math as sm
 from fedtensor.protocol.values import tensor_bytes
-from fedtensor.worker.secagg import INTEGER_DELTA_BOUND, SEALED_BYTES, seed_commitment
+from fedtensor.worker.secagg import SEALED_BYTES, seed_commitment
 
 __all__ = ["SecAggPlus", "secure_round"]
 
@@ -103,7 +119,10 @@ class SecAggPlus:
     workers may drop out after masking around any one worker. Each coordinate
     of an update (its change in the round) is clipped to ``[-clip, clip]`` and
     quantized to ``bits`` bits: the sum's error per coordinate of the average
-    is below ``2 * clip / (2**bits - 1)`` (reported as ``quantization_step``).
+    is one step ``2 * clip / (2**bits - 1)`` (reported as ``quantization_step``);
+    the error of the weighted average per coordinate is below ``n * step /
+    sum(w_i / max_w)`` (``quantization_bound``: one step when the weights are
+    equal). Rounds whose sums fit are masked mod ``2**32``, others mod ``2**48``.
     """
 
     neighbours: int | None = None
@@ -135,6 +154,10 @@ class SecAggPlus:
                 "quantization step too coarse to train on, more overflow the 48-bit sums"
             )
 
+    def modulus_bits_for(self, workers: int, entries: int = 0, integers: bool = False) -> int:
+        """The ring of a round of ``workers`` inputs (32 or 48 bits; ``ValueError`` if none)."""
+        return sm.choose_modulus_bits(workers, self.bits, entries, integers)
+
     def neighbours_for(self, count: int) -> int:
         """``k`` in a round of ``count`` workers."""
         wanted = self.neighbours if self.neighbours is not None else sm.default_neighbours(count)
@@ -154,6 +177,7 @@ class SecAggPlus:
             )
         if type(strategy).aggregate_sum is Strategy.aggregate_sum:
             raise ValueError(f"{type(strategy).__name__} cannot aggregate a masked sum")
+        self.modulus_bits_for(per_round)  # a round's sums must fit a ring
         neighbours = self.neighbours_for(per_round)
         if self.threshold_for(neighbours) > neighbours:
             raise ValueError(
@@ -218,6 +242,9 @@ async def secure_round(
     received_bytes = 0
     keys = sorted(k for k, v in state.items() if v.is_floating_point())
     integer_keys = sorted(k for k, v in state.items() if _is_integer(v))
+    floats = sum(state[key].numel() for key in keys)
+    # The round's largest weight: each worker's update is scaled by its weight over it.
+    max_weight = weight if weight is not None else max(1, *(shards[i].size for i in sampled))
 
     # 1. Setup and training, queued at once on every sampled worker.
     setups: dict[int, PointerBase] = {}
@@ -349,7 +376,10 @@ async def secure_round(
                     f"fewer than the threshold {threshold}"
                 )
 
-        # 3. Masked inputs: each worker gets the shares sealed for it.
+        # 3. Masked inputs: each worker gets the shares sealed for it, in the narrowest
+        # ring the sum of as many inputs as may arrive fits.
+        modulus_bits = config.modulus_bits_for(len(shared), floats, bool(integer_keys))
+        report["modulus_bits"] = float(modulus_bits)
         mask_calls: dict[int, PointerBase] = {}
         peers_of: dict[int, list[int]] = {}
         sent_to = {
@@ -385,6 +415,8 @@ async def secure_round(
                     "parameters": keys,
                     "clip": float(config.clip),
                     "bits": config.bits,
+                    "max_weight": max_weight,
+                    "modulus_bits": modulus_bits,
                     "clip_norm": clip_norm,
                     "noise_std": noise_std,
                     "weight": weight,
@@ -395,6 +427,13 @@ async def secure_round(
         stored.clear()
         masked = await gather("masked input", mask_calls)
         elapsed = time.perf_counter() - submitted
+        for index, reply in list(masked.items()):
+            reported = reply.get("weight") if isinstance(reply, dict) else None
+            if type(reported) is not int or not 0 <= reported <= max_weight:
+                # Its ratio would not be the one it scaled by: it is left out (dropped,
+                # its pairwise masks removed), not the round.
+                reasons[index] = f"masked input: a weight outside [0, {max_weight}]"
+                del masked[index]
         run.shown.update(round, len(masked), len(sampled))
         rejected = {sender for reply in masked.values() for sender in reply["rejected"]}
         for sender in rejected:
@@ -435,6 +474,7 @@ async def secure_round(
             threshold,
             round,
             {p: name[index_at[p]] for p in graph},
+            modulus_bits=modulus_bits,
         )
     except _Skip as exc:
         skip_reason = f"secure aggregation: {exc}"
@@ -448,15 +488,14 @@ async def secure_round(
     examples = sum(int(reply["examples"]) for _, reply in replies)
     skipped = not replies
     if not skipped:
-        total_weight = sum(int(reply["weight"]) for _, reply in replies)
-        if total_weight * ((1 << config.bits) - 1) >= 1 << sm.MODULUS_BITS:
-            raise ValueError(
-                f"a total weight of {total_weight} overflows the {sm.MODULUS_BITS}-bit sums "
-                f"of {config.bits}-bit updates: lower SecAggPlus(bits=...)"
-            )
-        floats = sum(state[key].numel() for key in keys)
-        clipped = int(total[floats])
-        summed = sm.dequantize_sum(total[:floats], float(config.clip), config.bits, total_weight)
+        weights = [int(reply["weight"]) for _, reply in replies]  # in [0, max_weight]
+        total_weight = sum(weights)
+        # The same ratios the workers scaled by (the same float division).
+        ratio_sum = sum(w / max_weight for w in weights)
+        clipped = int(sm.residues(total[floats : floats + 1]))
+        # sum(r_i x_i), rescaled so that over total_weight it is the average the ratios give.
+        summed = sm.dequantize_sum(total[:floats], float(config.clip), config.bits, len(replies))
+        summed.mul_(total_weight / ratio_sum if ratio_sum else 0.0)
         sums: State = {}
         offset = 0
         for key in keys:
@@ -466,8 +505,11 @@ async def secure_round(
         new_state = run.strategy.aggregate_sum(state, sums, total_weight, run.parameters)
         new_state.update(_integer_means(state, integer_keys, total[floats + 1 :], len(replies)))
         run.model.load_state_dict(new_state)
+        step = sm.quantization_step(float(config.clip), config.bits)
         report.update(
-            quantization_step=sm.quantization_step(float(config.clip), config.bits),
+            quantization_step=step,
+            # Each input's rounding is off by less than a step: n of them, over sum(r_i).
+            quantization_bound=len(replies) * step / ratio_sum if ratio_sum else 0.0,
             clipped=float(clipped),
         )
     seen = examples * run.hyperparameters["epochs"]
@@ -520,15 +562,19 @@ def _is_integer(value: torch.Tensor) -> bool:
 def _integer_means(state: State, keys: list[str], sums: torch.Tensor, count: int) -> State:
     """Each integer entry moved by the mean of the ``count`` workers' deltas, rounded.
 
-    ``sums``: their masked-and-unmasked sum, residues mod 2**48 read as signed. Plain
+    ``sums``: their masked-and-unmasked sum in the round's ring, read as signed. Plain
     FedAvg takes the largest of the workers' values; a sum cannot give that, but the
     mean is the same whenever the workers moved an entry alike (a batch norm's
     ``num_batches_tracked`` after as many local steps: shards of equal size).
     """
-    if count > sm.MODULUS_MASK // (2 * INTEGER_DELTA_BOUND):
-        raise ValueError(f"{count} workers' integer deltas could overflow the 48-bit sums")
-    half = 1 << (sm.MODULUS_BITS - 1)
-    signed = torch.where(sums >= half, sums - (1 << sm.MODULUS_BITS), sums)
+    modulus_bits = sm.modulus_bits_of(sums)
+    if 2 * count * sm.integer_delta_bound(modulus_bits) >= 1 << modulus_bits:
+        raise ValueError(f"{count} workers' integer deltas could overflow the ring's sums")
+    if modulus_bits == sm.NARROW_MODULUS_BITS:
+        signed = sums.to(torch.int64)  # int32 words are the signed residues already
+    else:
+        half = 1 << (sm.MODULUS_BITS - 1)
+        signed = torch.where(sums >= half, sums - (1 << sm.MODULUS_BITS), sums)
     moved = torch.div(2 * signed + count, 2 * count, rounding_mode="floor")  # round half up
     out: State = {}
     offset = 0
@@ -578,12 +624,16 @@ def _unmask(
     threshold: int,
     round: int,
     names: dict[int, str],
+    *,
+    modulus_bits: int = sm.MODULUS_BITS,
 ) -> torch.Tensor:
-    """The sum of the survivors' masked inputs with every mask removed (mod 2**48)."""
+    """The sum of the survivors' masked inputs with every mask removed, in the ring of
+    ``modulus_bits`` (int32 words for 32, int64 residues for 48)."""
     length = next(iter(masked.values())).numel()
-    if any(vector.numel() != length or vector.dtype != torch.int64 for vector in masked.values()):
-        raise _Skip("masked inputs of different lengths")
-    total = torch.zeros(length, dtype=torch.int64)
+    dtype = sm.ring_dtype(modulus_bits)
+    if any(vector.numel() != length or vector.dtype != dtype for vector in masked.values()):
+        raise _Skip(f"masked inputs of different lengths, or not in the {modulus_bits}-bit ring")
+    total = torch.zeros(length, dtype=dtype)
     sm.add_masks(total, ((masked[p], 1) for p in sorted(survivors)))
 
     held = {holder: _revealed_shares(reply) for holder, reply in revealed.items()}

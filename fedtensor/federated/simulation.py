@@ -33,19 +33,33 @@ plan once per executor, and sends each executor one command per round,
 ``fedtensor.local_updates`` (:mod:`fedtensor.worker.local_updates`, queued by
 :class:`ClientUpdates`), naming the rows and seed of each of its sampled clients:
 it trains them one after another while the other executors train theirs, and
-answers with their updates in one reply. Sent one command per client, a client
-cost a worker process 4-8 ms against ~1 ms in process (two slices, a command, a
-fetch and a reply frame each, and a memory check running the plan on ``meta``
-tensors); now that is paid once per executor and round. The client's
+answers with their updates in one reply; when the strategy reads only the
+weighted mean of the updates (``Strategy.partial_sums_ok``, and no central DP), with
+their weighted sum instead (``partial_sum=True``), which ``fit`` adds up over the
+executors and hands the strategy as one update (:meth:`ClientUpdates.summed`). The
+clients of one executor are collected by one task (:func:`by_reply`). Sent one
+command per client, a client cost a worker process 4-8 ms against ~1 ms in process
+(two slices, a command, a fetch and a reply frame each, and a memory check running
+the plan on ``meta`` tensors); now that is paid once per executor and round. The client's
 position in the data set gives it its seed (``worker_seed``), exactly as a worker's
 does: with ``split="iid"`` and the same ``seed``, N simulated clients train exactly
 as ``ft.federate`` over N virtual workers would.
+
+Faults. An executor that dies fails the updates of its sampled clients with
+:class:`~fedtensor.WorkerUnavailable`, and ``fit`` drops them (the others when a
+round samples them). An executor that can come back empty (a Ray actor with
+``max_restarts``: it has a ``rejoin()``) keeps its block's local copy in the
+:class:`_Block`; each of its clients has a ``reload`` that sends the block again
+once the executor is back (once for all its clients, on its new connection), so
+``fit``'s rejoin (:func:`~fedtensor.federated.fit._rejoin`) takes the clients back
+with the same rows: from then on they are sampled and train as if the executor
+had never died. For any other executor nothing is kept and ``reload`` is None.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -62,20 +76,47 @@ from fedtensor.federated.datasets import (
     holdout_split,
     split_indices,
 )
+from fedtensor.federated.strategies import Update
 from fedtensor.protocol.messages import Failure
+from fedtensor.protocol.values import tensor_bytes
 
-__all__ = ["ClientShard", "ClientUpdates", "SimulatedClients", "simulate_clients"]
+__all__ = ["ClientShard", "ClientUpdates", "SimulatedClients", "by_reply", "simulate_clients"]
 
 
 class _Block:
-    """The examples of one executor's clients, client after client, stored there once."""
+    """The examples of one executor's clients, client after client, stored there once.
 
-    __slots__ = ("data", "executor", "targets")
+    An executor that can come back empty (it has a ``rejoin()``: a Ray actor that Ray
+    restarts) keeps the block's local copy here (``kept``), to be sent again when it
+    rejoins a run (:meth:`resend`); for any other executor nothing is kept.
+    """
 
-    def __init__(self, executor: WorkerHandle, data: Any, targets: Any) -> None:
+    __slots__ = ("data", "executor", "kept", "sent_to", "targets")
+
+    def __init__(
+        self,
+        executor: WorkerHandle,
+        data: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        keep: bool = False,
+    ) -> None:
         self.executor = executor
-        self.data = data
-        self.targets = targets
+        self.data: Any = send(data, executor)
+        self.targets: Any = send(targets, executor)
+        self.kept = (data, targets) if keep else None
+        #: The connection the block went through: a restarted executor has a new one.
+        self.sent_to: object = executor.client
+
+    def resend(self) -> None:
+        """Send the block again if its executor came back (a new connection) since it was
+        sent; once for all its clients, whichever of them rejoins first."""
+        client = self.executor.client
+        if self.kept is None or client is self.sent_to:
+            return
+        data, targets = self.kept
+        self.data, self.targets = send(data, self.executor), send(targets, self.executor)
+        self.sent_to = client
 
 
 class ClientShard(Shard):
@@ -129,6 +170,16 @@ class ClientShard(Shard):
     def name(self) -> str:
         return self.client
 
+    @property
+    def reload(self) -> Callable[[], Awaitable[Shard]] | None:
+        """The block sent again to the restarted executor (``ft.fit``'s rejoin); None
+        when the executor cannot come back (nothing kept)."""
+        return self._resent if self._block.kept is not None else None
+
+    async def _resent(self) -> Shard:
+        self._block.resend()
+        return self  # the same client: its rows are read through the block, anew
+
     # Identity, not field by field: comparing fields would read (make) the pointers.
     __eq__ = object.__eq__
     __hash__ = object.__hash__
@@ -177,10 +228,18 @@ class ClientUpdates:
     (:mod:`fedtensor.worker.local_updates`), and gives back, per client, a
     :class:`ClientUpdate` whose ``fetch`` is that client's reply: the executor's
     reply is read once, when its first client is awaited.
+
+    With ``partial_sums`` (a strategy that reads only the weighted mean of the
+    updates, ``Strategy.partial_sums_ok``, in a run without central DP) each
+    executor answers with its clients' weighted sum instead of their states
+    (``partial_sum=True``): a client's reply then has no ``state``, and
+    :meth:`summed` gives the round's updates, one per executor.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, partial_sums: bool = False) -> None:
         self._by_block: dict[int, tuple[_Block, list[tuple[int, ClientShard, int]]]] = {}
+        self.partial_sums = partial_sums
+        self._replies: list[tuple[_ExecutorReply, list[int]]] = []
 
     def __bool__(self) -> bool:
         return bool(self._by_block)
@@ -201,29 +260,86 @@ class ClientUpdates:
         updates: dict[int, ClientUpdate] = {}
         for block, members in self._by_block.values():
             client = block.executor.client
-            rows = [[shard.start, shard.start + shard.size, seed] for _, shard, seed in members]
+            rows = torch.tensor(
+                [[shard.start, shard.start + shard.size, seed] for _, shard, seed in members],
+                dtype=torch.int64,
+            )  # one buffer on the wire, not four items a client
+            options = dict(hyperparameters)
+            if self.partial_sums:
+                options["partial_sum"] = True
             pointer = call_on(
                 client,
                 "fedtensor.local_updates",
                 (plans[id(client)], states[id(client)], block.data, block.targets, rows),
-                dict(hyperparameters),
+                options,
             )
-            reply = _ExecutorReply(pointer, block.executor.id, len(members))
+            reply = _ExecutorReply(pointer, block.executor.id, len(members), self.partial_sums)
             for position, (index, _, _) in enumerate(members):
                 updates[index] = ClientUpdate(reply, position)
+            if self.partial_sums:
+                self._replies.append((reply, [index for index, _, _ in members]))
         self._by_block.clear()
         return updates
+
+    def summed(
+        self,
+        current: Mapping[str, torch.Tensor],
+        updates: Mapping[int, tuple[dict[str, Any], float]],
+    ) -> tuple[list[Update], set[int], int]:
+        """The round's partial sums (``partial_sums``), once ``fit`` collected the clients.
+
+        ``updates``: ``fit``'s, by client index. An executor's sum counts when its
+        reply arrived (its clients are collected together, all of them or none). The
+        sums add up in float64 and are divided once by their examples: one
+        :class:`Update` holding the mean of every summed client (none if none came),
+        the indices of the clients it holds, and the bytes of the sums received.
+        """
+        total: dict[str, torch.Tensor] = {}
+        held: set[int] = set()
+        examples = received = 0
+        for reply, indices in self._replies:
+            arrived = [index for index in indices if index in updates]
+            if not arrived:
+                continue  # the executor failed, or nothing came within the round
+            summed, reported = reply.partial(current)
+            weight = sum(int(updates[index][0]["examples"]) for index in arrived)
+            if weight != reported or (weight and set(summed) != set(current)):
+                raise ProtocolError(
+                    f"worker {reply._worker!r} summed other updates than its clients report"
+                )
+            held.update(arrived)
+            examples += weight
+            received += tensor_bytes(summed)
+            for key, value in summed.items():
+                held_value = total.get(key)
+                if held_value is None:
+                    total[key] = value
+                elif value.is_floating_point() or value.is_complex():
+                    total[key] = held_value + value
+                else:
+                    total[key] = torch.maximum(held_value, value)
+        self._replies.clear()
+        if not examples:
+            return [], held, received
+        mean = {
+            key: value / examples if value.is_floating_point() or value.is_complex() else value
+            for key, value in total.items()
+        }
+        return [Update(f"({len(held)} clients, summed)", mean, examples)], held, received
 
 
 class _ExecutorReply:
     """An executor's ``fedtensor.local_updates`` reply, fetched once for all its clients."""
 
-    __slots__ = ("_clients", "_pointer", "_task", "_worker")
+    __slots__ = ("_clients", "_pointer", "_summed", "_task", "_worker")
 
-    def __init__(self, pointer: PointerBase, worker: str, clients: int) -> None:
+    def __init__(
+        self, pointer: PointerBase, worker: str, clients: int, summed: bool = False
+    ) -> None:
         self._pointer: PointerBase | None = pointer
         self._worker = worker
         self._clients = clients
+        self._summed = summed
         self._task: asyncio.Future[Any] | None = None
 
     async def replies(self, timeout: float | None) -> list[Any]:
@@ -235,12 +351,52 @@ class _ExecutorReply:
             self._task.add_done_callback(_retrieve)
         # Shielded: one client's wait that is cancelled must not cancel the others'.
         replies = await asyncio.shield(self._task)
+        if self._summed:
+            if not (isinstance(replies, dict) and isinstance(replies.get("sum"), dict)):
+                raise ProtocolError(
+                    f"worker {self._worker!r} answered fedtensor.local_updates(partial_sum=True) "
+                    f"with {type(replies).__name__}, not a sum"
+                )
+            replies = replies.get("clients")
         if not isinstance(replies, list) or len(replies) != self._clients:
             raise ProtocolError(
                 f"worker {self._worker!r} answered fedtensor.local_updates for "
                 f"{self._clients} clients with {type(replies).__name__}"
             )
         return replies
+
+    def partial(self, current: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any]:
+        """The arrived reply's sum (its entries checked against the ``current`` state's)
+        and the examples it says the sum weighs."""
+        assert self._task is not None
+        assert self._task.done()
+        reply = self._task.result()
+        summed = reply["sum"]
+        for key, value in summed.items():
+            like = current.get(key)
+            if (
+                like is None
+                or not isinstance(value, torch.Tensor)
+                or value.shape != like.shape
+                or (like.is_floating_point() or like.is_complex())
+                != (value.is_floating_point() or value.is_complex())
+            ):
+                raise ProtocolError(
+                    f"worker {self._worker!r} summed an entry {key!r} unlike the model's"
+                )
+        return summed, reply.get("examples")
+
+
+def by_reply(sampled: Sequence[int], results: Mapping[int, Any]) -> list[list[tuple[int, Any]]]:
+    """The round's ``results`` (by index, in ``sampled`` order) grouped by the reply that
+    brings them: a simulated client's :class:`ClientUpdate` with the others of its
+    executor, in their order; anything else (a worker's pointer) alone."""
+    groups: dict[int, list[tuple[int, Any]]] = {}
+    for index in sampled:
+        result = results[index]
+        key = id(result._reply) if isinstance(result, ClientUpdate) else id(result)
+        groups.setdefault(key, []).append((index, result))
+    return list(groups.values())
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
@@ -380,7 +536,8 @@ def _place(
         first, last = int(pinned[0]), int(pinned[-1])
         low, high = start_list[first], start_list[last] + count_list[last]
         rows = order[low:high]
-        block = _Block(executor, send(data[rows], executor), send(targets[rows], executor))
+        keep = getattr(executor, "rejoin", None) is not None  # it can come back empty
+        block = _Block(executor, data[rows], targets[rows], keep=keep)
         blocks.append(block)
         for client in range(first, last + 1):
             name = names[client] if names is not None else f"client-{client}"

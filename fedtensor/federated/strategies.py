@@ -69,6 +69,20 @@ class Strategy:
     #: FedProx's proximal coefficient, sent to the workers with every round.
     prox_mu: float = 0.0
 
+    #: True when :meth:`aggregate` reads only the examples-weighted mean of the updates'
+    #: floating-point entries (and the largest of the others), as FedAvg and the server
+    #: optimizers do: ``ft.fit`` may then have each executor of simulated clients answer
+    #: with its clients' weighted sum, and hands :meth:`aggregate` one update holding
+    #: the mean of the summed clients. False (single updates) for a strategy that
+    #: reads each update (robust aggregation); a subclass that overrides ``aggregate``
+    #: is False unless it says otherwise in its own class body.
+    partial_sums_ok: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "aggregate" in vars(cls) and "partial_sums_ok" not in vars(cls):
+            cls.partial_sums_ok = False  # a new aggregate may read single updates
+
     def aggregate(self, current: State, updates: Sequence[Update], parameters: set[str]) -> State:
         """The next global state from the ``current`` one and a round's ``updates``.
 
@@ -138,6 +152,8 @@ def average_of_sum(current: State, weighted_delta_sum: State, total_weight: floa
 class FedAvg(Strategy):
     """The examples-weighted average of the workers' models."""
 
+    partial_sums_ok = True
+
     def aggregate(self, current: State, updates: Sequence[Update], parameters: set[str]) -> State:
         return weighted_average(current, updates)
 
@@ -162,6 +178,8 @@ class FedProx(FedAvg):
 
 class _ServerOptimizer(FedAvg):
     """FedAvg followed by a step of an optimizer on the server's parameters."""
+
+    partial_sums_ok = True  # the step reads the weighted average only
 
     def aggregate(self, current: State, updates: Sequence[Update], parameters: set[str]) -> State:
         return self._move(current, weighted_average(current, updates), parameters)

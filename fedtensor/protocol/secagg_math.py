@@ -31,24 +31,45 @@ the worker's operations (:mod:`fedtensor.worker.secagg`) and the aggregator
   keystream; AES-NI makes AES faster than ChaCha20 here, 0.10 against 0.16 ms
   for 800 kB, and AES-128 about 12% faster than AES-256; 128 bits is the
   security X25519 gives the protocol anyway) into ``count`` integers uniform
-  mod ``2**MODULUS_BITS``. Never ``torch.Generator``, whose state can be
+  mod the round's modulus. Never ``torch.Generator``, whose state can be
   recovered from its output.
 * **Quantization** (:func:`quantize`, :func:`dequantize_sum`): a float
-  clipped to ``[-clip, clip]`` and mapped to an integer in ``[0, 2**bits - 1]``
+  clipped to ``[-clip, clip]``, scaled by the worker's weight ratio ``w / max_w``
+  (at most 1, see below) and mapped to an integer in ``[0, 2**bits - 1]``
   with stochastic rounding (unbiased, error below one step
   ``2 * clip / (2**bits - 1)``), its uniforms from AES-128-CTR under a fresh key
-  unless a ``torch.Generator`` is given. A weighted sum of quantized vectors is exact in
-  the integers; :func:`dequantize_sum` maps it back knowing the total weight.
+  unless a ``torch.Generator`` is given. A sum of ``n`` quantized vectors is exact
+  in the integers; :func:`dequantize_sum` maps it back knowing ``n``.
 
-Arithmetic is mod ``2**MODULUS_BITS`` (48) in ``int64``, so that nothing
-overflows and a reduction is rare: a mask is a 64-bit keystream word shifted
-right by 16 bits (arithmetically), a value in ``[-2**47, 2**47)`` and uniform
-mod ``2**48``; thousands of them add to a reduced value (in ``[0, 2**48)``)
-within ``int64``, and one bitwise and at the end maps the sum, negative or not,
-to its residue. :func:`add_seeded_masks` expands up to 15 masks at a time into the rows
-of one scratch matrix and sums them in one pass over the rows (see there). The
-weighted quantized sum must stay below ``2**48``: ``total_weight * (2**bits -
-1)`` (with the default 22 bits, 67 million examples in a round).
+The ring (:func:`choose_modulus_bits`)
+--------------------------------------
+Each worker adds at most ``2**bits - 1`` per entry: its weight is folded in
+*before* quantizing, as the float ratio ``w_i / max_w`` of the round's largest
+weight (Flower's SecAgg+ does the same with its ``max_weight``), never as an
+integer multiplier, so the sum of ``n`` inputs stays below ``n * (2**bits - 1)``
+whatever the example counts. The aggregator then picks the ring per round:
+
+* **mod 2**32** (:data:`NARROW_MODULUS_BITS`, Flower's ``modulus_range``) when
+  the survivors' sums fit (``n * (2**bits - 1) < 2**32``: 1,024 workers at the
+  default 22 bits; see :func:`choose_modulus_bits` for the clipped count and the
+  integer entries). A residue is an ``int32`` word (two's complement: the word
+  ``x`` stands for ``x mod 2**32``), and torch's ``int32`` ``add``/``sub``/``sum``
+  wrap mod ``2**32``, so no reduction is ever needed, and a mask is 4 keystream
+  bytes taken as they are: half the keystream and half the memory traffic of the
+  48-bit ring. (C++ leaves signed overflow undefined; torch's kernels wrap, in
+  their vectorized loops and their scalar tails, and ``tests/test_secagg_ring.py``
+  checks it against Python integers on the installed build, so a build that did
+  not would fail there rather than sum wrongly.)
+* **mod 2**48** (:data:`MODULUS_BITS`) in ``int64`` otherwise, so that nothing
+  overflows and a reduction is rare: a mask is a 64-bit keystream word shifted
+  right by 16 bits (arithmetically), a value in ``[-2**47, 2**47)`` and uniform
+  mod ``2**48``; thousands of them add to a reduced value (in ``[0, 2**48)``)
+  within ``int64``, and one bitwise and at the end maps the sum, negative or
+  not, to its residue.
+
+A vector's dtype says its ring (``int32``: 32 bits, ``int64``: 48).
+:func:`add_seeded_masks` expands up to 15 masks at a time into the rows of one
+scratch matrix and sums them in one pass over the rows (see there).
 """
 
 from __future__ import annotations
@@ -73,12 +94,14 @@ __all__ = [
     "KEY_BYTES",
     "MODULUS_BITS",
     "MODULUS_MASK",
+    "NARROW_MODULUS_BITS",
     "SHARE_BYTES",
     "ShareRejected",
     "add_masks",
     "add_seeded_masks",
     "agree",
     "associated_data",
+    "choose_modulus_bits",
     "chunks",
     "combine_shares",
     "default_neighbours",
@@ -87,6 +110,8 @@ __all__ = [
     "expand_mask",
     "from_bytes_tensor",
     "generate_key",
+    "integer_delta_bound",
+    "modulus_bits_of",
     "neighbour_graph",
     "open_sealed",
     "private_bytes",
@@ -94,15 +119,22 @@ __all__ = [
     "quantization_step",
     "quantize",
     "reduce",
+    "residues",
+    "ring_dtype",
     "seal",
     "split_secret",
     "split_secrets",
     "to_bytes_tensor",
 ]
 
-#: Masked vectors live in the integers mod 2**MODULUS_BITS (int64 without overflow).
+#: The wide ring: masked vectors in the integers mod 2**MODULUS_BITS (int64 without overflow).
 MODULUS_BITS = 48
 MODULUS_MASK = (1 << MODULUS_BITS) - 1
+#: The narrow ring (Flower's default modulus): residues as int32 words, wrapping.
+NARROW_MODULUS_BITS = 32
+#: The largest change of an integer entry (a batch norm's num_batches_tracked) a worker
+#: masks, per ring: 2 * workers * bound must stay within the ring (signed sums).
+_INTEGER_DELTA_BOUNDS = {NARROW_MODULUS_BITS: 1 << 20, MODULUS_BITS: 1 << 32}
 #: The Mersenne prime 2**521 - 1: Shamir's field, larger than any 32-byte secret.
 FIELD_PRIME = (1 << 521) - 1
 #: Bytes of a field element (a share's y value), of a key or seed.
@@ -314,24 +346,85 @@ def combine_shares(shares: Mapping[int, int], *, prime: int = FIELD_PRIME) -> in
     return secret
 
 
+# -- the ring -------------------------------------------------------------------------------------
+
+
+def ring_dtype(modulus_bits: int) -> torch.dtype:
+    """The dtype of a vector mod ``2**modulus_bits``: ``int32`` words or ``int64`` residues."""
+    if modulus_bits == NARROW_MODULUS_BITS:
+        return torch.int32
+    if modulus_bits == MODULUS_BITS:
+        return torch.int64
+    raise ValueError(f"the ring is mod 2**{NARROW_MODULUS_BITS} or 2**{MODULUS_BITS}")
+
+
+def modulus_bits_of(vector: torch.Tensor) -> int:
+    """The ring a masked vector lives in, by its dtype (see the module)."""
+    if vector.dtype == torch.int32:
+        return NARROW_MODULUS_BITS
+    if vector.dtype == torch.int64:
+        return MODULUS_BITS
+    raise ValueError(f"a masked vector is int32 or int64, not {vector.dtype}")
+
+
+def integer_delta_bound(modulus_bits: int) -> int:
+    """The largest change of an integer entry a worker may mask in this ring."""
+    ring_dtype(modulus_bits)
+    return _INTEGER_DELTA_BOUNDS[modulus_bits]
+
+
+def choose_modulus_bits(workers: int, bits: int, entries: int = 0, integers: bool = False) -> int:
+    """The narrowest ring in which the sums of ``workers`` inputs cannot wrap.
+
+    Each input adds at most ``2**bits - 1`` per quantized entry, at most ``entries``
+    to its clipped count, and (``integers``) an integer delta of at most
+    :func:`integer_delta_bound` in magnitude (summed signed). 32 bits when all of
+    those fit, else 48; ``ValueError`` when not even 48 do.
+    """
+    for modulus_bits in (NARROW_MODULUS_BITS, MODULUS_BITS):
+        ring = 1 << modulus_bits
+        if (
+            workers * ((1 << bits) - 1) < ring
+            and workers * entries < ring
+            and (not integers or 2 * workers * _INTEGER_DELTA_BOUNDS[modulus_bits] < ring)
+        ):
+            return modulus_bits
+    raise ValueError(
+        f"the sums of {workers} workers' {bits}-bit updates overflow even the "
+        f"{MODULUS_BITS}-bit ring: lower SecAggPlus(bits=...) or sample fewer workers"
+    )
+
+
+def residues(vector: torch.Tensor) -> torch.Tensor:
+    """A masked vector's entries as their residues (``int64``, in ``[0, 2**modulus_bits)``)."""
+    if modulus_bits_of(vector) == NARROW_MODULUS_BITS:
+        return vector.to(torch.int64).bitwise_and_((1 << NARROW_MODULUS_BITS) - 1)
+    return vector.bitwise_and(MODULUS_MASK)
+
+
 # -- masks ----------------------------------------------------------------------------------------
 
 
-def expand_mask(seed: bytes, count: int) -> torch.Tensor:
-    """``count`` integers uniform mod ``2**MODULUS_BITS`` from a 32-byte seed (AES-128-CTR).
+def expand_mask(seed: bytes, count: int, modulus_bits: int = MODULUS_BITS) -> torch.Tensor:
+    """``count`` integers uniform mod ``2**modulus_bits`` from a 32-byte seed (AES-128-CTR).
 
-    Each is a keystream word shifted right by ``64 - MODULUS_BITS`` bits: in
-    ``[-2**(MODULUS_BITS - 1), 2**(MODULUS_BITS - 1))``, ready to add (see the module).
+    32 bits: each is a 4-byte keystream word, an ``int32`` (uniform mod ``2**32``).
+    48 bits: each is an 8-byte keystream word shifted right by ``64 - MODULUS_BITS``
+    bits: in ``[-2**(MODULUS_BITS - 1), 2**(MODULUS_BITS - 1))``, ready to add (see
+    the module).
     """
+    dtype = ring_dtype(modulus_bits)
     if len(seed) != KEY_BYTES:
         raise ValueError("a mask seed has 32 bytes")
     if not count:
-        return torch.zeros(0, dtype=torch.int64)
-    stream = bytearray(count * 8)
-    _encryptor(seed).update_into(bytes(count * 8), stream)
-    mask = torch.frombuffer(stream, dtype=torch.int64, count=count)
-    for part in chunks(count):
-        mask[part].bitwise_right_shift_(64 - MODULUS_BITS)
+        return torch.zeros(0, dtype=dtype)
+    width = count * dtype.itemsize
+    stream = bytearray(width)
+    _encryptor(seed).update_into(bytes(width), stream)
+    mask = torch.frombuffer(stream, dtype=dtype, count=count)
+    if modulus_bits == MODULUS_BITS:
+        for part in chunks(count):
+            mask[part].bitwise_right_shift_(64 - MODULUS_BITS)
     return mask
 
 
@@ -347,11 +440,13 @@ _scratch = threading.local()
 
 
 def add_masks(vector: torch.Tensor, masks: Iterable[tuple[torch.Tensor, int]]) -> torch.Tensor:
-    """``vector + sum(sign * mask)`` mod ``2**MODULUS_BITS``, in place.
+    """``vector + sum(sign * mask)`` mod the ring of ``vector`` (its dtype), in place.
 
-    ``vector`` holds residues (``[0, 2**MODULUS_BITS)``); ``masks`` values of at
-    most ``2**MODULUS_BITS`` in magnitude (:func:`expand_mask`'s, or residues).
+    48 bits: ``vector`` holds residues (``[0, 2**MODULUS_BITS)``); ``masks`` values
+    of at most ``2**MODULUS_BITS`` in magnitude (:func:`expand_mask`'s, or residues).
+    32 bits: ``int32`` words throughout, whose additions wrap.
     """
+    modulus_bits_of(vector)
     for added, (mask, sign) in enumerate(masks, 1):
         _accumulate(vector, mask, sign)
         if added % _MASKS_PER_REDUCTION == 0:
@@ -376,8 +471,10 @@ def add_seeded_masks(vector: torch.Tensor, seeds: Iterable[tuple[bytes, int]]) -
     pending = [(seed, sign) for seed, sign in seeds]
     if any(len(seed) != KEY_BYTES for seed, _ in pending):
         raise ValueError("a mask seed has 32 bytes")
+    modulus_bits_of(vector)
     for first in range(0, len(pending), _MASKS_PER_BATCH):
-        # Each batch adds at most 15 values below 2**47 to residues: no int64 overflow.
+        # Each batch adds at most 15 values below 2**47 to residues: no int64 overflow
+        # (int32 words wrap, which is their ring's arithmetic).
         batch = sorted(pending[first : first + _MASKS_PER_BATCH], key=lambda pair: pair[1] < 0)
         if count:
             _add_batch(vector, batch)
@@ -388,29 +485,32 @@ def add_seeded_masks(vector: torch.Tensor, seeds: Iterable[tuple[bytes, int]]) -
 def _add_batch(vector: torch.Tensor, batch: Sequence[tuple[bytes, int]]) -> None:
     """``vector`` plus the masks of ``batch`` (added seeds first, then subtracted ones)."""
     count = vector.numel()
+    itemsize = vector.element_size()  # 4: the 32-bit ring's words; 8: the 48-bit ring's
     rows = len(batch) + 1
-    block = min(count, max(1, _SCRATCH_BYTES // (8 * rows)))
+    block = min(count, max(1, _SCRATCH_BYTES // (itemsize * rows)))
     if torch.get_num_threads() != 1:
         block = min(block, CHUNK)  # off torch's thread pool (see chunks)
-    zeros, ones, stream = _buffers(8 * block, 8 * block * rows)
+    zeros, ones, stream = _buffers(itemsize * block, itemsize * block * rows)
     written = memoryview(stream)
     encryptors = [_encryptor(seed) for seed, _ in batch]
     added = 1 + sum(1 for _, sign in batch if sign > 0)
     subtracted = rows - added
     for start in range(0, count, block):
         size = min(block, count - start)
-        width = 8 * size
-        matrix = torch.frombuffer(stream, dtype=torch.int64, count=rows * size).view(rows, size)
+        width = itemsize * size
+        matrix = torch.frombuffer(stream, dtype=vector.dtype, count=rows * size).view(rows, size)
         piece = vector[start : start + size]
-        # A subtracted mask's row is the keystream xor all ones, ~word, whose shift is
-        # ~(word >> 16) = -(word >> 16) - 1: negated for free (the cipher xors its input)
-        # but for the 1 each, which row 0 adds back.
+        # A subtracted mask's row is the keystream xor all ones, ~word. In int32, ~word =
+        # -word - 1; in int64 its shift is ~(word >> 16) = -(word >> 16) - 1: negated for
+        # free (the cipher xors its input) but for the 1 each, which row 0 adds back.
         torch.add(piece, subtracted, out=matrix[0])
         for row, encryptor in enumerate(encryptors, 1):
             source = zeros if row < added else ones
             encryptor.update_into(source[:width], written[row * width : (row + 1) * width])
-        matrix[1:].bitwise_right_shift_(64 - MODULUS_BITS)
-        torch.sum(matrix, 0, out=piece)
+        if itemsize == 8:
+            matrix[1:].bitwise_right_shift_(64 - MODULUS_BITS)
+        # int32: the sum wraps mod 2**32 (dtype given, or torch would widen it to int64).
+        torch.sum(matrix, 0, dtype=vector.dtype, out=piece)
 
 
 def _buffers(source_bytes: int, stream_bytes: int) -> tuple[memoryview, memoryview, bytearray]:
@@ -438,7 +538,10 @@ def _accumulate(vector: torch.Tensor, mask: torch.Tensor, sign: int) -> None:
 
 
 def reduce(vector: torch.Tensor) -> torch.Tensor:
-    """Every entry of ``vector`` mod ``2**MODULUS_BITS`` (in place)."""
+    """Every entry of ``vector`` mod ``2**MODULUS_BITS`` (in place); int32 words are
+    residues mod ``2**32`` already."""
+    if modulus_bits_of(vector) == NARROW_MODULUS_BITS:
+        return vector
     for part in chunks(vector.numel()):
         vector[part].bitwise_and_(MODULUS_MASK)
     return vector
@@ -473,30 +576,40 @@ def quantize(
     bits: int,
     generator: torch.Generator | None = None,
     *,
+    ratio: float = 1.0,
     out: torch.Tensor | None = None,
     overwrite: bool = False,
 ) -> tuple[torch.Tensor, int]:
-    """``vector`` clipped to ``[-clip, clip]`` and stochastically rounded to ``[0, 2**bits - 1]``.
+    """``vector`` clipped to ``[-clip, clip]``, times ``ratio``, stochastically rounded to
+    ``[0, 2**bits - 1]``.
 
-    Returns the ``int64`` levels (in ``out`` if given: a 1-D ``int64`` tensor of
-    ``vector``'s size) and how many entries were clipped. ``generator``: where the
-    rounding's randomness comes from (reproducible); by default AES-128-CTR under a
-    fresh key from :mod:`secrets`. ``overwrite``: ``vector`` is a
-    contiguous float64 scratch the caller gives up, used in place of a copy. Each
-    800 kB buffer spared is page faults spared (0.2 ms for 100,000 entries).
+    Returns the levels (in ``out`` if given: a 1-D ``int64`` tensor of ``vector``'s
+    size, or ``int32`` for the 32-bit ring with ``bits <= 31``; else ``int64``) and how
+    many entries were clipped (before the scaling: ``clip`` bounds the worker's own
+    update). ``ratio`` in ``[0, 1]``: the worker's weight over the round's largest
+    (see the module); a scaled entry stays in ``[-clip, clip]``. ``generator``: where
+    the rounding's randomness comes from (reproducible); by default AES-128-CTR under
+    a fresh key from :mod:`secrets`. ``overwrite``: ``vector`` is a contiguous float64
+    scratch the caller gives up, used in place of a copy. Each 800 kB buffer spared is
+    page faults spared (0.2 ms for 100,000 entries).
     """
     levels = (1 << bits) - 1
     count = vector.numel()
+    if not (math.isfinite(ratio) and 0 <= ratio <= 1):
+        raise ValueError(f"ratio must be in [0, 1], not {ratio!r}")
     if out is None:
         out = torch.empty(count, dtype=torch.int64)
-    elif out.dtype != torch.int64 or out.shape != (count,):
-        raise ValueError(f"out must be a 1-D int64 tensor of {count} entries")
+    elif out.dtype not in (torch.int64, torch.int32) or out.shape != (count,):
+        raise ValueError(f"out must be a 1-D int64 or int32 tensor of {count} entries")
+    if out.dtype == torch.int32 and bits > 31:
+        raise ValueError("int32 levels hold at most 31 bits")
     clipped = 0
     # Uniforms in [-1/2, 1/2) on a grid of 2**-24 (as torch.rand's float32 ones): a
     # rounding's probability off by at most 2**-24 of a level.
     noise = _rounding_noise(count, generator)
     in_place = overwrite and vector.dtype == torch.float64 and vector.is_contiguous()
     flat = vector.reshape(-1)
+    scale = levels / (2 * clip)
     for part in chunks(count):
         # The caller's values only if it gave them up.
         values = flat[part] if in_place else flat[part].to(torch.float64, copy=True)
@@ -504,16 +617,20 @@ def quantize(
         if not (float(low) >= -clip and float(high) <= clip):
             # Some beyond the range (the rare case: one pass when none is, three more when
             # some are). |values| > clip, counted in out's memory (not yet written) as
-            # float64 scratch, then clamped.
-            magnitude = torch.abs(values, out=out[part].view(torch.float64))
+            # float64 scratch where it is int64, then clamped.
+            magnitude = (
+                torch.abs(values, out=out[part].view(torch.float64))
+                if out.dtype == torch.int64
+                else values.abs()
+            )
             clipped += int(magnitude.gt_(clip).sum())
             values.clamp_(-clip, clip)
         # floor(scaled + u), u uniform in [0, 1), is floor(scaled) + 1 with the probability
         # of scaled's fraction: unbiased, an error below one level, in two passes (adding,
         # truncating: scaled >= 0) where rounding and comparing took four.
-        scale = levels / (2 * clip)
-        # (values + clip) * scale + 1/2: at -clip exactly 1/2, so never below 0 with noise.
-        values.mul_(scale).add_(clip * scale + 0.5)
+        # (ratio * values + clip) * scale + 1/2: at -clip exactly 1/2, so never below 0
+        # with noise; the weight costs no pass of its own (it joins the scale).
+        values.mul_(scale * ratio).add_(clip * scale + 0.5)
         values.add_(noise[part], alpha=2.0**-24)
         if bits > 24:
             # float64 rounding of scaled + u could pass `levels` above 2**27 levels (its
@@ -539,10 +656,14 @@ def _rounding_noise(count: int, generator: torch.Generator | None) -> torch.Tens
     return noise
 
 
-def dequantize_sum(total: torch.Tensor, clip: float, bits: int, weight: int) -> torch.Tensor:
-    """The float64 weighted sum from the integer sum of ``weight``-weighted quantized vectors.
+def dequantize_sum(total: torch.Tensor, clip: float, bits: int, count: int) -> torch.Tensor:
+    """The float64 sum of ``count`` inputs from the integer sum of their quantized vectors.
 
-    Each level ``q`` stands for ``q * step - clip``; a weighted sum of them for
-    ``sum * step - clip * weight``.
+    Each level ``q`` stands for ``q * step - clip``; a sum of ``count`` of them for
+    ``sum * step - clip * count``. ``total``: residues (``int64``) or the 32-bit ring's
+    ``int32`` words (read as residues). With ratios, what comes back is
+    ``sum(ratio_i * x_i)``: divide by ``sum(ratio_i)`` for the weighted average.
     """
-    return total.to(torch.float64) * quantization_step(clip, bits) - clip * weight
+    if total.dtype == torch.int32:
+        total = residues(total)
+    return total.to(torch.float64) * quantization_step(clip, bits) - clip * count

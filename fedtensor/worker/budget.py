@@ -38,7 +38,10 @@ the machine's physical memory (:func:`default_budget`; ``fedtensor worker
   (:meth:`~fedtensor.worker.compiler.CompiledPlan.dry_run`): a node, or the
   step's total, past what is left refuses the update before it trains; so does a
   node whose output size meta tensors cannot tell, since nothing would then bound
-  the nodes after it. ``fedtensor.run_plan`` and ``fedtensor.evaluate`` (one
+  the nodes after it. The training commands' dry runs are remembered per client
+  (:class:`~fedtensor.worker.dry_runs.DryRuns`, an LRU of a few): a round that
+  repeats the last one's plan on the same shapes is charged the same size
+  without running it again. ``fedtensor.run_plan`` and ``fedtensor.evaluate`` (one
   batch, and its copy of the state) are dry-run the same way; ``fedtensor.search``
   is sized by an entry per described object it may list (:func:`search_bytes`);
   fedtensor's other worker operations are bounded by their inputs, as
@@ -83,11 +86,13 @@ import torch
 
 from fedtensor.errors import FedTensorError
 from fedtensor.worker.compiler import compile_plan, state_entries
+from fedtensor.worker.dry_runs import DryRuns
 from fedtensor.worker.evaluate import EVALUATE_BATCH_SIZE
 from fedtensor.worker.failed import Failed
 from fedtensor.worker.inline import NAMES as _BOUNDED_BY_INPUTS
 from fedtensor.worker.local_update import memory_bytes
 from fedtensor.worker.local_updates import memory_bytes as _batch_memory_bytes
+from fedtensor.worker.shape_rules import shape_rules
 from fedtensor.worker.sharing import split_bytes, triple_bytes
 
 __all__ = [
@@ -267,11 +272,14 @@ def _nested_requires_grad(value: Any) -> bool:
 class Ledger:
     """What one client's stored objects cost, against its budget (see the module header)."""
 
-    __slots__ = ("_charges", "_extras", "_released", "_storages", "budget", "used")
+    __slots__ = ("_charges", "_extras", "_released", "_storages", "budget", "dry_runs", "used")
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.used = 0
+        #: The client's last plan dry runs (fedtensor.worker.dry_runs): a round that
+        #: repeats the last one's plan on the same shapes is sized without one.
+        self.dry_runs = DryRuns()
         # storage keys of tensors saved for backward whose graph node let go of them
         self._released: deque[int] = deque()
         # object id -> bytes held beside the object (its tags and description)
@@ -673,7 +681,7 @@ def check_worker_operation(
     elif op in ("fedtensor.local_update", "fedtensor.local_updates"):
         try:
             reckon = memory_bytes if op == "fedtensor.local_update" else _batch_memory_bytes
-            size = reckon(*args, limit=remaining, **kwargs)
+            size = reckon(*args, limit=remaining, dry_runs=ledger.dry_runs, **kwargs)
         except (TypeError, FedTensorError):
             return None  # wrong arguments, a plan refused: the operation says so
         except MemoryError as exc:
@@ -774,7 +782,8 @@ def _plan_run_bytes(op: str, args: tuple[Any, ...], kwargs: dict[str, Any], limi
             raise MemoryError(f"the model state's copy would take {copies} bytes")
     meta_state = {key: _meta_twin(value) for key, value in entries.items()}
     meta_inputs = [_meta_twin(value) for value in inputs]
-    return copies + compiled.dry_run(meta_state, *meta_inputs, limit=limit - copies)
+    with shape_rules():  # no Python meta kernels for the common operations
+        return copies + compiled.dry_run(meta_state, *meta_inputs, limit=limit - copies)
 
 
 def _evaluate_arguments(

@@ -33,6 +33,9 @@ from fedtensor.errors import ForbiddenOperation, PlanError
 from fedtensor.protocol.plan import OPTIMIZERS
 from fedtensor.worker import dp as _dp
 from fedtensor.worker.compiler import compile_plan, state_entries
+from fedtensor.worker.dry_runs import DryRuns, dry_run_key
+from fedtensor.worker.optimizers import FunctionalOptimizer
+from fedtensor.worker.shape_rules import shape_rules
 
 __all__ = ["OPTIMIZERS", "local_update", "memory_bytes"]
 
@@ -40,10 +43,14 @@ __all__ = ["OPTIMIZERS", "local_update", "memory_bytes"]
 def _optimizer(
     name: str, parameters: list[torch.Tensor], lr: float, momentum: float, weight_decay: float
 ) -> torch.optim.Optimizer:
+    # torch.optim.SGD's and Adam's arithmetic, without their import of torch._dynamo
+    # (about 73 MB a worker process): see fedtensor.worker.optimizers.
     if name == "sgd":
-        return torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return FunctionalOptimizer(
+            "sgd", parameters, lr=lr, momentum=momentum, weight_decay=weight_decay
+        )
     if name == "adam":
-        return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
+        return FunctionalOptimizer("adam", parameters, lr=lr, weight_decay=weight_decay)
     raise PlanError(f"unknown optimizer {name!r}; a worker has {', '.join(OPTIMIZERS)}")
 
 
@@ -179,7 +186,14 @@ def _outgoing(
 
 
 def memory_bytes(
-    plan: Any, state: Any, data: Any, targets: Any, *, limit: int, **options: Any
+    plan: Any,
+    state: Any,
+    data: Any,
+    targets: Any,
+    *,
+    limit: int,
+    dry_runs: DryRuns | None = None,
+    **options: Any,
 ) -> int:
     """What :func:`local_update` with these arguments may allocate, checked before it runs.
 
@@ -190,7 +204,9 @@ def memory_bytes(
     a batch's shape, node by node (:meth:`CompiledPlan.dry_run`); DP-SGD adds a
     grad per example of a batch. Raises :class:`MemoryError` naming the node or
     the total past ``limit``; arguments that are wrong return 0 so that
-    :func:`local_update` reports them as it always has.
+    :func:`local_update` reports them as it always has. ``dry_runs`` (the
+    client's, :class:`~fedtensor.worker.dry_runs.DryRuns`) remembers the dry
+    run's total for this plan on these shapes; the copies are counted every call.
     """
     try:
         compiled = compile_plan(plan)
@@ -213,5 +229,12 @@ def memory_bytes(
     meta_state = {key: value.to("meta") for key, value in state.items()}
     x = torch.empty((batch, *data.shape[1:]), dtype=data.dtype, device="meta")
     y = torch.empty((batch, *targets.shape[1:]), dtype=targets.dtype, device="meta")
-    activations = compiled.dry_run(meta_state, x, y, limit=(limit - copies) // 2)
+    left = (limit - copies) // 2
+    key = dry_run_key(plan, meta_state, x, y) if dry_runs is not None else None
+    activations = dry_runs.get(key, left) if dry_runs is not None else None
+    if activations is None:
+        with shape_rules():  # no Python meta kernels: no torch._dynamo import
+            activations = compiled.dry_run(meta_state, x, y, limit=left)
+        if dry_runs is not None:
+            dry_runs.put(key, activations)
     return copies + 2 * activations

@@ -37,14 +37,17 @@ public keys, its encrypted shares) goes to the aggregator, which relays it.
     is rejected and its sender named in the reply), then masks its update: the
     delta ``update["state"] - global_state`` of the floating-point entries
     (optionally L2-clipped to ``clip_norm`` and noised with ``noise_std``, the
-    differential-privacy interface), quantized, multiplied by its weight (its
-    example count), plus one integer slot counting its clipped entries, plus the
-    exact, unweighted delta of each integer entry named in ``integers`` (a batch
-    norm's ``num_batches_tracked``), plus its self mask and, for each peer, the
-    pairwise mask (added if its position is the smaller, subtracted otherwise),
-    mod ``2**48``. The update itself is never returned: only the masked vector
-    and the statistics (examples, loss, correct, seconds), which travel in the
-    clear as Flower's do.
+    differential-privacy interface), clipped, scaled by its weight ratio
+    ``weight / max_weight`` (its example count over the round's largest, at most 1:
+    Flower's ``max_weight``) and quantized, plus one integer slot counting its
+    clipped entries, plus the exact, unweighted delta of each integer entry named
+    in ``integers`` (a batch norm's ``num_batches_tracked``), plus its self mask
+    and, for each peer, the pairwise mask (added if its position is the smaller,
+    subtracted otherwise), mod ``2**modulus_bits``: the ring the aggregator chose
+    for the round (32 bits, ``int32`` words, when the round's sums fit; else 48,
+    see :func:`~fedtensor.protocol.secagg_math.choose_modulus_bits`). The update
+    itself is never returned: only the masked vector and the statistics
+    (examples, loss, correct, seconds), which travel in the clear as Flower's do.
 ``fedtensor.secagg_unmask(secrets, survivors=, dropped=)``
     Once, after masking: for each neighbour that survived, its share of that
     neighbour's seed; for each that dropped, its share of that neighbour's mask
@@ -69,7 +72,6 @@ import torch
 from fedtensor.protocol import secagg_math as sm
 
 __all__ = [
-    "INTEGER_DELTA_BOUND",
     "SEALED_BYTES",
     "PrivateUpdate",
     "SecAggSecrets",
@@ -81,9 +83,6 @@ __all__ = [
 ]
 
 _STAGE_SHARES = "share-keys"
-#: The largest change of an integer entry a worker masks: up to 2**15 workers' sum of
-#: them stays within the signed range of the 48-bit sums.
-INTEGER_DELTA_BOUND = 1 << 32
 #: A sealed pair of shares: AES-GCM's nonce, the two shares, its tag.
 SEALED_BYTES = 12 + 2 * sm.SHARE_BYTES + 16
 _INTEGRAL = frozenset({torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64})
@@ -308,7 +307,7 @@ _delta = threading.local()
 
 
 def _integer_deltas(
-    update: dict[str, Any], global_state: Any, integers: Any, floats: set[Any]
+    update: dict[str, Any], global_state: Any, integers: Any, floats: set[Any], bound: int
 ) -> torch.Tensor:
     """The int64 deltas of the integer entries ``integers``, flattened in that order."""
     if not isinstance(integers, list | tuple) or len(set(integers)) != len(integers):
@@ -328,8 +327,9 @@ def _integer_deltas(
             raise ValueError(f"{key!r} has shape {tuple(new.shape)}, not {tuple(old.shape)}")
         pieces.append(new.reshape(-1).to(torch.int64) - old.reshape(-1).to(torch.int64))
     deltas = torch.cat(pieces)
-    if deltas.numel() and int(deltas.abs().max()) > INTEGER_DELTA_BOUND:
-        raise ValueError(f"an integer entry changed by more than {INTEGER_DELTA_BOUND}")
+    if deltas.numel() and int(deltas.abs().max()) > bound:
+        # The ring's sums of them, read as signed, would wrap (see choose_modulus_bits).
+        raise ValueError(f"an integer entry changed by more than {bound}")
     return deltas
 
 
@@ -344,6 +344,8 @@ def secagg_mask(
     parameters: Any,
     clip: float,
     bits: int,
+    max_weight: Any,
+    modulus_bits: Any,
     weight: int | None = None,
     clip_norm: float | None = None,
     noise_std: float = 0.0,
@@ -356,10 +358,13 @@ def secagg_mask(
     worker, a row each (:data:`SEALED_BYTES`), in that order. ``clip_norm`` and
     ``noise_std`` are the differential-privacy interface: the delta is L2-clipped,
     then Gaussian noise from a generator seeded by :mod:`secrets` is added, before
-    quantization. ``update``: a :class:`PrivateUpdate` (emptied here) or
-    ``local_update``'s plain reply. ``integers``: integer entries whose exact
-    deltas follow the float ones. Reply: ``{"masked", "examples", "weight",
-    "loss", "correct", "seconds", "rejected"}``.
+    quantization. ``weight`` (default: the example count) over ``max_weight``
+    (the round's largest weight, from the aggregator; a weight above it is
+    refused) scales the update before quantizing. ``modulus_bits``: the round's
+    ring, 32 (``int32`` words) or 48 (``int64``). ``update``: a
+    :class:`PrivateUpdate` (emptied here) or ``local_update``'s plain reply.
+    ``integers``: integer entries whose exact deltas follow the float ones. Reply:
+    ``{"masked", "examples", "weight", "loss", "correct", "seconds", "rejected"}``.
     """
     started = time.perf_counter()
     held = _secrets(state, "shared")
@@ -380,6 +385,14 @@ def secagg_mask(
         or tuple(shares.shape) != (len(senders), SEALED_BYTES)
     ):
         raise ValueError(f"shares must be a uint8 tensor of {SEALED_BYTES} bytes per sender")
+    if type(modulus_bits) is not int or modulus_bits not in (
+        sm.NARROW_MODULUS_BITS,
+        sm.MODULUS_BITS,
+    ):
+        raise ValueError(f"modulus_bits must be {sm.NARROW_MODULUS_BITS} or {sm.MODULUS_BITS}")
+    if modulus_bits == sm.NARROW_MODULUS_BITS and bits > 31:
+        raise ValueError("the 32-bit ring takes at most 31-bit quantization")
+    max_weight = _int(max_weight, "max_weight", 1)
     if noise_std < 0 or not math.isfinite(noise_std):
         raise ValueError("noise_std must be >= 0")
     if not isinstance(parameters, list) or len(set(parameters)) != len(parameters):
@@ -388,11 +401,14 @@ def secagg_mask(
     if isinstance(update, PrivateUpdate):
         update = update.take()
     delta = _flat_delta(update, global_state, parameters)
-    integer_deltas = _integer_deltas(update, global_state, integers, set(parameters))
+    integer_deltas = _integer_deltas(
+        update, global_state, integers, set(parameters), sm.integer_delta_bound(modulus_bits)
+    )
     examples = _int(update.get("examples"), "examples")
     weight = examples if weight is None else _int(weight, "weight")
-    if weight * ((1 << bits) - 1) >= 1 << sm.MODULUS_BITS:
-        raise ValueError(f"weight {weight} too large for {bits}-bit quantization")
+    if weight > max_weight:
+        # A ratio above 1 could carry the sum past the ring the aggregator sized.
+        raise ValueError(f"weight {weight} is above the round's max_weight {max_weight}")
 
     rejected: list[int] = []
     received = sm.from_bytes_tensor(shares.reshape(-1)) if senders else b""
@@ -421,14 +437,21 @@ def secagg_mask(
     if noise_std:
         delta = delta + torch.randn(delta.shape, dtype=torch.float64, generator=entropy) * noise_std
     count = delta.numel()
-    vector = torch.empty(count + 1 + integer_deltas.numel(), dtype=torch.int64)
+    vector = torch.empty(count + 1 + integer_deltas.numel(), dtype=sm.ring_dtype(modulus_bits))
     levels = vector[:count]  # quantized in place: no second vector to allocate and fill
-    _, clipped = sm.quantize(delta, float(clip), bits, out=levels, overwrite=True)
+    # The weight folded in before quantizing (Flower's max_weight ratio): each input adds
+    # at most 2**bits - 1 per entry, whatever its example count.
+    _, clipped = sm.quantize(
+        delta, float(clip), bits, ratio=weight / max_weight, out=levels, overwrite=True
+    )
     vector[count] = clipped
-    # Residues mod 2**48 (a negative delta wraps), summed exactly under the masks.
-    vector[count + 1 :] = integer_deltas.bitwise_and(sm.MODULUS_MASK)
-    for part in sm.chunks(levels.numel()):
-        levels[part].mul_(weight)
+    # Residues (a negative delta wraps: int32 words wrap by themselves), summed exactly
+    # under the masks.
+    vector[count + 1 :] = (
+        integer_deltas
+        if modulus_bits == sm.NARROW_MODULUS_BITS
+        else integer_deltas.bitwise_and(sm.MODULUS_MASK)
+    )
     seeds = [(held.seed, 1)]
     for peer in peers:
         _, mask_public = held.neighbours[peer]
