@@ -18,6 +18,7 @@ from torch import nn
 
 import fedtensor as ft
 import fedtensor.worker.actor
+from fedtensor.federated.simulation import _from_columns
 from fedtensor.federated.strategies import Update
 from fedtensor.federated.trace import trace
 from fedtensor.worker.local_update import local_update
@@ -272,7 +273,8 @@ def test_partial_sum_is_the_weighted_sum_of_the_updates() -> None:
                 torch.testing.assert_close(summed, expected, rtol=1e-12, atol=1e-12)
             else:  # the batch norm's counter: the largest, as FedAvg takes
                 assert torch.equal(summed, max(update["state"][key] for update in alone))
-        clients = reply["clients"]
+        assert set(reply["clients"]) == {"columns", "failed"}  # a tensor per figure
+        clients = _from_columns(reply["clients"], 3, "w")
         assert len(clients) == 3
         assert all("state" not in client for client in clients)
         if labels is y_bad:
@@ -346,7 +348,7 @@ def test_a_forbidden_client_is_left_out_of_the_sum(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(module, "local_update", forbidding)
     reply = local_updates(plan, state, x, y, rows, partial_sum=True, batch_size=4)
     assert isinstance(reply, dict)
-    assert reply["clients"][1] == {
+    assert _from_columns(reply["clients"], 3, "w")[1] == {
         "failed": ["forbidden", "ForbiddenOperation", "not for this one"]
     }
     assert reply["examples"] == 30
@@ -356,3 +358,70 @@ def test_a_forbidden_client_is_left_out_of_the_sum(monkeypatch: pytest.MonkeyPat
         for a, b, seed in (rows[0], rows[2])
     )
     torch.testing.assert_close(reply["sum"]["weight"], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_the_clients_figures_come_back_as_one_tensor_each() -> None:
+    # A list of a dict per client cost the worker's budget and codec four items a
+    # client after its last client trained; the figures are now one buffer each.
+    x, y = _data(40)
+    plan, state = _plan_and_state(_model(), x, y)
+    rows = [[0, 10, 1], [10, 20, 2], [20, 40, 3]]
+    y_bad = y.clone()
+    y_bad[10:20] = 7  # the second client fails
+    reply = local_updates(plan, state, x, y_bad, rows, partial_sum=True, batch_size=4)
+    assert isinstance(reply, dict)
+    columns = reply["clients"]["columns"]
+    assert {name: column.dtype for name, column in columns.items()} == {
+        "examples": torch.int64,
+        "loss": torch.float64,
+        "correct": torch.int64,
+        "seconds": torch.float64,
+    }
+    assert columns["examples"].tolist() == [10, 0, 20]  # a failed client's row is 0
+    [failed] = reply["clients"]["failed"]
+    assert failed[:3] == [1, "remote", "IndexError"]
+    clients = _from_columns(reply["clients"], 3, "w")
+    assert clients[1] == {"failed": failed[1:]}
+    for client, (a, b, seed) in zip((clients[0], clients[2]), (rows[0], rows[2]), strict=True):
+        alone = local_update(plan, state, x[a:b], y_bad[a:b], seed=seed, batch_size=4)
+        assert client == {key: item for key, item in alone.items() if key != "state"} | {
+            "seconds": client["seconds"]
+        }
+        assert type(client["examples"]) is int
+        assert type(client["loss"]) is float
+
+
+def test_figures_of_another_kind_keep_the_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fedtensor.worker.local_updates as module
+
+    x, y = _data(20)
+    plan, state = _plan_and_state(_model(), x, y)
+    alone = module.local_update
+
+    def unusual(*args: Any, seed: int, **kwargs: Any) -> Any:
+        reply = alone(*args, seed=seed, **kwargs)
+        return reply | {"note": None} if seed == 2 else reply
+
+    monkeypatch.setattr(module, "local_update", unusual)
+    reply = local_updates(plan, state, x, y, [[0, 10, 1], [10, 20, 2]], partial_sum=True)
+    assert isinstance(reply, dict)
+    assert isinstance(reply["clients"], list)  # the clients disagree: the list as before
+    assert reply["clients"][1]["note"] is None
+
+
+def test_malformed_figures_are_refused() -> None:
+    good = {"columns": {"examples": torch.tensor([3, 4])}, "failed": []}
+    assert _from_columns(good, 2, "w") == [{"examples": 3}, {"examples": 4}]
+    for bad, message in (
+        ({"columns": {"examples": torch.tensor([3])}, "failed": []}, "not of 2 clients"),
+        ({"columns": {"examples": torch.tensor([3, 4], dtype=torch.int32)}, "failed": []}, "2"),
+        ({"columns": {"examples": [3, 4]}, "failed": []}, "not of 2 clients"),
+        ({"columns": {}, "failed": [[0, "remote", "E", "m"]]}, "no figures"),
+        (good | {"failed": [[2, "remote", "E", "m"]]}, "malformed failure"),
+        (good | {"failed": [[0, "remote", "E", "m"], [0, "remote", "E", "m"]]}, "malformed"),
+        (good | {"failed": [[0, "remote"]]}, "malformed failure"),
+        (good | {"extra": 1}, "malformed"),
+        ({"columns": []}, "malformed"),
+    ):
+        with pytest.raises(ft.ProtocolError, match=message):
+            _from_columns(bad, 2, "w")

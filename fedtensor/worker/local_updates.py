@@ -28,7 +28,13 @@ n, "clients": [...]}``: each client's update is added, as soon as it is made, to
 running ``sum_i examples_i * state_i`` (float64; integer entries such as a batch
 norm's counter take the largest value, as FedAvg takes them), and ``clients`` holds
 each client's reply without its state (examples, loss, correct, seconds; or its
-failure), so the reply is one state whatever the number of clients. ``ft.fit`` asks
+failure), so the reply is one state whatever the number of clients. Those figures
+travel as one tensor per figure, ``{"columns": {"examples": int64 tensor, "loss":
+float64 tensor, ...}, "failed": [[position, kind, type, message], ...]}``
+(:func:`_columns`): as a list of a dict per client they took a worker process
+about 0.6 ms per reply of 50 clients to count against the budget and encode,
+between its last client's training and the reply, a fifth of its fixed cost
+per round. ``ft.fit`` asks
 for it when the strategy reads only the weighted mean of the updates
 (``Strategy.partial_sums_ok``: FedAvg, FedProx, FedAvgM, FedAdam) and central DP is
 off; robust strategies and central DP's clipping, which read single updates, get
@@ -150,8 +156,49 @@ def local_updates(
         if summed is not None:  # the state goes into the sum as soon as it is made
             replies[-1] = summed.add(replies[-1])
     if summed is not None:
-        return {"sum": summed.state, "examples": summed.examples, "clients": replies}
+        return {"sum": summed.state, "examples": summed.examples, "clients": _columns(replies)}
     return replies
+
+
+def _columns(replies: list[dict[str, Any]]) -> dict[str, Any] | list[dict[str, Any]]:
+    """The clients' figures of a partial-sum reply as one tensor per figure.
+
+    ``{"columns": {name: tensor}, "failed": [[position, kind, type, message], ...]}``:
+    a column is ``int64`` where every client's figure is an ``int`` and ``float64``
+    where every one is a ``float`` (both exact); a failed client's row is 0. The
+    budget counts them, the codec encodes and the client decodes them as a few
+    buffers rather than four items a client: as a list of 50 dicts they cost an
+    executor about 0.6 ms after its last client trained (the budget's walk of the
+    result, twice, and the encoding), on the round's critical path. Figures of any
+    other kind, or clients that report different figures, keep the list.
+    """
+    failed = [
+        [position, *reply["failed"]] for position, reply in enumerate(replies) if "failed" in reply
+    ]
+    trained = [reply for reply in replies if "failed" not in reply]
+    names = list(trained[0]) if trained else []
+    if any(len(reply) != len(names) for reply in trained):
+        return replies
+    places = [position for position, reply in enumerate(replies) if "failed" not in reply]
+    columns: dict[str, torch.Tensor] = {}
+    for name in names:
+        values = [reply.get(name) for reply in trained]
+        if all(type(value) is int for value in values):
+            dtype = torch.int64
+        elif all(type(value) is float for value in values):
+            dtype = torch.float64
+        else:
+            return replies
+        try:
+            column = torch.tensor(values, dtype=dtype)
+        except (OverflowError, RuntimeError):  # an int beyond int64
+            return replies
+        if failed:
+            column = torch.zeros(len(replies), dtype=dtype).index_copy_(
+                0, torch.tensor(places, dtype=torch.int64), column
+            )
+        columns[name] = column
+    return {"columns": columns, "failed": failed}
 
 
 class _Sum:
