@@ -11,7 +11,6 @@ import os
 import select
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -22,14 +21,7 @@ from benchmarks.common import Baseline, Config, Row
 
 NO_FLOWER = "flwr is not installed (the fedtensor[flower] extra; CI does not install it)"
 needs_flower = pytest.mark.skipif(importlib.util.find_spec("flwr") is None, reason=NO_FLOWER)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.anyio

@@ -21,18 +21,9 @@ import fedtensor.worker.actor
 import fedtensor.worker.local_updates
 from fedtensor.federated.simulation import ClientShard
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("one_torch_thread")]
 
 FIT: dict[str, Any] = {"batch_size": 4, "lr": 0.1, "progress": False}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine: torch's second thread only contends."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _data(count: int, features: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

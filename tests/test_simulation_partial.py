@@ -25,17 +25,9 @@ from fedtensor.worker.local_update import local_update
 from fedtensor.worker.local_update import memory_bytes as one_update_bytes
 from fedtensor.worker.local_updates import local_updates, memory_bytes
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("one_torch_thread")]
 
 FIT: dict[str, Any] = {"batch_size": 4, "lr": 0.1, "progress": False}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _data(count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -336,21 +336,6 @@ async def test_fedprox_keeps_workers_near_the_global_model(
 
 
 # -- accuracy, sampling, failures ------------------------------------------------------------------
-
-
-@pytest.fixture
-def one_torch_thread() -> Iterator[None]:
-    """Train on one torch thread, as the digits tests do (the setting is restored after).
-
-    Their small convolutions gain nothing from a second thread, and while other processes
-    share the cores, torch's threads spin waiting on one another: two epochs of the digits
-    CNN (`train_centrally`, timed with `time.perf_counter`) took 12.9 s on two threads and
-    3.8 s on one, to the same accuracy, at a load average of 10 on this 2-core machine.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # Once, over encoded frames (the wire format): it checks the training, not the transport.
