@@ -25,6 +25,23 @@ ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'fedt
 pytestmark = pytest.mark.anyio
 
 
+class _KillThenAwaitRestart:
+    """An ``on_round`` that kills the victim's actor after round 1, then waits (bounded)
+    for Ray's restart once the run reports one of ``names`` failed, so that a test does
+    not depend on how many rounds fit while a Python process starts on a busy machine.
+    ``restarted`` holds the new process id."""
+
+    def __init__(self, victim: Any, old_pid: int, names: set[str]) -> None:
+        self.victim, self.old_pid, self.names = victim, old_pid, names
+        self.restarted: list[int] = []
+
+    def __call__(self, metrics: ft.RoundMetrics) -> None:
+        if metrics.round == 1:
+            os.kill(self.old_pid, signal.SIGKILL)  # mid-fit: before round 2 is queued
+        elif self.names & set(metrics.failed) and not self.restarted:
+            self.restarted.append(ray.get(self.victim.actor.pid.remote(), timeout=60))
+
+
 @pytest.fixture(scope="module")
 def ray_instance() -> Iterator[None]:
     """One local Ray instance for the module: starting Ray costs seconds."""
@@ -178,15 +195,8 @@ async def test_a_restarted_actor_rejoins_the_fit_under_way(
         victim = workers[1]
         old_pid = await victim.actor.pid.remote()
         data = await ft.load_dataset(list(workers), "toy", holdout=0.25)
-        restarted: list[int] = []
-
-        def on_round(metrics: ft.RoundMetrics) -> None:
-            if metrics.round == 1:
-                os.kill(old_pid, signal.SIGKILL)  # mid-fit: before round 2 is queued
-            elif "ray-1" in metrics.failed and not restarted:
-                # Wait (bounded) for Ray's restart, so the test does not depend on
-                # how many rounds fit while a Python process starts on a busy machine.
-                restarted.append(ray.get(victim.actor.pid.remote(), timeout=60))
+        on_round = _KillThenAwaitRestart(victim, old_pid, {"ray-1"})
+        restarted = on_round.restarted
 
         model = torch.nn.Linear(3, 2)
         history = await ft.fit(
@@ -224,13 +234,8 @@ async def test_a_restarted_actor_gets_the_shard_this_client_sent_again(ray_insta
         sizes = data.sizes()
         assert all(shard.reload is not None for shard in data.shards)
         sent = await data.shards[1].data  # a copy of what worker 1 holds
-        restarted: list[int] = []
-
-        def on_round(metrics: ft.RoundMetrics) -> None:
-            if metrics.round == 1:
-                os.kill(old_pid, signal.SIGKILL)
-            elif "ray-1" in metrics.failed and not restarted:
-                restarted.append(ray.get(victim.actor.pid.remote(), timeout=60))
+        on_round = _KillThenAwaitRestart(victim, old_pid, {"ray-1"})
+        restarted = on_round.restarted
 
         model = torch.nn.Linear(3, 2)
         history = await ft.fit(
@@ -305,14 +310,8 @@ async def test_a_restarted_executor_gets_its_block_again_and_its_clients_rejoin(
         reference = await ft.fit(model(), clients, rounds=8, fraction=0.5, **options)
         one_round = model()
         await ft.fit(one_round, clients, rounds=1, **options)
-        restarted: list[int] = []
-
-        def on_round(metrics: ft.RoundMetrics) -> None:
-            if metrics.round == 1:
-                os.kill(old_pid, signal.SIGKILL)  # mid-fit: before round 2 is queued
-            elif on_victim & set(metrics.failed) and not restarted:
-                # Wait (bounded) for Ray's restart, as the test above does.
-                restarted.append(ray.get(victim.actor.pid.remote(), timeout=60))
+        on_round = _KillThenAwaitRestart(victim, old_pid, on_victim)
+        restarted = on_round.restarted
 
         with anyio.fail_after(120):
             history = await ft.fit(
@@ -362,14 +361,8 @@ async def test_a_restarted_actor_rejoins_an_asynchronous_run(ray_instance: None)
         old_pid = await victim.actor.pid.remote()
         data = ft.federate((examples, labels), list(workers), seed=0)
         sent = await data.shards[1].data  # a copy of what worker 1 holds
-        restarted: list[int] = []
-
-        def on_round(metrics: ft.RoundMetrics) -> None:
-            if metrics.round == 1:
-                os.kill(old_pid, signal.SIGKILL)
-            elif "ray-1" in metrics.failed and not restarted:
-                # Wait (bounded) for Ray's restart, as the tests above do.
-                restarted.append(ray.get(victim.actor.pid.remote(), timeout=60))
+        on_round = _KillThenAwaitRestart(victim, old_pid, {"ray-1"})
+        restarted = on_round.restarted
 
         # One update in flight at a time: each refill picks one of the idle workers
         # (seeded), so once back the restarted worker is soon picked, and waited for.
