@@ -389,18 +389,39 @@ def test_unshared_operands_are_refused(three: tuple[Any, Any, Any]) -> None:
 # -- sharing a worker's tensor (PySyft's Part 10) -------------------------------------------------
 
 
-def test_sharing_a_pointers_data(
-    three: tuple[Any, Any, Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    bob, alice, charlie = three
-    moves: list[tuple[str, str, bool]] = []
+@pytest.fixture
+def moves(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, bool]]:
+    """Every worker-to-worker transfer the sharing code makes: (from, to, keep)."""
+    made: list[tuple[str, str, bool]] = []
     transfer = sharing_module.transfer
 
     async def spy(pointer: Any, destination: Any, *, keep: bool, timeout: Any) -> Any:
-        moves.append((pointer.location.id, destination.id, keep))
+        made.append((pointer.location.id, destination.id, keep))
         return await transfer(pointer, destination, keep=keep, timeout=timeout)
 
     monkeypatch.setattr(sharing_module, "transfer", spy)
+    return made
+
+
+@pytest.fixture
+def fetched(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
+    """Every value this client fetches from a worker: (worker id, value)."""
+    values: list[tuple[str, Any]] = []
+    fetch = engine_module.Client.fetch
+
+    async def spy(self: Any, id_: int, *, free: bool, timeout: float | None = None) -> Any:
+        value = await fetch(self, id_, free=free, timeout=timeout)
+        values.append((self.worker.id, value))
+        return value
+
+    monkeypatch.setattr(engine_module.Client, "fetch", spy)
+    return values
+
+
+def test_sharing_a_pointers_data(
+    three: tuple[Any, Any, Any], moves: list[tuple[str, str, bool]]
+) -> None:
+    bob, alice, charlie = three
     plain = torch.tensor([[1.5, -2.25], [0.125, 3.0]])
     on_bob = plain.send(bob)
     remote = on_bob.fix_precision()
@@ -572,17 +593,9 @@ def test_a_bad_triple_request_is_refused_and_the_worker_serves_on(
 
 
 def test_triples_are_moved_to_the_parties(
-    three: tuple[Any, Any, Any], monkeypatch: pytest.MonkeyPatch
+    three: tuple[Any, Any, Any], moves: list[tuple[str, str, bool]]
 ) -> None:
     bob, alice, charlie = three
-    moves: list[tuple[str, str, bool]] = []
-    transfer = sharing_module.transfer
-
-    async def spy(pointer: Any, destination: Any, *, keep: bool, timeout: Any) -> Any:
-        moves.append((pointer.location.id, destination.id, keep))
-        return await transfer(pointer, destination, keep=keep, timeout=timeout)
-
-    monkeypatch.setattr(sharing_module, "transfer", spy)
     x = torch.tensor([1.5, 2.0]).fix_precision().share(bob, alice, crypto_provider=charlie)
     product = (x * x).get().float_precision()
     torch.testing.assert_close(product, torch.tensor([2.25, 4.0]), atol=3e-3, rtol=0)
@@ -661,17 +674,8 @@ def processes() -> Iterator[list[WorkerProcess]]:
 
 @pytest.mark.anyio
 async def test_processes_triples_never_reach_the_client(
-    processes: list[WorkerProcess], monkeypatch: pytest.MonkeyPatch
+    processes: list[WorkerProcess], fetched: list[tuple[str, Any]]
 ) -> None:
-    fetched: list[tuple[str, Any]] = []
-    fetch = engine_module.Client.fetch
-
-    async def spy(self: Any, id_: int, *, free: bool, timeout: float | None = None) -> Any:
-        value = await fetch(self, id_, free=free, timeout=timeout)
-        fetched.append((self.worker.id, value))
-        return value
-
-    monkeypatch.setattr(engine_module.Client, "fetch", spy)
     bob, alice, charlie = processes
     async with (
         ft.connect(bob.url, token=bob.token, timeout=30) as to_bob,
@@ -711,17 +715,8 @@ async def test_processes_triples_never_reach_the_client(
 
 @pytest.mark.anyio
 async def test_processes_a_workers_shares_never_reach_the_client(
-    processes: list[WorkerProcess], monkeypatch: pytest.MonkeyPatch
+    processes: list[WorkerProcess], fetched: list[tuple[str, Any]]
 ) -> None:
-    fetched: list[tuple[str, Any]] = []
-    fetch = engine_module.Client.fetch
-
-    async def spy(self: Any, id_: int, *, free: bool, timeout: float | None = None) -> Any:
-        value = await fetch(self, id_, free=free, timeout=timeout)
-        fetched.append((self.worker.id, value))
-        return value
-
-    monkeypatch.setattr(engine_module.Client, "fetch", spy)
     bob, alice, charlie = processes
     async with (
         ft.connect(bob.url, token=bob.token, timeout=30) as to_bob,

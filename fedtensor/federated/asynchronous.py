@@ -253,33 +253,14 @@ class _AsynchronousRun:
             raise error  # not a worker's failure: the run ends with it
 
     async def rejoin(self) -> None:
-        """Take back the dropped workers that are reachable again, their shard made again.
-
-        As :func:`fedtensor.fit` does before each round: a worker that has a
-        ``rejoin()`` (a Ray worker) and a shard with a ``reload`` is asked, without
-        waiting for its restart; once back, its shard is made again on it, in the
-        data set itself, and it is idle (the next :meth:`refill` may send it an
-        update). Any other worker stays dropped, and is not asked again.
-        """
-        shards = list(self.data.shards)
-        back: list[int] = []
-        for index in list(self.dropped):
-            shard = shards[index]
-            rejoin = getattr(shard.worker, "rejoin", None)
-            if rejoin is None or shard.reload is None:
-                self.dropped.remove(index)  # it cannot come back
-                continue
-            if not await rejoin():
-                continue  # still restarting (or gone for good): asked after the next update
-            try:
-                shards[index] = await shard.reload()
-            except (WorkerUnavailable, FedTimeoutError, RemoteError):
-                continue
-            self.dropped.remove(index)
-            back.append(index)
+        """Take back the dropped workers that are reachable again, their shard made again
+        (:meth:`FederatedDataset.take_back`, as :func:`fedtensor.fit` does before each
+        round): idle, so the next :meth:`refill` may send them an update."""
+        back, settled = await self.data.take_back(self.dropped)
         if back:
-            self.data.shards = tuple(shards)
             self.alive = sorted([*self.alive, *back])
+        if settled:
+            self.dropped = [index for index in self.dropped if index not in settled]
 
     # -- checkpoints ---------------------------------------------------------------------------
 

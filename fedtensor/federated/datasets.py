@@ -41,6 +41,8 @@ import torch
 
 from fedtensor.client.handles import WorkerHandle, send
 from fedtensor.client.pointer import call_on
+from fedtensor.errors import RemoteError, WorkerUnavailable
+from fedtensor.errors import TimeoutError as FedTimeoutError
 
 __all__ = [
     "FederatedDataset",
@@ -104,6 +106,46 @@ class FederatedDataset:
     def sizes(self) -> dict[str, int]:
         """Examples per worker id."""
         return {shard.worker.id: shard.size for shard in self.shards}
+
+    async def take_back(self, dropped: Sequence[int]) -> tuple[list[int], set[int]]:
+        """Remake on their worker the ``dropped`` shards whose worker is reachable again.
+
+        A worker handle that can come back has a ``rejoin()`` (``ft.ray.RayWorker``: Ray
+        restarted its actor, empty), which answers without waiting for the restart; it is
+        asked once per call, however many of its shards were dropped (simulated clients
+        share their executor). A shard is remade by its ``reload`` (a data set the
+        worker loads by name again, or what this client sent, sent again from the copy
+        it kept; a simulated client's block once for all its clients), in ``shards``
+        itself, so the data set works after the run too. Returns the indices back, and
+        the indices that are back or can never come back (no ``rejoin`` or no
+        ``reload``): what the caller stops asking about. A shard whose worker is still
+        restarting, or whose reload failed, is in neither: asked about again next time.
+        ``fedtensor.fit`` calls it before each round, the asynchronous strategies after
+        each update taken.
+        """
+        answers: dict[int, bool] = {}  # id of a worker handle -> whether it is back
+        back: list[int] = []
+        settled: set[int] = set()
+        shards = list(self.shards)
+        for index in dropped:
+            shard = shards[index]
+            rejoin = getattr(shard.worker, "rejoin", None)
+            if rejoin is None or shard.reload is None:
+                settled.add(index)  # it cannot come back
+                continue
+            if id(shard.worker) not in answers:
+                answers[id(shard.worker)] = await rejoin()
+            if not answers[id(shard.worker)]:
+                continue  # still restarting (or gone for good)
+            try:
+                shards[index] = await shard.reload()
+            except (WorkerUnavailable, FedTimeoutError, RemoteError):
+                continue
+            back.append(index)
+            settled.add(index)
+        if back:
+            self.shards = tuple(shards)
+        return back, settled
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{worker}: {size}" for worker, size in self.sizes().items())

@@ -500,44 +500,14 @@ async def _round(run: _Run, round: int) -> RoundMetrics:
 
 
 async def _rejoin(run: _Run) -> None:
-    """Take back the dropped workers that are reachable again, their data loaded again.
-
-    A worker handle that can come back has a ``rejoin()`` (``ft.ray.RayWorker``: Ray
-    restarted its actor, empty); it answers without waiting for the restart. Its
-    shard is made again on it (``Shard.reload``: a data set the worker loads by name,
-    or the shard ``ft.federate`` sent, sent again from the copy it kept; a shard that
-    cannot be remade leaves its worker dropped), in ``run.data`` itself, so the data
-    set works after the run too. The plan and the
-    global state are sent to it by its next round, as to any worker. Simulated
-    clients share their executor: it is asked once, its block sent again once
-    (``ClientShard.reload``), and all its dropped clients come back together.
-    """
-    answers: dict[int, bool] = {}  # id of a worker handle -> whether it is back
-    back: list[int] = []
-    given_up: set[int] = set()
-    shards = list(run.data.shards)
-    for index in run.dropped:
-        shard = shards[index]
-        rejoin = getattr(shard.worker, "rejoin", None)
-        if rejoin is None or shard.reload is None:
-            given_up.add(index)  # it cannot come back
-            continue
-        if id(shard.worker) not in answers:
-            answers[id(shard.worker)] = await rejoin()
-        if not answers[id(shard.worker)]:
-            continue  # still restarting (or gone for good): asked again next round
-        try:
-            fresh = await shard.reload()
-        except (WorkerUnavailable, FedTimeoutError, RemoteError):
-            continue
-        shards[index] = fresh
-        back.append(index)
+    """Take back the dropped workers that are reachable again, their shards made again
+    (:meth:`FederatedDataset.take_back`); the plan and the global state are sent to
+    them by their next round, as to any worker."""
+    back, settled = await run.data.take_back(run.dropped)
     if back:
-        run.data.shards = tuple(shards)
         run.alive = sorted([*run.alive, *back])
-    if back or given_up:
-        gone = given_up.union(back)
-        run.dropped = [index for index in run.dropped if index not in gone]
+    if settled:
+        run.dropped = [index for index in run.dropped if index not in settled]
 
 
 async def _example_batch(data: FederatedDataset) -> tuple[torch.Tensor, torch.Tensor] | None:
