@@ -501,11 +501,21 @@ async def test_heartbeats_detect_a_silent_client(ft_worker_processes: StartWorke
     await _still_serves(process)
 
 
+_HeldServer = tuple[WorkerServer, list[str], asyncio.Event, list[tuple[bool, int]]]
+
+
 @pytest.fixture
 async def in_process_server(
     monkeypatch: pytest.MonkeyPatch,
-) -> AsyncIterator[tuple[WorkerServer, list[str], asyncio.Event]]:
-    """A worker served in this process, and the reasons it stopped reading from a client."""
+) -> AsyncIterator[_HeldServer]:
+    """A worker served in this process, and the reasons it stopped reading from a client.
+
+    Each time it stops reading for replies not taken, ``parked_when_held`` gets
+    whether the client's commands were parked then and the bytes of replies not
+    yet taken: by the time a test looks, the socket's buffers may have taken a
+    reply and the commands be on their way to run (and park again).
+    """
+    parked_when_held: list[tuple[bool, int]] = []
     holds: list[str] = []
     held = asyncio.Event()
     hold = _ServerPeer.hold
@@ -514,20 +524,23 @@ async def in_process_server(
         hold(peer, reason)
         if reason != "control":  # pongs behind replies not taken: not what is tested
             holds.append(reason)
+            if reason == "parked":
+                assert peer.session is not None
+                parked_when_held.append((peer.session.parked is not None, peer.unsent))
             held.set()
 
     monkeypatch.setattr(_ServerPeer, "hold", spy)
     server = WorkerServer("local", token="t", grace=5.0)
     async with anyio.create_task_group() as task_group:
         await task_group.start(server.serve, "127.0.0.1", 0)
-        yield server, holds, held
+        yield server, holds, held, parked_when_held
         server.shutdown()
 
 
 async def test_a_worker_stops_reading_while_a_client_has_too_much_queued(
-    in_process_server: tuple[WorkerServer, list[str], asyncio.Event],
+    in_process_server: _HeldServer,
 ) -> None:
-    server, holds, held = in_process_server
+    server, holds, held, _ = in_process_server
     assert server.url is not None
     local = torch.randn(1000, 1000) / 30
     async with ft.connect(server.url, token="t") as client:
@@ -546,9 +559,9 @@ async def test_a_worker_stops_reading_while_a_client_has_too_much_queued(
 
 
 async def test_a_worker_stops_reading_from_a_client_that_does_not_read_its_replies(
-    in_process_server: tuple[WorkerServer, list[str], asyncio.Event],
+    in_process_server: _HeldServer,
 ) -> None:
-    server, holds, held = in_process_server
+    server, holds, held, parked_when_held = in_process_server
     assert server.url is not None
     big = torch.randn(4 << 20)  # 16 MiB
     async with ft.connect(server.url, token="t") as client:
@@ -560,10 +573,12 @@ async def test_a_worker_stops_reading_from_a_client_that_does_not_read_its_repli
         with anyio.fail_after(30):
             await held.wait()
             # The fetches past READ_AHEAD bytes of replies wait for the client to read.
-            assert holds == ["parked"]
+            assert set(holds) == {"parked"}
+            commands_parked, unsent = parked_when_held[0]
+            assert commands_parked
+            assert unsent <= READ_AHEAD
+            assert not all(fetch.done() for fetch in fetches)
             [peer] = server._peers
-            assert peer.session is not None
-            assert peer.session.parked is not None
             assert peer.unsent <= READ_AHEAD
             transport.resume_reading()
             for value in await asyncio.gather(*fetches):
