@@ -5,10 +5,13 @@ The work is that of Flower's simulation engine measured side by side (anchors.md
 rounds (3 with ``--quick``), central evaluation on the digits' held-out fifth. 1,000 clients
 split scikit-learn's digits (1,437 training examples, as Flower's run did); 10,000 clients
 split 100,000 digit-shaped examples (the digits repeated with a little noise; nothing
-downloaded). Each runs on three pools of executors, one after another: 1 virtual worker in
-this process (torch at 1 thread: one core), 1 local worker process and 2 local worker
-processes (``ft.local_workers``, ``--threads 1`` each: one core each); 1,000 clients also as
-1,000 virtual workers (``ft.federate``, one core: how such a run was written before). With
+downloaded). Each runs on pools of executors, one after another: 1 virtual worker in this
+process (torch at 1 thread: one core), 1 local worker process and 2 local worker processes
+(``ft.local_workers(pin=True)``, ``--threads 1`` each: a core each), these 2 sampling
+uniformly (as Flower does) and then stratified by executor (``ft.fit(sampling="stratified")``:
+50 clients each every round, where uniform sampling gives the busier one 54 on average);
+1,000 clients also as 1,000 virtual workers (``ft.federate``, one core: how such a run was
+written before). With
 ``--single-updates`` the 2 processes also run before that pool with every client's update
 sent back alone (a FedAvg that turns partial sums off: the reply of a round before them,
 "single updates (before)"), for a before-and-after in one run; ``ft.fit`` now has each
@@ -69,11 +72,14 @@ FLOWER_TITLE = "Flower 1.42 simulation (Ray, 1 CPU per client)"
 POOLS = {  # key: (title, executors, in this process); "workers": one virtual worker a client
     "workers": ("1 virtual worker per client (ft.federate, before)", 0, True),
     "virtual1": ("1 virtual worker (in process, 1 thread)", 1, True),
-    "process1": ("1 local worker process (--threads 1)", 1, False),
+    "process1": ("1 local worker process (--threads 1, pinned)", 1, False),
     # With --single-updates: 2 processes sending every client's update back alone, as
     # before partial sums (run before "process2", in the same run).
     "process2_single": ("2 local worker processes, single updates (before)", 2, False),
-    "process2": ("2 local worker processes (--threads 1 each)", 2, False),
+    "process2": ("2 local worker processes (--threads 1 each, pinned)", 2, False),
+    # The same, each round's 100 spread over the executors in proportion (50 each):
+    # ft.fit(sampling="stratified").
+    "process2_stratified": ("2 local worker processes, sampling stratified", 2, False),
 }
 TARGET_SPEEDUP = 1.6
 TARGET_FIRST_ROUND_S = 2.0
@@ -151,7 +157,10 @@ async def _pool(key: str, clients: int) -> AsyncIterator[tuple[list[Any], list[i
     else:
         name = f"sim{clients}-{key}"
         # This loop answers pings only between its own steps: a loaded machine outlasts 20 s.
-        async with ft.local_workers(count, 1, name=name, ping_timeout=600, timeout=120) as workers:
+        # Each process on a core of its own (pin), woken without preempting this one.
+        async with ft.local_workers(
+            count, 1, name=name, ping_timeout=600, timeout=120, pin=True
+        ) as workers:
             yield list(workers), [os.getpid(), *workers.pids]
 
 
@@ -183,9 +192,11 @@ async def _run(
         model = MLP()
         fit_started = time.perf_counter()
         strategy = SingleUpdates() if key.endswith("_single") else ft.FedAvg()
+        sampling = "stratified" if key.endswith("_stratified") else "uniform"
         history = await ft.fit(
             model, data, rounds=rounds, fraction=PER_ROUND / clients, batch_size=BATCH_SIZE,
             lr=LR, seed=SEED, progress=False, on_round=sample, strategy=strategy,
+            sampling=sampling,
         )  # fmt: skip
         completed = [len(m.completed) for m in history]
         if isinstance(data, ft.SimulatedClients):
@@ -258,7 +269,7 @@ async def run_simulation(cfg: Config, env: dict[str, Any]) -> list[Row]:
                 ]
                 if one_core:
                     row.baselines.append(Baseline("the faster 1-core pool", min(one_core)))
-                if one_core and key == "process2":  # the target is the pool as it is now
+                if one_core and key in ("process2", "process2_stratified"):
                     row.target = min(one_core) / TARGET_SPEEDUP
                     row.target_text = f">= {TARGET_SPEEDUP:g}x faster"
                 if key == "process2" and "process2_single" in measured:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 import torch
@@ -95,6 +96,33 @@ async def test_multi_pointer_operations_pair_by_worker(ft_workers: WorkerFactory
     with pytest.raises(ft.LocationError):
         torch.add(a, ft.MultiPointerTensor([c]))
     del a, b, c
+
+
+async def test_fetch_soon_goes_with_the_commands_queued_before_it(
+    ft_worker: ft.WorkerHandle,
+) -> None:
+    x = ft.send(torch.arange(4.0), ft_worker)
+    assert torch.equal(await x.value(), torch.arange(4.0))
+    client = ft_worker.client
+    connection = client._connection
+    assert connection is not None
+    frames: list[list[str]] = []
+    send = connection.send
+
+    def spy(batch: Any) -> None:
+        frames.append([type(message).__name__ for message in batch])
+        send(batch)
+
+    connection.send = spy  # type: ignore[method-assign]
+    answer = (x * 2).fetch_soon(free=True)
+    assert torch.equal(await answer, torch.arange(4.0) * 2)
+    assert frames[0] == ["Call", "Fetch"]  # one frame: the command, then its fetch
+    with pytest.raises(ft.RemoteError, match="invalid for input of size 4"):
+        await x.reshape(5).fetch_soon()
+    given_up = (x + 1).fetch_soon()
+    given_up.cancel()  # its reply, if it comes, is dropped
+    assert torch.equal(await x.value(), torch.arange(4.0))
+    assert client._pending == {}  # nothing left waiting
 
 
 async def test_remote_autograd(ft_worker: ft.WorkerHandle) -> None:

@@ -71,6 +71,15 @@ BAD: dict[str, tuple[Callable[[Path], list[str]], str]] = {
         lambda tmp: ["--dataset", f"d={_mismatched_data_set(tmp / 'd.pt')}"],
         "{tmp}/d.pt: 3 examples but 2 labels",
     ),
+    "CPUs that are not a list": (
+        lambda _: ["--cpus", "first"],
+        "--cpus takes CPU numbers and ranges such as 0,2,4-7, not 'first'",
+    ),
+    "CPUs in a reversed range": (lambda _: ["--cpus", "3-1"], "--cpus: '3-1' is not a range"),
+    "CPUs this process may not use": (
+        lambda _: ["--cpus", "0,4096"],
+        "--cpus: CPU 4096 is not among those this process may run on",
+    ),
     "tiny messages": (
         lambda _: ["--max-message-size", "32"],
         "--max-message-size must be at least 64 bytes",
@@ -146,8 +155,9 @@ def test_worker_help_lists_its_options_and_takes_no_token_on_the_command_line() 
         "--handshake-timeout", "--max-unauthenticated", "--compute-threads",
         # slow workers for tests and benchmarks of asynchronous training (test_fedbuff.py)
         "--step-delay",
-        # ft.local_workers: the first training's imports before ready (test_local_workers.py)
-        "--warm-up",
+        # ft.local_workers: the first training's imports before ready, a core each and
+        # no wake-up preemption (test_local_workers.py)
+        "--warm-up", "--cpus", "--batch-scheduling",
     }  # fmt: skip
     assert "--token" not in _options(result.stdout)  # a token on the command line is visible
 

@@ -16,7 +16,7 @@ import torch
 
 import fedtensor as ft
 import fedtensor.sync as sy
-from fedtensor.local import available_cores, share_cores
+from fedtensor.local import available_cores, pin_cores, share_cores
 
 pytestmark = pytest.mark.anyio
 
@@ -45,6 +45,48 @@ def test_cores_are_shared_out() -> None:
     assert share_cores(2, 2) == [1, 1]
     assert share_cores(3, 8) == [3, 3, 2]
     assert share_cores(4, 2) == [1, 1, 1, 1]  # never fewer than one thread
+
+
+def test_pinned_workers_get_cores_of_their_own() -> None:
+    assert pin_cores([1, 1], [0, 1]) == [[0], [1]]
+    assert pin_cores([1, 1, 1, 1], [0, 1]) == [[0], [1], [0], [1]]  # wrapping around
+    assert pin_cores([2, 1], [0, 2, 5]) == [[0, 2], [5]]
+    assert pin_cores([3], [4, 7]) == [[4, 7]]  # no more than there are
+    with pytest.raises(ValueError, match="not both"):
+        ft.local_workers(2, pin=True, cpus=["0", "1"])
+    group = ft.local_workers(2, threads=1, pin=True)
+    assert group.cpus == pin_cores([1, 1])
+    for arguments, cpus in zip(group._arguments, group.cpus, strict=True):
+        assert arguments[arguments.index("--cpus") + 1] == ",".join(map(str, cpus))
+    assert ft.local_workers(2, threads=1).cpus is None  # not pinned by default
+
+
+def _threads(pid: int) -> list[int]:
+    return [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "SCHED_BATCH"), reason="CPU affinity and SCHED_BATCH are Linux's"
+)
+async def test_every_thread_of_a_pinned_worker_runs_on_its_cores_without_preempting() -> None:
+    async with ft.local_workers(2, threads=1, pin=True) as workers:
+        assert workers.cpus is not None
+        # Commands on both, so that their compute threads exist: started after the
+        # pinning, they inherit it.
+        for worker in workers:
+            doubled = ft.send(torch.ones(3), worker) * 2
+            assert torch.equal(await doubled, torch.full((3,), 2.0))
+        for pid, cpus in zip(workers.pids, workers.cpus, strict=True):
+            threads = _threads(pid)
+            assert len(threads) > 2  # the loop, compute threads, the stdin watcher
+            for thread in threads:
+                assert os.sched_getaffinity(thread) == set(cpus)
+                assert os.sched_getscheduler(thread) == os.SCHED_BATCH
+    async with ft.local_workers(1, threads=1, batch_scheduling=False) as unpinned:
+        [pid] = unpinned.pids
+        for thread in _threads(pid):
+            assert os.sched_getscheduler(thread) == os.SCHED_OTHER
+            assert os.sched_getaffinity(thread) == os.sched_getaffinity(0)
 
 
 async def test_local_workers_compute_federate_and_fit() -> None:
@@ -112,8 +154,10 @@ def test_options_become_worker_arguments() -> None:
     group = ft.local_workers(2, datasets={"digits": "/data/d.pt"}, max_pending=10)
     assert group._arguments[1][2:] == [
         "--dataset", "digits=/data/d.pt", "--max-pending", "10", "--warm-up",
+        "--batch-scheduling",
     ]  # fmt: skip
     assert "--warm-up" not in ft.local_workers(1, warm_up=False)._arguments[0]
+    assert "--batch-scheduling" not in ft.local_workers(1, batch_scheduling=False)._arguments[0]
 
 
 def test_the_blocking_twin() -> None:

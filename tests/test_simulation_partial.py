@@ -233,6 +233,39 @@ async def test_a_stopped_executor_times_out_with_all_its_clients() -> None:
     assert set(history[0].completed) == sampled - stopped
 
 
+async def test_a_round_sends_each_worker_one_frame_its_commands_and_their_fetch() -> None:
+    """The reply's fetch goes with the commands (``fetch_soon``): sent after them, in a
+    frame of its own, it cost a send, a wake-up and a decoding more per worker and round."""
+    x, y = _data(400)
+    async with ft.local_workers(2, threads=1) as processes:
+        frames: dict[str, list[list[str]]] = {worker.id: [] for worker in processes}
+        for worker in processes:
+            connection = worker.client._connection
+            assert connection is not None
+            send = connection.send
+
+            def spy(batch: Any, send: Any = send, seen: Any = frames[worker.id]) -> None:
+                seen.append([type(message).__name__ for message in batch])
+                send(batch)
+
+            connection.send = spy  # type: ignore[method-assign]
+        simulated = ft.simulate_clients((x, y), clients=40, executors=list(processes))
+        federated = ft.federate((x, y), list(processes), seed=0)
+        for data in (simulated, federated):
+            for seen in frames.values():
+                seen.clear()
+            with anyio.fail_after(60):
+                history = await ft.fit(_model(), data, rounds=1, fraction=1.0, **FIT)
+            assert len(history[0].completed) == len(data.shards)
+            for seen in frames.values():
+                asked = [kinds for kinds in seen if "Call" in kinds or "Fetch" in kinds]
+                assert len(asked) == 1, seen
+                (kinds,) = asked
+                assert kinds.index("Call") < kinds.index("Fetch")
+        simulated.close()
+        del federated
+
+
 def _plan_and_state(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[Any, Any]:
     plan = trace(model, torch.nn.functional.cross_entropy, (x[:4], y[:4])).wire
     return plan, {key: value.detach() for key, value in model.state_dict().items()}

@@ -7,7 +7,9 @@ nothing waits. The outbox is flushed to the connection as one batch at the
 next turn of the event loop (``call_soon``), so a burst of pipelined
 operations travels as one batch, and a transport can put it in one frame.
 Awaiting a pointer appends a ``Fetch`` and flushes at once; the reply resolves
-a future registered under the fetch's request number.
+a future registered under the fetch's request number. ``fetch_soon`` appends the
+``Fetch`` without flushing: it travels with the commands queued before it, in
+their frame.
 
 The client names result ids itself (a counter from a random start), which is
 what lets dependent commands be sent before their inputs exist.
@@ -64,7 +66,13 @@ if TYPE_CHECKING:
     from fedtensor.client.handles import WorkerHandle
     from fedtensor.client.pointer import PointerBase
 
-__all__ = ["CALLER_RUNS_THRESHOLD", "Client", "error_from_failure", "run_on_loop"]
+__all__ = [
+    "CALLER_RUNS_THRESHOLD",
+    "Client",
+    "error_from_failure",
+    "mark_retrieved",
+    "run_on_loop",
+]
 
 #: Commands a client queues before it sends them without waiting for the next
 #: turn of the event loop; an in-process worker's client then runs them itself
@@ -247,6 +255,45 @@ class Client:
         """The value of remote object ``id_`` (``free`` also deletes it there)."""
         return await self._ask(lambda request: Fetch(request, id_, free), timeout)
 
+    def fetch_soon(
+        self, id_: int, *, free: bool, timeout: float | None = None
+    ) -> asyncio.Future[Any]:
+        """The value of remote object ``id_``, as a future, the fetch queued behind the
+        commands queued so far. On the client's loop.
+
+        The fetch goes to the worker in the same frame as those commands, at the next
+        flush: a command and its result cost one frame each way. ``await fetch(...)``
+        sends its fetch at once, so a caller that queues a command and awaits its
+        result in a task started after (one per worker, as ``ft.fit`` does) sends two
+        frames: one more send, wake-up and decoding, and the client must get a core
+        back between them. ``timeout`` (the handle's when None) bounds the
+        wait from now; the future's failure counts as retrieved, so a caller may give
+        up on it (a round's timeout) without asyncio logging it. An in-process worker
+        runs the frame from the loop (its mailbox's callback), not on the caller's stack.
+        """
+        if threading.get_ident() != self._thread:
+            raise FedTensorError("fetch_soon is for the client's event loop, not another thread")
+        future: asyncio.Future[Any] = self.loop.create_future()
+        if self._unavailable is not None:
+            future.set_exception(self._unavailable_error())
+            mark_retrieved(future)
+            return future
+        request = next(self._requests)
+        self._outbox.append(Fetch(request, id_, free))
+        self._pending[request] = future
+        if self._flush_handle is None:
+            self._flush_handle = self.loop.call_soon(self._flush)
+        limit = self.timeout if timeout is None else timeout
+        timer = self.loop.call_later(limit, _expire, future, self.worker.id, limit)
+
+        def settled(future: asyncio.Future[Any]) -> None:
+            timer.cancel()
+            self._pending.pop(request, None)
+            mark_retrieved(future)
+
+        future.add_done_callback(settled)
+        return future
+
     async def list_objects(self, *, timeout: float | None = None) -> list[int]:
         """The ids of every object this client has on the worker."""
         ids: list[int] = await self._ask(ListObjects, timeout)
@@ -343,6 +390,12 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
+
+
+def mark_retrieved(future: asyncio.Future[Any]) -> None:
+    """Mark ``future``'s failure as seen (a caller may give up on it)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _expire(future: asyncio.Future[Any], worker: str, limit: float) -> None:

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fedtensor.client import transfer as _transfer
+from fedtensor.client.engine import mark_retrieved
 from fedtensor.client.meta import infer
 from fedtensor.errors import (
     FedTensorError,
@@ -238,6 +239,31 @@ class PointerBase:
         of either kind (:func:`fedtensor.fit`).
         """
         return await self._fetch(free=free, timeout=timeout)
+
+    def fetch_soon(
+        self, *, free: bool = False, timeout: float | None = None
+    ) -> asyncio.Future[Any]:
+        """What :meth:`fetch` gives, as a future whose fetch is queued now, on the client's
+        loop: it travels in the frame of the commands queued before it
+        (:meth:`fedtensor.client.engine.Client.fetch_soon`), so a command queued and its
+        result fetched cost one frame each way. A pointer whose fetch needs more than one
+        plain fetch (one to a pointer, one behind unchecked results) fetches as ``fetch``
+        does, in a task. The future's failure counts as retrieved: a caller may give up
+        on it.
+        """
+        client = self._client
+        if (
+            self._error is not None
+            or client is None
+            or self._origin is not None
+            or self.location._unchecked
+        ):
+            task = asyncio.ensure_future(self._fetch(free=free, timeout=timeout))
+            task.add_done_callback(mark_retrieved)
+            return task
+        if free:
+            self._client = None  # the remote object belongs to the fetch from here on
+        return client.fetch_soon(self.id_at_location, free=free, timeout=timeout)
 
     def __del__(self) -> None:
         client = self._client

@@ -52,6 +52,7 @@ the worker came back depends on time.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import time
@@ -161,23 +162,24 @@ class _AsynchronousRun:
         if client not in self.plans:
             self.plans[client] = client.store(self.plan.wire)
         stored = client.store(self.bases[base])
+        # The reply is asked for at once: in the same frame as the command.
+        # update_timeout None: the worker handle's own timeout bounds the wait.
         result = call_on(
             client,
             "fedtensor.local_update",
             (self.plans[client], stored, shard.data, shard.targets),
             {**self.hyperparameters, "seed": update_seed(self.seed, update)},
-        )
+        ).fetch_soon(free=True, timeout=self.update_timeout)
         del stored  # released on the worker right after the update read it
         self.flights[index] = _Flight(update, base, time.perf_counter())
         self.sent_since += 1
         self.group.start_soon(self.collect, index, result)
 
-    async def collect(self, index: int, result: PointerBase) -> None:
+    async def collect(self, index: int, result: asyncio.Future[Any]) -> None:
         reply: dict[str, Any] | None = None
         error: Exception | None = None
         try:
-            # update_timeout None: the worker handle's own timeout bounds the wait.
-            reply = await result.fetch(free=True, timeout=self.update_timeout)
+            reply = await result
         except Exception as exc:  # sorted out by the main loop, in its order
             error = exc
         del result

@@ -35,6 +35,7 @@ refused, which would repeat on every worker.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -193,7 +194,8 @@ class FederatedEvaluator:
         sampled = self.sample(round, alive)
         state = {key: value.detach() for key, value in model.state_dict().items()}
         shards = self.data.shards
-        results: dict[int, PointerBase] = {}
+        # Replies asked for with the commands, in their frame.
+        results: dict[int, asyncio.Future[Any]] = {}
         # The global state goes once to each worker: its simulated clients share it.
         stored: dict[Any, PointerBase] = {}
         for index in sampled:  # queued everywhere before any reply is awaited
@@ -208,14 +210,14 @@ class FederatedEvaluator:
                 "fedtensor.evaluate",
                 (self.plans[client], stored[client], shard.eval_data, shard.eval_targets),
                 {},
-            )
+            ).fetch_soon(free=True, timeout=self.timeout)
         del stored  # released on the workers right after their last evaluation read it
         clients: dict[str, tuple[float, float, int]] = {}
         failed: dict[str, str] = {}
         for index in sampled:
             name = shards[index].name
             try:
-                reply = await results.pop(index).fetch(free=True, timeout=self.timeout)
+                reply = await results.pop(index)
             except WorkerUnavailable as exc:
                 failed[name] = f"unavailable: {exc}"
                 self.plans.pop(shards[index].worker.client, None)

@@ -228,8 +228,9 @@ class ClientUpdates:
     :meth:`submit` queues on each executor one ``fedtensor.local_updates`` that
     trains its sampled clients one after another on the rows of its block
     (:mod:`fedtensor.worker.local_updates`), and gives back, per client, a
-    :class:`ClientUpdate` whose ``fetch`` is that client's reply: the executor's
-    reply is read once, when its first client is awaited.
+    :class:`ClientUpdate` whose ``answer`` is that client's reply: the executor's
+    reply is asked for with the command (in its frame) and read once, when its
+    first client is awaited.
 
     With ``partial_sums`` (a strategy that reads only the weighted mean of the
     updates, ``Strategy.partial_sums_ok``, in a run without central DP) each
@@ -256,9 +257,11 @@ class ClientUpdates:
         plans: Mapping[int, PointerBase],
         states: Mapping[int, PointerBase],
         hyperparameters: Mapping[str, Any],
+        timeout: float | None = None,
     ) -> dict[int, ClientUpdate]:
         """Queue the commands (``plans`` and ``states``: stored on each executor, by ``id``
-        of its client); each added client's update, by index."""
+        of its client) and their replies' fetches (bounded by ``timeout``, the handle's
+        when None); each added client's update, by index."""
         updates: dict[int, ClientUpdate] = {}
         for block, members in self._by_block.values():
             client = block.executor.client
@@ -275,7 +278,9 @@ class ClientUpdates:
                 (plans[id(client)], states[id(client)], block.data, block.targets, rows),
                 options,
             )
-            reply = _ExecutorReply(pointer, block.executor.id, len(members), self.partial_sums)
+            reply = _ExecutorReply(
+                pointer, block.executor.id, len(members), self.partial_sums, timeout
+            )
             for position, (index, _, _) in enumerate(members):
                 updates[index] = ClientUpdate(reply, position)
             if self.partial_sums:
@@ -333,28 +338,27 @@ class ClientUpdates:
 class _ExecutorReply:
     """An executor's ``fedtensor.local_updates`` reply, fetched once for all its clients."""
 
-    __slots__ = ("_checked", "_clients", "_pointer", "_summed", "_task", "_worker")
+    __slots__ = ("_checked", "_clients", "_summed", "_task", "_worker")
 
     def __init__(
-        self, pointer: PointerBase, worker: str, clients: int, summed: bool = False
+        self,
+        pointer: PointerBase,
+        worker: str,
+        clients: int,
+        summed: bool = False,
+        timeout: float | None = None,
     ) -> None:
-        self._pointer: PointerBase | None = pointer
         self._worker = worker
         self._clients = clients
         self._summed = summed
-        self._task: asyncio.Future[Any] | None = None
+        # Asked now: the fetch travels in the command's frame (one frame each way).
+        self._task = pointer.fetch_soon(free=True, timeout=timeout)
         # The replies once read and checked: every client of the executor reads them.
         self._checked: list[Any] | None = None
 
-    async def replies(self, timeout: float | None) -> list[Any]:
+    async def replies(self) -> list[Any]:
         if self._checked is not None:
             return self._checked
-        if self._task is None:
-            pointer, self._pointer = self._pointer, None
-            assert pointer is not None
-            self._task = asyncio.ensure_future(pointer.fetch(free=True, timeout=timeout))
-            # Read here when every client's wait was cancelled (a round's timeout).
-            self._task.add_done_callback(_retrieve)
         # Shielded: one client's wait that is cancelled must not cancel the others'.
         replies = await asyncio.shield(self._task)
         if self._summed:
@@ -433,18 +437,13 @@ def _from_columns(clients: dict[str, Any], count: int, worker: str) -> list[dict
 def by_reply(sampled: Sequence[int], results: Mapping[int, Any]) -> list[list[tuple[int, Any]]]:
     """The round's ``results`` (by index, in ``sampled`` order) grouped by the reply that
     brings them: a simulated client's :class:`ClientUpdate` with the others of its
-    executor, in their order; anything else (a worker's pointer) alone."""
+    executor, in their order; anything else (a worker's reply) alone."""
     groups: dict[int, list[tuple[int, Any]]] = {}
     for index in sampled:
         result = results[index]
         key = id(result._reply) if isinstance(result, ClientUpdate) else id(result)
         groups.setdefault(key, []).append((index, result))
     return list(groups.values())
-
-
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
 
 
 class ClientUpdate:
@@ -456,9 +455,9 @@ class ClientUpdate:
         self._reply = reply
         self._position = position
 
-    async def fetch(self, *, free: bool = True, timeout: float | None = None) -> Any:
+    async def answer(self) -> Any:
         """The client's reply, as ``fedtensor.local_update`` gives it (its error raised)."""
-        reply = (await self._reply.replies(timeout))[self._position]
+        reply = (await self._reply.replies())[self._position]
         if isinstance(reply, dict) and "failed" in reply:
             failed = reply["failed"]
             if not (isinstance(failed, list) and len(failed) == 3):
