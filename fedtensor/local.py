@@ -24,6 +24,13 @@ connects a :class:`~fedtensor.RemoteWorker` to each: the handles are ordinary
 worker handles (pointers, ``ft.federate``, ``ft.fit``, multi-pointers mixing
 them with virtual workers).
 
+Cores. ``pin=True`` gives each worker CPUs of its own (``--cpus``: the affinity of
+every thread it has and starts), so that the kernel cannot put two busy workers on
+one core while another idles. Every worker runs under ``SCHED_BATCH``
+(``--batch-scheduling``, where the OS has it): the same share of the CPU, but a worker
+that wakes does not preempt the thread running on its core, which on a machine shared
+with the client is often the client, about to send the next worker its frame.
+
 Stopping. Leaving the block, normally, by an exception, by cancellation or by
 Ctrl-C (which reaches the parent only: the workers run in a session of their
 own, so that the parent decides the order), closes the connections and sends

@@ -138,18 +138,34 @@ def test_flower_apps_are_built_with_flowers_api() -> None:
 async def test_each_pool_is_compared_with_flower_on_its_own_figure(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Every fedtensor row gets its own ratio against Flower's measured later rounds."""
-    later = {"workers": 0.5, "virtual1": 0.25, "process1": 2.0, "process2": 1.0}
+    """Every fedtensor row gets its own ratio against Flower's measured later rounds, from
+    its pool's fastest turn (the pools take turns), with the most memory any turn took."""
+    later = {
+        "workers": 0.5, "virtual1": 0.25, "process1": 2.0, "process2": 1.0,
+        "process2_stratified": 0.8,
+    }  # fmt: skip
+    turns: dict[str, int] = {}
+    order: list[str] = []
 
     async def fake_run(key: str, clients: int, *_: object) -> dict[str, float]:
-        return {"later_round_s": later[key] * clients / 1_000}
+        turn = turns[f"{clients}{key}"] = turns.get(f"{clients}{key}", -1) + 1
+        order.append(key)
+        slower = 2.0 if turn == 0 else 1.0  # the first turn of each pool is the slow one
+        return {
+            "later_round_s": slower * later[key] * clients / 1_000,
+            "peak_pss": 100.0 - turn,
+            "peak_rss": 200.0 + turn,
+        }
 
     async def fake_flower(clients: int, rounds: int, env: dict[str, object]) -> list[Baseline]:
         return [Baseline("Flower 1.42 (measured, same run)", 4.0 * clients / 1_000)]
 
     monkeypatch.setattr(simulation, "_run", fake_run)
     monkeypatch.setattr(simulation, "_flower", fake_flower)
-    rows = await simulation.run_simulation(Config(quick=True, rounds={"rounds": 3}), {})
+    config = Config(quick=True, rounds={"rounds": 3, "repeats": 2})
+    rows = await simulation.run_simulation(config, {})
+    pools = ["workers", "virtual1", "process1", "process2", "process2_stratified"]
+    assert order[:10] == pools + pools  # turns in rotation, not one pool's all at once
     versus = {
         row.key: [b.versus for b in row.baselines if b.name.startswith("Flower")] for row in rows
     }
@@ -158,7 +174,12 @@ async def test_each_pool_is_compared_with_flower_on_its_own_figure(
         "simulation1000_virtual1": ["16.00x faster"],
         "simulation1000_process1": ["2.00x faster"],
         "simulation1000_process2": ["4.00x faster"],
+        "simulation1000_process2_stratified": ["5.00x faster"],
         "simulation10000_virtual1": ["16.00x faster"],
         "simulation10000_process1": ["2.00x faster"],
         "simulation10000_process2": ["4.00x faster"],
+        "simulation10000_process2_stratified": ["5.00x faster"],
     }
+    for row in rows:
+        assert row.extra["peak_pss"] == 100.0  # the first turn's, the most
+        assert row.extra["peak_rss"] == 201.0  # the second turn's, the most
