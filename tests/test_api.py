@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
@@ -123,6 +124,9 @@ async def test_fetch_soon_goes_with_the_commands_queued_before_it(
     given_up.cancel()  # its reply, if it comes, is dropped
     assert torch.equal(await x.value(), torch.arange(4.0))
     assert client._pending == {}  # nothing left waiting
+    with pytest.raises(ft.FedTensorError, match="client's event loop, not another thread"):
+        await asyncio.to_thread(x.fetch_soon, free=True)
+    assert torch.equal(await x, torch.arange(4.0))  # refused: the pointer still holds it
 
 
 async def test_remote_autograd(ft_worker: ft.WorkerHandle) -> None:

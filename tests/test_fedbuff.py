@@ -283,6 +283,11 @@ async def test_asynchronous_arguments_are_checked(ft_virtual_workers: WorkerFact
             _model(), federated, rounds=1, strategy=ft.FedBuff(buffer_size=1),
             dp=ft.CentralDP(noise_multiplier=1.0), progress=False,
         )  # fmt: skip
+    with pytest.raises(ValueError, match="sampling is for synchronous strategies"):
+        await ft.fit(
+            _model(), federated, rounds=1, strategy=ft.FedBuff(buffer_size=1),
+            sampling="stratified", progress=False,
+        )  # fmt: skip
     del federated
 
 

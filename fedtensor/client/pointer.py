@@ -261,9 +261,10 @@ class PointerBase:
             task = asyncio.ensure_future(self._fetch(free=free, timeout=timeout))
             task.add_done_callback(mark_retrieved)
             return task
+        future = client.fetch_soon(self.id_at_location, free=free, timeout=timeout)
         if free:
             self._client = None  # the remote object belongs to the fetch from here on
-        return client.fetch_soon(self.id_at_location, free=free, timeout=timeout)
+        return future
 
     def __del__(self) -> None:
         client = self._client

@@ -166,6 +166,8 @@ async def fit(
     if isinstance(strategy, AsynchronousStrategy):  # FedBuff, FedAsync: no rounds
         if dp is not None or secure_aggregation is not None:
             raise ValueError("dp and secure_aggregation are for synchronous strategies only")
+        if sampling != "uniform":
+            raise ValueError("sampling is for synchronous strategies: they sample rounds")
         return await fit_asynchronously(
             model, data, plan, strategy, rounds=rounds, loss=loss,
             hyperparameters={
