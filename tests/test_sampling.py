@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import math
+import pathlib
 
 import pytest
 import torch
@@ -120,4 +121,26 @@ async def test_fit_samples_by_executor_when_asked() -> None:
                 dp=ft.CentralDP(noise_multiplier=1.0),
                 **options,
             )
+        clients.close()
+
+
+async def test_a_checkpoint_resumes_only_with_the_sampling_that_saved_it(
+    tmp_path: pathlib.Path,
+) -> None:
+    async with ft.VirtualWorker("left") as left, ft.VirtualWorker("right") as right:
+        clients = ft.simulate_clients(_data(400), clients=100, executors=[left, right])
+        options = {"fraction": 0.2, "batch_size": 4, "progress": False, "sampling": "stratified"}
+        torch.manual_seed(0)
+        whole = await ft.fit(torch.nn.Linear(4, 2), clients, rounds=2, **options)
+        checkpoint = tmp_path / "run.pt"
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        await ft.fit(model, clients, rounds=1, checkpoint=checkpoint, **options)
+        with pytest.raises(ValueError, match="saved by a run with sampling='stratified'"):
+            await ft.fit(model, clients, rounds=2, checkpoint=checkpoint, resume=True,
+                         **{**options, "sampling": "uniform"})  # fmt: skip
+        resumed = await ft.fit(
+            model, clients, rounds=2, checkpoint=checkpoint, resume=True, **options
+        )
+        assert resumed[1].completed == whole[1].completed  # the same clients as uninterrupted
         clients.close()

@@ -10,7 +10,8 @@ same seed (everything random in :func:`fedtensor.fit` derives from the seed and
 the round). :func:`save` writes beside the target and renames, so a run stopped
 mid-write leaves the last good checkpoint in place. A private run's accounting
 (:meth:`fedtensor.federated.privacy.PrivacyRun.state_dict`: its mechanisms, DP events
-and clipping bound, as plain numbers and strings) travels in ``extra["privacy"]``.
+and clipping bound, as plain numbers and strings) travels in ``extra["privacy"]``, a
+sampling other than uniform in ``extra["sampling"]``.
 """
 
 from __future__ import annotations

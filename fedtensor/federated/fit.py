@@ -182,7 +182,8 @@ async def fit(
         raise ValueError("arrival_order is for asynchronous strategies (ft.FedBuff, ft.FedAsync)")
     history = History()
     first_round = 1
-    restored_extra: dict[str, Any] = {}  # a private run's accounting, if it was one
+    # A private run's accounting, if it was one; how it sampled, if not uniformly.
+    restored_extra: dict[str, Any] = {}
     if checkpoint is not None and resume:
         # File work runs on a thread: other clients' replies keep flowing meanwhile.
         restored = await anyio.to_thread.run_sync(
@@ -194,6 +195,13 @@ async def fit(
                 f"{checkpoint} was saved by a {'private' if dp is None else 'non-private'} "
                 f"run; this run is {'not ' if dp is None else ''}private (dp=...): resume "
                 "with the same dp as the run that saved it"
+            )
+        saved_sampling = restored_extra.get("sampling", "uniform")
+        if restored and saved_sampling != sampling:
+            raise ValueError(
+                f"{checkpoint} was saved by a run with sampling={saved_sampling!r}; this run "
+                f"has sampling={sampling!r}: it would train other clients than an "
+                "uninterrupted run"
             )
     if len(data.shards) < min_workers:
         raise ValueError(f"min_workers={min_workers} but the data is on {len(data.shards)} workers")
@@ -269,7 +277,10 @@ async def fit(
             if checkpoint is not None:
                 await anyio.to_thread.run_sync(
                     _checkpoint.save, Path(checkpoint), round, model, strategy, history, seed,
-                    {"privacy": privacy.state_dict()} if privacy is not None else None,
+                    {
+                        **({"privacy": privacy.state_dict()} if privacy is not None else {}),
+                        **({"sampling": sampling} if sampling != "uniform" else {}),
+                    },
                 )  # fmt: skip
             if on_round is not None:
                 on_round(metrics)
@@ -311,6 +322,13 @@ class _Run:
     dropped: list[int] = field(default_factory=list)
     #: The shards by executor, when rounds sample by executor (sampling="stratified").
     strata: Strata | None = None
+
+    @property
+    def reply_timeout(self) -> float | None:
+        """The timer of a reply's fetch, asked for with its command (``fetch_soon``): the
+        round's deadline is the round's own (``round_timeout``, named as the reason); the
+        timer runs a little longer, only to free what the round gave up on."""
+        return None if self.round_timeout is None else self.round_timeout + _REPLY_GRACE
 
 
 #: Seconds a reply is awaited past the round's timeout before its fetch is dropped.
@@ -376,9 +394,7 @@ async def _round(run: _Run, round: int) -> RoundMetrics:
     # Every sampled worker's commands are queued before any reply is awaited: the
     # workers train concurrently. Their replies are asked for at once, in the same
     # frame as the commands (fetch_soon): one frame each way per worker and round.
-    # The round's deadline is collect's; a reply's own timer, a little later, only
-    # frees what the round gave up on.
-    reply_timeout = None if run.round_timeout is None else run.round_timeout + _REPLY_GRACE
+    reply_timeout = run.reply_timeout
     results: dict[int, asyncio.Future[Any] | ClientUpdate] = {}
     # The global state goes once to each worker: its shards (simulated clients) share it.
     stored: dict[int, PointerBase] = {}

@@ -81,6 +81,7 @@ alike (as many local steps). Boolean entries keep their value.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable
@@ -279,10 +280,10 @@ async def secure_round(
         replies: dict[int, Any] = {}
         stopped: list[Exception] = []
 
-        async def one(index: int, pointer: PointerBase) -> None:
+        async def one(index: int, answer: asyncio.Future[Any]) -> None:
             with anyio.move_on_after(run.round_timeout) as waited:
                 try:
-                    reply = await pointer.fetch(free=True, timeout=run.round_timeout)
+                    reply = await answer
                 except WorkerUnavailable as exc:
                     reasons[index] = f"unavailable: {exc}"
                     if index in run.alive:
@@ -301,10 +302,15 @@ async def secure_round(
             if waited.cancelled_caught:
                 reasons[index] = f"{stage}: no answer within {run.round_timeout} s"
 
-        async with anyio.create_task_group() as group:
-            for index, pointer in calls.items():
-                group.start_soon(one, index, pointer)
+        # Asked for before anything is awaited: each fetch goes in its command's frame.
+        answers = {
+            index: pointer.fetch_soon(free=True, timeout=run.reply_timeout)
+            for index, pointer in calls.items()
+        }
         calls.clear()
+        async with anyio.create_task_group() as group:
+            for index, answer in answers.items():
+                group.start_soon(one, index, answer)
         if stopped:
             raise stopped[0]
         received_bytes += sum(tensor_bytes(reply) for reply in replies.values())
