@@ -47,6 +47,7 @@ from fedtensor.errors import TimeoutError as FedTimeoutError
 __all__ = [
     "FederatedDataset",
     "Shard",
+    "comes_back_empty",
     "federate",
     "holdout_split",
     "load_dataset",
@@ -54,6 +55,13 @@ __all__ = [
 ]
 
 SPLITS = ("iid", "dirichlet", "shards", "contiguous")
+
+
+def comes_back_empty(worker: object) -> bool:
+    """Whether ``worker`` may come back, empty, after it went away: it has a
+    ``rejoin()`` (a Ray actor that Ray restarts). What is sent to such a worker is kept
+    here, to be sent again when it rejoins a run."""
+    return getattr(worker, "rejoin", None) is not None
 
 
 @dataclass(frozen=True)
@@ -325,7 +333,7 @@ def _sent_shard(
     run (``Shard.reload``); for any other worker nothing is kept.
     """
     reload = None
-    if getattr(worker, "rejoin", None) is not None:
+    if comes_back_empty(worker):
         reload = partial(_resend_shard, worker, data, targets, holdout, seed, index)
     return _split_shard(
         worker, data, targets, len(data), holdout, seed, index, reload, partial(_send_to, worker)

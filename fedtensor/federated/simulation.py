@@ -75,6 +75,7 @@ from fedtensor.federated.datasets import (
     FederatedDataset,
     Shard,
     _as_tensors,
+    comes_back_empty,
     holdout_split,
     split_indices,
 )
@@ -578,8 +579,7 @@ def _place(
         first, last = int(pinned[0]), int(pinned[-1])
         low, high = start_list[first], start_list[last] + count_list[last]
         rows = order[low:high]
-        keep = getattr(executor, "rejoin", None) is not None  # it can come back empty
-        block = _Block(executor, data[rows], targets[rows], keep=keep)
+        block = _Block(executor, data[rows], targets[rows], keep=comes_back_empty(executor))
         blocks.append(block)
         for client in range(first, last + 1):
             name = names[client] if names is not None else f"client-{client}"
