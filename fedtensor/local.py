@@ -411,7 +411,7 @@ def local_workers(
 
     ``pin=True`` gives each worker CPUs of its own (``--cpus``, Linux; see
     :func:`pin_cores`): the kernel can then no longer put two busy workers on one
-    core while another idles, which it did in about one round in six of simulated
+    core while another idles, which it did in about one round in ten of simulated
     clients on 2 processes on this 2-core machine (those rounds took twice as long).
     Off by default: on a machine shared with other work, a pinned worker cannot
     leave a core that something else keeps busy. ``batch_scheduling`` (default on,
