@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -72,3 +73,26 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def frames_sent() -> Callable[[Sequence[Any]], dict[str, list[list[str]]]]:
+    """Spy on worker handles' connections: the kinds of messages (``"Call"``, ``"Fetch"``,
+    ...) of every frame each sends, by worker id (a list the test may clear)."""
+
+    def spy_on(workers: Sequence[Any]) -> dict[str, list[list[str]]]:
+        frames: dict[str, list[list[str]]] = {}
+        for worker in workers:
+            connection = worker.client._connection
+            assert connection is not None
+            send = connection.send
+            seen = frames[worker.id] = []
+
+            def spy(batch: Any, send: Any = send, seen: list[list[str]] = seen) -> None:
+                seen.append([type(message).__name__ for message in batch])
+                send(batch)
+
+            connection.send = spy
+        return frames
+
+    return spy_on

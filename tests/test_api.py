@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -100,21 +100,12 @@ async def test_multi_pointer_operations_pair_by_worker(ft_workers: WorkerFactory
 
 
 async def test_fetch_soon_goes_with_the_commands_queued_before_it(
-    ft_worker: ft.WorkerHandle,
+    ft_worker: ft.WorkerHandle, frames_sent: Callable[..., dict[str, list[list[str]]]]
 ) -> None:
     x = ft.send(torch.arange(4.0), ft_worker)
     assert torch.equal(await x.value(), torch.arange(4.0))
     client = ft_worker.client
-    connection = client._connection
-    assert connection is not None
-    frames: list[list[str]] = []
-    send = connection.send
-
-    def spy(batch: Any) -> None:
-        frames.append([type(message).__name__ for message in batch])
-        send(batch)
-
-    connection.send = spy  # type: ignore[method-assign]
+    frames = frames_sent([ft_worker])[ft_worker.id]
     answer = (x * 2).fetch_soon(free=True)
     assert torch.equal(await answer, torch.arange(4.0) * 2)
     assert frames[0] == ["Call", "Fetch"]  # one frame: the command, then its fetch

@@ -589,19 +589,11 @@ async def test_secure_fedavg_equals_plain_fedavg_on_virtual_workers(encode: bool
         assert all(not worker.objects for worker in workers)  # the secrets are freed
 
 
-async def test_each_stage_sends_a_worker_one_frame_its_commands_and_their_fetch() -> None:
+async def test_each_stage_sends_a_worker_one_frame_its_commands_and_their_fetch(
+    frames_sent: Callable[..., dict[str, list[list[str]]]],
+) -> None:
     async with _virtual(4) as workers:
-        frames: dict[str, list[list[str]]] = {worker.id: [] for worker in workers}
-        for worker in workers:
-            connection = worker.client._connection
-            assert connection is not None
-            send = connection.send
-
-            def spy(batch: Any, send: Any = send, seen: Any = frames[worker.id]) -> None:
-                seen.append([type(message).__name__ for message in batch])
-                send(batch)
-
-            connection.send = spy  # type: ignore[method-assign]
+        frames = frames_sent(workers)
         data = ft.federate(_data(200), workers, seed=0)
         history = await ft.fit(
             _model(), data, rounds=1, progress=False, secure_aggregation=ft.SecAggPlus()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import anyio
@@ -233,22 +233,14 @@ async def test_a_stopped_executor_times_out_with_all_its_clients() -> None:
     assert set(history[0].completed) == sampled - stopped
 
 
-async def test_a_round_sends_each_worker_one_frame_its_commands_and_their_fetch() -> None:
+async def test_a_round_sends_each_worker_one_frame_its_commands_and_their_fetch(
+    frames_sent: Callable[..., dict[str, list[list[str]]]],
+) -> None:
     """The reply's fetch goes with the commands (``fetch_soon``): sent after them, in a
     frame of its own, it cost a send, a wake-up and a decoding more per worker and round."""
     x, y = _data(400)
     async with ft.local_workers(2, threads=1) as processes:
-        frames: dict[str, list[list[str]]] = {worker.id: [] for worker in processes}
-        for worker in processes:
-            connection = worker.client._connection
-            assert connection is not None
-            send = connection.send
-
-            def spy(batch: Any, send: Any = send, seen: Any = frames[worker.id]) -> None:
-                seen.append([type(message).__name__ for message in batch])
-                send(batch)
-
-            connection.send = spy  # type: ignore[method-assign]
+        frames = frames_sent(processes)
         simulated = ft.simulate_clients((x, y), clients=40, executors=list(processes))
         federated = ft.federate((x, y), list(processes), seed=0)
         for data in (simulated, federated):
