@@ -61,7 +61,15 @@ def sockets() -> Iterator[list[socket.socket]]:
 
 
 @pytest.fixture
-def one_torch_thread() -> Iterator[None]:
+def torch_threads() -> Iterator[Callable[[int], None]]:
+    """Set torch's intra-op threads for the test: the setting before it is restored after."""
+    threads = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_torch_thread(torch_threads: Callable[[int], None]) -> None:
     """Train on one torch thread (the setting is restored after).
 
     Small models gain nothing from a second thread, and while other processes share the
@@ -69,10 +77,7 @@ def one_torch_thread() -> Iterator[None]:
     (`train_centrally`, timed with `time.perf_counter`) took 12.9 s on two threads and
     3.8 s on one, to the same accuracy, at a load average of 10 on this 2-core machine.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    torch_threads(1)
 
 
 @pytest.fixture

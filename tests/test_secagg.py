@@ -132,25 +132,24 @@ def _reference_masked(vector: torch.Tensor, seeds: Sequence[tuple[bytes, int]]) 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("scratch", [16 << 20, 8 * 17 * 50])
 def test_batched_seeded_masks_equal_one_mask_at_a_time(
-    monkeypatch: pytest.MonkeyPatch, threads: int, scratch: int
+    monkeypatch: pytest.MonkeyPatch,
+    torch_threads: Callable[[int], None],
+    threads: int,
+    scratch: int,
 ) -> None:
     # 20 seeds (two batches of rows), mixed signs, in one block or in column blocks of
     # 50 (the cipher's counter must run on across blocks), on one torch thread or more.
     monkeypatch.setattr(sm, "_SCRATCH_BYTES", scratch)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        seeds = [(bytes([i]) * 32, 1 if i % 3 else -1) for i in range(20)]
-        vector = torch.randint(0, 1 << sm.MODULUS_BITS, (333,), dtype=torch.int64)
-        expected = _reference_masked(vector, seeds)
-        assert torch.equal(sm.add_seeded_masks(vector.clone(), seeds), expected)
-        subtracted_only = [(seed, -1) for seed, _ in seeds[:3]]
-        assert torch.equal(
-            sm.add_seeded_masks(vector.clone(), subtracted_only),
-            _reference_masked(vector, subtracted_only),
-        )
-    finally:
-        torch.set_num_threads(before)
+    torch_threads(threads)
+    seeds = [(bytes([i]) * 32, 1 if i % 3 else -1) for i in range(20)]
+    vector = torch.randint(0, 1 << sm.MODULUS_BITS, (333,), dtype=torch.int64)
+    expected = _reference_masked(vector, seeds)
+    assert torch.equal(sm.add_seeded_masks(vector.clone(), seeds), expected)
+    subtracted_only = [(seed, -1) for seed, _ in seeds[:3]]
+    assert torch.equal(
+        sm.add_seeded_masks(vector.clone(), subtracted_only),
+        _reference_masked(vector, subtracted_only),
+    )
 
 
 def test_quantizing_into_a_given_buffer_in_place() -> None:

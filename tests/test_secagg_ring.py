@@ -13,7 +13,7 @@ and ``ft.fit`` in both rings.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -89,28 +89,27 @@ def test_int32_add_sub_and_sum_wrap_like_python_integers_mod_2_32(size: int) -> 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("scratch", [16 << 20, 4 * 17 * 50])
 def test_narrow_ring_masks_equal_one_mask_at_a_time(
-    monkeypatch: pytest.MonkeyPatch, threads: int, scratch: int
+    monkeypatch: pytest.MonkeyPatch,
+    torch_threads: Callable[[int], None],
+    threads: int,
+    scratch: int,
 ) -> None:
     # 20 seeds (two batches), mixed signs, in one block or column blocks of 50 words.
     monkeypatch.setattr(sm, "_SCRATCH_BYTES", scratch)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        seeds = [(bytes([i]) * 32, 1 if i % 3 else -1) for i in range(20)]
-        start = [random.Random(1).randrange(WORD) for _ in range(333)]
-        expected = list(start)
-        for seed, sign in seeds:
-            mask = sm.expand_mask(seed, 333, sm.NARROW_MODULUS_BITS).tolist()
-            expected = [(t + sign * m) % WORD for t, m in zip(expected, mask, strict=True)]
-        got = sm.add_seeded_masks(_words(start), seeds)
-        assert got.dtype == torch.int32
-        assert _residues(got) == expected
-        # A mask word is 4 keystream bytes as they are (AES-128-CTR of zeros), no shift.
-        keystream = sm._encryptor(seeds[0][0]).update(bytes(40))
-        words = torch.frombuffer(bytearray(keystream), dtype=torch.int32)
-        assert torch.equal(sm.expand_mask(seeds[0][0], 10, sm.NARROW_MODULUS_BITS), words)
-    finally:
-        torch.set_num_threads(before)
+    torch_threads(threads)
+    seeds = [(bytes([i]) * 32, 1 if i % 3 else -1) for i in range(20)]
+    start = [random.Random(1).randrange(WORD) for _ in range(333)]
+    expected = list(start)
+    for seed, sign in seeds:
+        mask = sm.expand_mask(seed, 333, sm.NARROW_MODULUS_BITS).tolist()
+        expected = [(t + sign * m) % WORD for t, m in zip(expected, mask, strict=True)]
+    got = sm.add_seeded_masks(_words(start), seeds)
+    assert got.dtype == torch.int32
+    assert _residues(got) == expected
+    # A mask word is 4 keystream bytes as they are (AES-128-CTR of zeros), no shift.
+    keystream = sm._encryptor(seeds[0][0]).update(bytes(40))
+    words = torch.frombuffer(bytearray(keystream), dtype=torch.int32)
+    assert torch.equal(sm.expand_mask(seeds[0][0], 10, sm.NARROW_MODULUS_BITS), words)
 
 
 def test_narrow_masks_are_uniform_words() -> None:
